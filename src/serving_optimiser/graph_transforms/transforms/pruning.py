@@ -1,0 +1,206 @@
+"""Pruning transforms: remove_nodes, strip_unused_nodes, remove_control_dependencies and
+sort_by_execution_order."""
+
+from __future__ import annotations
+
+from tensorflow.core.framework import graph_pb2, node_def_pb2, tensor_shape_pb2
+from tensorflow.python.framework import dtypes
+
+from ..context import TransformContext
+from ..errors import TransformError
+from ..graph_utils import (
+    data_inputs,
+    new_graph_like,
+    node_map,
+    node_name_from_input,
+    parse_input,
+    sort_by_execution_order,
+)
+from ..registry import register
+
+
+@register("remove_nodes", params=("op", "max_inputs"), on_functions=True)
+def remove_nodes(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
+    """Bypass nodes of the given op types.
+
+    Matches: ``op`` nodes with exactly n data inputs, for n = 1..max_inputs, skipping nodes
+    named as graph inputs or outputs (names compared without ``^`` and ``:port``).
+    Produces: consumers of ``<node>`` / ``<node>:0`` read the node's first data input;
+    ``^<node>`` becomes ``^<first input node>``.
+    Params: ``op`` (repeatable, at least one), ``max_inputs`` (1).
+    Differs from the C++ tool: a node whose other output ports are read is kept rather
+    than leaving a dangling reference that fails the whole pipeline.
+    """
+    op_types = context.get_list("op")
+    if not op_types:
+        raise TransformError("remove_nodes: expects at least one 'op' argument, e.g. remove_nodes(op=Identity)")
+    max_inputs = context.get_int("max_inputs", 1)
+    protected = {node_name_from_input(n) for n in context.input_names + context.output_names}
+    current = graph_def
+    for op_type in op_types:
+        for input_count in range(1, max_inputs + 1):
+            while True:
+                current, removed = _bypass_once(current, op_type, input_count, protected)
+                if not removed:
+                    break
+    return current
+
+
+def _bypass_once(
+    graph_def: graph_pb2.GraphDef, op_type: str, input_count: int, protected: set[str]
+) -> tuple[graph_pb2.GraphDef, int]:
+    other_port_readers = set()
+    for node in graph_def.node:
+        for input_string in node.input:
+            is_control, name, port = parse_input(input_string)
+            if port != 0 and not is_control:
+                other_port_readers.add(name)
+    replacements: dict[str, str] = {}
+    for node in graph_def.node:
+        if (
+            node.op == op_type
+            and node.name not in protected
+            and node.name not in other_port_readers
+            and len(data_inputs(node)) == input_count
+        ):
+            replacements[node.name] = data_inputs(node)[0]
+    if not replacements:
+        return graph_def, 0
+
+    def resolve(input_string: str) -> str:
+        seen = set()
+        while True:
+            is_control, name, _ = parse_input(input_string)
+            if name not in replacements or name in seen:
+                return input_string
+            seen.add(name)
+            target = replacements[name]
+            input_string = f"^{node_name_from_input(target)}" if is_control else target
+
+    kept = []
+    for node in graph_def.node:
+        if node.name in replacements:
+            continue
+        new_node = node_def_pb2.NodeDef()
+        new_node.CopyFrom(node)
+        resolved = []
+        for input_string in node.input:
+            value = resolve(input_string)
+            # Bypassing can make a control input duplicate a data input; TF rejects that.
+            if value.startswith("^") and value in resolved:
+                continue
+            resolved.append(value)
+        del new_node.input[:]
+        new_node.input.extend(_drop_redundant_control_inputs(resolved))
+        kept.append(new_node)
+    return new_graph_like(graph_def, kept), len(replacements)
+
+
+def _drop_redundant_control_inputs(inputs: list[str]) -> list[str]:
+    data_sources = {node_name_from_input(i) for i in inputs if not i.startswith("^")}
+    result, seen_controls = [], set()
+    for input_string in inputs:
+        if input_string.startswith("^"):
+            name = input_string[1:]
+            if name in data_sources or name in seen_controls:
+                continue
+            seen_controls.add(name)
+        result.append(input_string)
+    return result
+
+
+def _parse_shape(text: str) -> list[int]:
+    if not text.strip():
+        raise TransformError("strip_unused_nodes: specified shape is empty")
+    try:
+        return [int(part.strip()) for part in text.split(",")]
+    except ValueError:
+        raise TransformError(f"strip_unused_nodes: shape '{text}' is not a comma-separated list of integers") from None
+
+
+def _parse_type(text: str) -> int:
+    try:
+        return dtypes.as_dtype(text).as_datatype_enum
+    except TypeError:
+        raise TransformError(f"strip_unused_nodes: unknown type '{text}' (expected e.g. float, int32)") from None
+
+
+@register("strip_unused_nodes", params=("type", "shape", "name", "type_for_name", "shape_for_name"))
+def strip_unused_nodes(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
+    """Remove every node the outputs don't need, and turn non-Placeholder inputs into Placeholders.
+
+    Walks back from the outputs through data and control inputs, stopping at input nodes.
+    Input nodes that are not ``Placeholder`` become fresh Placeholders named as before, with
+    ``dtype``/``shape`` from ``type`` (float) and ``shape`` (scalar) or the per-name
+    ``name``/``type_for_name``/``shape_for_name`` lists; existing Placeholders are kept as
+    they are. Kept nodes keep their order.
+    """
+    default_type = _parse_type(context.get_string("type", "float"))
+    shape_text = context.get_string("shape")
+    default_shape = _parse_shape(shape_text) if shape_text is not None else []
+    names = context.get_list("name")
+    types_for_name = context.get_list("type_for_name")
+    shapes_for_name = context.get_list("shape_for_name")
+    if len(types_for_name) not in (0, len(names)) or len(shapes_for_name) not in (0, len(names)):
+        raise TransformError(
+            "strip_unused_nodes: type_for_name and shape_for_name must be given once per 'name' "
+            f"({len(names)} names, {len(types_for_name)} types, {len(shapes_for_name)} shapes)"
+        )
+    overrides: dict[str, tuple[int, list[int]]] = {}
+    for index, name in enumerate(names):
+        overrides[name] = (
+            _parse_type(types_for_name[index]) if types_for_name else default_type,
+            _parse_shape(shapes_for_name[index]) if shapes_for_name else default_shape,
+        )
+
+    nodes = node_map(graph_def)
+    input_nodes = {node_name_from_input(n) for n in context.input_names}
+    required = set(context.output_names) | {node_name_from_input(n) for n in context.output_names} | input_nodes
+    pending = [node_name_from_input(n) for n in context.output_names]
+    visited: set[str] = set()
+    while pending:
+        name = pending.pop()
+        if name in visited:
+            continue
+        visited.add(name)
+        if name not in nodes:
+            raise TransformError(f"strip_unused_nodes: input node {name} not found in graph")
+        required.add(name)
+        if name in input_nodes:
+            continue
+        pending.extend(node_name_from_input(i) for i in nodes[name].input)
+
+    kept = []
+    for node in graph_def.node:
+        if node.name not in required:
+            continue
+        if node.name in input_nodes and node.op != "Placeholder":
+            dtype, shape = overrides.get(node.name, (default_type, default_shape))
+            placeholder = node_def_pb2.NodeDef(name=node.name, op="Placeholder")
+            placeholder.attr["dtype"].type = dtype
+            placeholder.attr["shape"].shape.CopyFrom(
+                tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in shape])
+            )
+            kept.append(placeholder)
+        else:
+            kept.append(node)
+    return new_graph_like(graph_def, kept)
+
+
+@register("remove_control_dependencies", on_functions=True)
+def remove_control_dependencies(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
+    """Drop every ``^control`` input; data inputs keep their order."""
+    result = new_graph_like(graph_def, graph_def.node)
+    for node in result.node:
+        data = data_inputs(node)
+        del node.input[:]
+        node.input.extend(data)
+    return result
+
+
+@register("sort_by_execution_order", on_functions=True)
+def sort_by_execution_order_transform(
+    graph_def: graph_pb2.GraphDef, context: TransformContext
+) -> graph_pb2.GraphDef:
+    """Order nodes so each comes after its inputs (the old tool's LIFO Kahn order)."""
+    return sort_by_execution_order(graph_def)
