@@ -1,0 +1,26 @@
+"""Stage export: trained weights -> SavedModel with the notebook's `predict` and `serving_default` signatures."""
+
+import argparse
+
+from serving_optimiser.pipeline.stage import run_stage
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--weights", default="models/weights.npz")
+    parser.add_argument("--out", default="models/exported")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+
+    from serving_optimiser.pipeline.export import export_saved_model
+    from serving_optimiser.pipeline.params import load_params, require_list, section
+    from serving_optimiser.pipeline.train import load_weights
+
+    params = load_params(args.params)
+    vocabulary = require_list(section(params, "data", args.params), "label_vocabulary", str, "data", args.params)
+    export_saved_model(load_weights(args.weights), args.out, vocabulary)
+    print(f"export: SavedModel written to {args.out}")
+
+
+if __name__ == "__main__":
+    run_stage("export", main)

@@ -1,0 +1,35 @@
+"""Stage optimise: apply one named transform list from params.yaml to the frozen graph."""
+
+import argparse
+
+from serving_optimiser.pipeline.stage import run_stage
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("variant", help="a key of the 'optimise' section of params.yaml")
+    parser.add_argument("--frozen", default="models/frozen")
+    parser.add_argument("--out-dir", default="models/optimised")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+
+    from serving_optimiser.errors import UserError
+    from serving_optimiser.graph_transforms import TransformGraph, TransformError, parse_and_check
+    from serving_optimiser.pipeline.params import load_params, require_list, section
+    from serving_optimiser.saved_model import FrozenModel
+
+    variants = section(load_params(args.params), "optimise", args.params)
+    transforms = require_list(variants, args.variant, str, "optimise", args.params)
+    try:
+        parse_and_check(transforms)
+    except TransformError as error:
+        raise UserError(f"{args.params}: 'optimise.{args.variant}': {error}") from None
+    frozen = FrozenModel.load(args.frozen)
+    optimised = TransformGraph(frozen.graph_def, frozen.input_node_names(), frozen.output_node_names(), transforms)
+    out = f"{args.out_dir}/{args.variant}"
+    frozen.with_graph_def(optimised).save(out)
+    print(f"optimise: {args.variant}: {frozen.graph_def.ByteSize()} -> {optimised.ByteSize()} bytes -> {out}")
+
+
+if __name__ == "__main__":
+    run_stage("optimise", main)

@@ -1,0 +1,34 @@
+"""Stage train: the notebook's DNN classifier with Keras 3, deterministic, curves logged with DVCLive."""
+
+import argparse
+import sys
+
+from serving_optimiser.pipeline.stage import run_stage
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--train", default="data/prepared/train.csv")
+    parser.add_argument("--out", default="models/weights.npz")
+    parser.add_argument("--live-dir", default="dvclive")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+
+    from serving_optimiser.pipeline.data import features_and_labels, read_iris_csv
+    from serving_optimiser.pipeline.params import load_params, require_list, section
+    from serving_optimiser.pipeline.train import TrainParams, dense_weights, log_history, save_weights, train_model
+
+    params = load_params(args.params)
+    vocabulary = require_list(section(params, "data", args.params), "label_vocabulary", str, "data", args.params)
+    train_params = TrainParams.from_section(section(params, "train", args.params))
+
+    features, labels = features_and_labels(read_iris_csv(args.train, vocabulary), vocabulary)
+    print(f"train: {train_params.epochs} epochs on {len(labels)} rows", file=sys.stderr)
+    model, history = train_model(features, labels, train_params, len(vocabulary), verbose=2 if sys.stderr.isatty() else 0)
+    log_history(history, args.live_dir)
+    save_weights(dense_weights(model), args.out)
+    print(f"train: final loss {history['loss'][-1]:.4f}, accuracy {history['accuracy'][-1]:.4f}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_stage("train", main)
