@@ -53,7 +53,9 @@ def run_graph(
 
     graph = tf.Graph()
     with graph.as_default():
-        tf.compat.v1.import_graph_def(graph_def, name="")
+        # import_graph_def adds default attrs to the GraphDef it is given; import a copy so
+        # the caller's graph (often a module-level constant) is not changed behind its back.
+        tf.compat.v1.import_graph_def(graph_pb2.GraphDef.FromString(graph_def.SerializeToString()), name="")
     with tf.compat.v1.Session(graph=graph) as session:
         feed_dict = {tensor(k): v for k, v in (feeds or {}).items()}
         return session.run([tensor(f) for f in fetches], feed_dict=feed_dict)

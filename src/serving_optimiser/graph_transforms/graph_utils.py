@@ -98,7 +98,8 @@ def new_graph_like(graph_def: graph_pb2.GraphDef, nodes: Iterable[node_def_pb2.N
     """
     result = graph_pb2.GraphDef()
     result.node.extend(nodes)
-    result.library.CopyFrom(graph_def.library)
+    if graph_def.HasField("library"):
+        result.library.CopyFrom(graph_def.library)
     if graph_def.HasField("versions"):
         result.versions.CopyFrom(graph_def.versions)
     return result
@@ -460,3 +461,54 @@ def remove_unreachable(
         reachable.add(name)
         pending.extend(node_name_from_input(i) for i in nodes[name].input)
     return filter_nodes(graph_def, lambda node: node.name in reachable)
+
+
+# ---------------------------------------------------------------------------------------------
+# Op definitions: TF's op registry, then the graph's function library
+# ---------------------------------------------------------------------------------------------
+
+
+def lookup_op_def(op: str, library=None):
+    """The OpDef of ``op``: TF's registry first, else the signature of a library function.
+
+    Returns None when neither knows the op (callers raise with their own context).
+    """
+    from tensorflow.python.framework import op_def_registry
+
+    op_def = op_def_registry.get(op)
+    if op_def is not None:
+        return op_def
+    if library is not None:
+        for function in library.function:
+            if function.signature.name == op:
+                return function.signature
+    return None
+
+
+def output_types(node: node_def_pb2.NodeDef, op_def) -> list[int]:
+    """The dtype of every output of ``node`` (ref types kept), resolved from ``op_def``.
+
+    Type attrs, ``number_attr`` repeats and ``type_list_attr`` lists are read from the node,
+    falling back to the OpDef's defaults. Raises TransformError when one cannot be resolved.
+    """
+    defaults = {attr.name: attr.default_value for attr in op_def.attr if attr.HasField("default_value")}
+
+    def attr_value(key: str):
+        if key in node.attr:
+            return node.attr[key]
+        if key in defaults:
+            return defaults[key]
+        raise TransformError(f"node '{node.name}' ({node.op}) has no attr '{key}' to type its outputs")
+
+    result: list[int] = []
+    for arg in op_def.output_arg:
+        if arg.type_list_attr:
+            types = list(attr_value(arg.type_list_attr).list.type)
+        else:
+            base = arg.type if arg.type else attr_value(arg.type_attr).type
+            count = attr_value(arg.number_attr).i if arg.number_attr else 1
+            types = [base] * count
+        if arg.is_ref:
+            types = [t + 100 if t < 100 else t for t in types]  # DT_X_REF == DT_X + 100
+        result.extend(types)
+    return result
