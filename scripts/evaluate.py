@@ -37,13 +37,17 @@ def main(argv: list[str]) -> None:
     metrics = evaluate_models(model_dirs, features, labels, batch, evaluate_params)
     write_reports(metrics, args.metrics, args.table, args.plots)
     for name, m in metrics.items():
-        print(f"evaluate: {name}: {m['size_total_bytes'] / 1024:.1f} KB ({m['size_total_ratio']:.3f}x), "
-              f"batch {m['latency_batch_ms_median']:.0f} ms ({m['latency_batch_ratio']:.3f}x), "
-              f"batch-1 p50 {m['latency_single_ms_p50']:.3f} ms ({m['latency_single_p50_ratio']:.3f}x), "
-              f"accuracy {m['eval_accuracy']:.3f}, agreement {m['batch_class_agreement']:.4f}")
+        print(
+            f"evaluate: {name}: {m['size_total_bytes'] / 1024:.1f} KB ({m['size_total_ratio']:.3f}x), "
+            f"batch {m['latency_batch_ms_median']:.0f} ms ({m['latency_batch_ratio']:.3f}x), "
+            f"batch-1 p50 {m['latency_single_ms_p50']:.3f} ms ({m['latency_single_p50_ratio']:.3f}x), "
+            f"accuracy {m['eval_accuracy']:.3f}, agreement {m['batch_class_agreement']:.4f}"
+        )
     failing = failing_variants(metrics, evaluate_params.min_class_agreement)
     if failing:
-        raise UserError(f"below evaluate.min_class_agreement={evaluate_params.min_class_agreement}: {', '.join(failing)}")
+        raise UserError(
+            f"below evaluate.min_class_agreement={evaluate_params.min_class_agreement}: {', '.join(failing)}"
+        )
 
 
 if __name__ == "__main__":

@@ -13,16 +13,22 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--summary", default="metrics/freeze.json")
     args = parser.parse_args(argv)
 
+    from serving_optimiser.saved_model import freeze_saved_model
+
     from serving_optimiser.pipeline.describe import describe_graph, saved_model_graph_def
     from serving_optimiser.pipeline.io import write_json
-    from serving_optimiser.saved_model import freeze_saved_model
 
     frozen = freeze_saved_model(args.saved_model)
     frozen.save(args.out)
-    summary = {"exported": describe_graph(saved_model_graph_def(args.saved_model)), "frozen": describe_graph(frozen.graph_def)}
+    summary = {
+        "exported": describe_graph(saved_model_graph_def(args.saved_model)),
+        "frozen": describe_graph(frozen.graph_def),
+    }
     write_json(args.summary, summary)
-    print(f"freeze: {summary['exported']['total_nodes']} -> {summary['frozen']['total_nodes']} nodes, "
-          f"{summary['frozen']['variable_count']} variables left -> {args.out}")
+    print(
+        f"freeze: {summary['exported']['total_nodes']} -> {summary['frozen']['total_nodes']} nodes, "
+        f"{summary['frozen']['variable_count']} variables left -> {args.out}"
+    )
 
 
 if __name__ == "__main__":

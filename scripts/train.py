@@ -16,7 +16,13 @@ def main(argv: list[str]) -> None:
 
     from serving_optimiser.pipeline.data import features_and_labels, read_iris_csv
     from serving_optimiser.pipeline.params import load_params, require_list, section
-    from serving_optimiser.pipeline.train import TrainParams, dense_weights, log_history, save_weights, train_model
+    from serving_optimiser.pipeline.train import (
+        TrainParams,
+        dense_weights,
+        log_history,
+        save_weights,
+        train_model,
+    )
 
     params = load_params(args.params)
     vocabulary = require_list(section(params, "data", args.params), "label_vocabulary", str, "data", args.params)
@@ -24,7 +30,9 @@ def main(argv: list[str]) -> None:
 
     features, labels = features_and_labels(read_iris_csv(args.train, vocabulary), vocabulary)
     print(f"train: {train_params.epochs} epochs on {len(labels)} rows", file=sys.stderr)
-    model, history = train_model(features, labels, train_params, len(vocabulary), verbose=2 if sys.stderr.isatty() else 0)
+    model, history = train_model(
+        features, labels, train_params, len(vocabulary), verbose=2 if sys.stderr.isatty() else 0
+    )
     log_history(history, args.live_dir)
     save_weights(dense_weights(model), args.out)
     print(f"train: final loss {history['loss'][-1]:.4f}, accuracy {history['accuracy'][-1]:.4f}", file=sys.stderr)

@@ -41,9 +41,8 @@ def read_iris_csv(path: str | Path, label_vocabulary: list[str] = LABEL_VOCABULA
     unknown = ~frame[TARGET_NAME].isin(label_vocabulary)
     if unknown.any():
         row = int(np.flatnonzero(unknown.to_numpy())[0])
-        raise UserError(
-            f"{path}: row {row + 2}: species={frame[TARGET_NAME].iloc[row]!r} is not one of {', '.join(label_vocabulary)}"
-        )
+        value = frame[TARGET_NAME].iloc[row]
+        raise UserError(f"{path}: row {row + 2}: species={value!r} is not one of {', '.join(label_vocabulary)}")
     return frame
 
 

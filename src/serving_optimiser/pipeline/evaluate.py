@@ -167,7 +167,7 @@ def measure_latency(
     single_times: dict[str, list[float]] = {m.name: [] for m in models}
     calls_per_round = max(1, single_row_calls // repeats)
     for round_index in range(repeats):
-        order = models[round_index % len(models):] + models[: round_index % len(models)]
+        order = models[round_index % len(models) :] + models[: round_index % len(models)]
         for model in order:
             batch_times[model.name].append(_timed(model, batch))
         for model in order:

@@ -42,10 +42,16 @@ def export_saved_model(
             last = index == len(weights) - 1
             scope = "dnn/logits" if last else f"dnn/hiddenlayer_{index}"
             with v1.variable_scope(scope):
-                kernel_var = v1.get_variable("kernel", shape=kernel.shape, dtype=tf.float32,
-                                             initializer=v1.zeros_initializer(), use_resource=True)
-                bias_var = v1.get_variable("bias", shape=bias.shape, dtype=tf.float32,
-                                           initializer=v1.zeros_initializer(), use_resource=True)
+                kernel_var = v1.get_variable(
+                    "kernel",
+                    shape=kernel.shape,
+                    dtype=tf.float32,
+                    initializer=v1.zeros_initializer(),
+                    use_resource=True,
+                )
+                bias_var = v1.get_variable(
+                    "bias", shape=bias.shape, dtype=tf.float32, initializer=v1.zeros_initializer(), use_resource=True
+                )
                 net = tf.nn.bias_add(tf.matmul(net, kernel_var, name="MatMul"), bias_var, name="BiasAdd")
                 if not last:
                     net = tf.nn.relu(net, name="Relu")

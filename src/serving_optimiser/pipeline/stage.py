@@ -32,7 +32,7 @@ def run_stage(name: str, main: Callable[[list[str]], None], argv: list[str] | No
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as error:  # noqa: BLE001 - user errors become one line; anything else re-raises
+    except Exception as error:
         if not _is_user_error(error):
             raise
         print(f"{name}: error: {error}", file=sys.stderr)

@@ -53,9 +53,6 @@ def make_deterministic(seed: int) -> None:
 
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
-    # Thread scheduling can reorder float reductions; one intra-op thread keeps sums in one order.
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-    tf.config.threading.set_intra_op_parallelism_threads(1)
 
 
 def build_model(hidden_units: list[int], n_classes: int):

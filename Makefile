@@ -1,0 +1,63 @@
+# A menu, not a second pipeline: the stage DAG lives in dvc.yaml.
+PYTHON ?= python3
+VENV := .venv
+BASE ?= main
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export TF_CPP_MIN_LOG_LEVEL ?= 3
+export DVC_NO_ANALYTICS := 1
+
+.DEFAULT_GOAL := help
+.PHONY: help setup all repro test lint bench bench-transforms bench-saved-model push pull metrics metrics-diff plots clean
+
+help: ## Show this menu
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -r requirements.txt
+	$(VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.installed ## Create .venv from requirements.txt and install the package
+
+all: setup ## Run the whole pipeline (dvc repro): train, export, freeze, optimise, convert, evaluate
+	dvc repro
+	@dvc metrics show --md
+
+repro: all ## Same as all
+
+test: setup ## Lint and run the test suite (tiny params; end-to-end dvc repro in a temp copy)
+	ruff check src tests scripts
+	python -m pytest -q -n 2 --dist loadgroup tests
+
+lint: setup ## Lint only
+	ruff check src tests scripts
+
+bench: setup ## Wall time and peak memory of each pipeline stage (default params, in a temp copy)
+	python scripts/bench_pipeline.py
+
+bench-transforms: setup ## Time the notebook's transform list on frozen Iris and MobileNetV2 graphs
+	python scripts/bench_transforms.py
+
+bench-saved-model: setup ## Time optimise_saved_model on a Keras MobileNetV2 SavedModel
+	python scripts/bench_optimise_saved_model.py
+
+push: setup ## Push DVC-tracked artefacts to the default remote
+	dvc push
+
+pull: setup ## Pull DVC-tracked artefacts from the default remote (no retraining)
+	dvc pull
+
+metrics: setup ## Show the current metrics
+	dvc metrics show --md
+
+metrics-diff: setup ## Metrics and params against BASE (default main) as markdown
+	dvc metrics diff $(BASE) --all --md
+	dvc params diff $(BASE) --md
+
+plots: setup ## Render dvc plots to dvc_plots/index.html
+	dvc plots show
+
+clean: ## Remove the virtualenv and caches (not DVC outputs)
+	rm -rf $(VENV) .pytest_cache .ruff_cache
