@@ -414,7 +414,8 @@ def rename_node_inputs(
     ignore = set(nodes_to_ignore)
     by_node: dict[str, list[tuple[str, str]]] = {}
     for source, target in renames.items():
-        by_node.setdefault(node_name_from_input(source), []).append((source, target))
+        source_node = source[:-2] if source.endswith(":*") else node_name_from_input(source)
+        by_node.setdefault(source_node, []).append((source, target))
     result = copy_graph(graph_def)
     for node in result.node:
         if node.name in ignore:
