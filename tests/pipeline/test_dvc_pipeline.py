@@ -1,0 +1,127 @@
+"""End to end: `dvc repro` on tiny params in a temporary copy of the repo, reruns, and sharing
+artefacts through a local DVC remote. Real git, real DVC, real TensorFlow."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from pipeline_helpers import ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dvc")]
+
+TINY_PARAMS = {
+    "train": {"hidden_units": [64, 64], "epochs": 40},
+    "evaluate": {"batch_rows": 5000, "single_row_calls": 25, "load_repeats": 1, "min_class_agreement": 0.95},
+}
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.update(
+        GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com", GIT_COMMITTER_NAME="test",
+        GIT_COMMITTER_EMAIL="test@example.com", DVC_NO_ANALYTICS="1", TF_CPP_MIN_LOG_LEVEL="3",
+    )
+    return env
+
+
+def run(cwd: Path, *command: str) -> str:
+    result = subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def ran_stages(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
+
+
+def set_params(repo: Path, changes: dict) -> None:
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for section, values in changes.items():
+        params[section].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    base = tmp_path_factory.mktemp("dvc")
+    repo = base / "repo"
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in tracked:
+        if name in ("dvc.lock",) or name.startswith(("metrics/", "dvclive/")) or not (ROOT / name).exists():
+            continue
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, repo / name)
+    set_params(repo, TINY_PARAMS)
+    run(repo, "git", "init", "-q", "-b", "main")
+    run(repo, "dvc", "remote", "modify", "local", "url", str(base / "remote"))
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", "tiny params")
+    output = run(repo, "dvc", "repro")
+    return repo, base, output
+
+
+def test_repro_runs_every_stage_and_writes_metrics(repo):
+    repo, _, output = repo
+    assert ran_stages(output) == {
+        "prepare", "train", "export", "freeze", "optimise@notebook", "optimise@lossless", "optimise@per_channel",
+        "convert@notebook", "convert@lossless", "convert@per_channel", "evaluate",
+    }
+    metrics = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    assert set(metrics) == {"exported", "notebook", "lossless", "per_channel"}
+    assert metrics["exported"]["eval_accuracy"] >= 0.8
+    assert metrics["lossless"]["batch_class_agreement"] == 1.0
+    assert metrics["lossless"]["batch_max_abs_prob_diff"] < 1e-5
+    assert metrics["notebook"]["batch_class_agreement"] >= 0.95
+    freeze = json.loads((repo / "metrics" / "freeze.json").read_text())
+    assert freeze["frozen"]["variable_count"] == 0
+    assert (repo / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv").read_text().count("\n") == 41
+    assert (repo / "metrics" / "models.csv").read_text().startswith("model,")
+    shown = run(repo, "saved_model_cli", "show", "--dir", str(repo / "models" / "converted" / "notebook"), "--all")
+    for name in ("signature_def['predict']", "signature_def['serving_default']", "class_ids", "classes", "logits"):
+        assert name in shown
+
+
+def test_second_repro_runs_nothing_and_variant_edit_reruns_only_that_variant(repo):
+    repo, _, _ = repo
+    assert ran_stages(run(repo, "dvc", "repro")) == set()
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", "first run")
+    before = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["optimise"]["lossless"] = [t for t in params["optimise"]["lossless"] if t != "sort_by_execution_order"]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert ran_stages(run(repo, "dvc", "repro")) == {"optimise@lossless", "convert@lossless", "evaluate"}
+    diff = json.loads(run(repo, "dvc", "metrics", "diff", "HEAD", "--json").splitlines()[0])
+    assert "metrics/evaluate.json" in diff
+    after = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    assert after["lossless"]["batch_class_agreement"] == before["lossless"]["batch_class_agreement"] == 1.0
+    set_params(repo, {"train": {"epochs": 41}})
+    status = run(repo, "dvc", "status", "--json")
+    assert set(json.loads(status.splitlines()[-1])) == {"train"}
+    run(repo, "git", "checkout", "--", "params.yaml")
+
+
+def test_push_then_pull_into_a_second_clone(repo):
+    repo, base, _ = repo
+    run(repo, "dvc", "repro")
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", "lock", "--allow-empty")
+    run(repo, "dvc", "push")
+    clone = base / "clone"
+    run(base, "git", "clone", "-q", str(repo), str(clone))
+    run(clone, "dvc", "pull")
+    for artefact in ("models/exported", "models/frozen", "models/converted/notebook", "data/prepared"):
+        originals = sorted(p.relative_to(repo) for p in (repo / artefact).rglob("*") if p.is_file())
+        copies = sorted(p.relative_to(clone) for p in (clone / artefact).rglob("*") if p.is_file())
+        assert originals == copies and originals
+        for path in originals:
+            assert (repo / path).read_bytes() == (clone / path).read_bytes(), path
+    assert "up to date" in run(clone, "dvc", "status")
+    assert ran_stages(run(clone, "dvc", "repro")) == set()
