@@ -114,6 +114,12 @@ def test_inline_errors_name_the_node(edit, message):
         TransformGraph(graph, ["y"], ["Identity"], ["inline_partitionedcall"])
 
 
+def test_inline_name_clash_is_an_error():
+    graph = graph_from_text(simple_add_graph(outer_extra=f"node {scalar_const('PartitionedCall/mul', 1.0)}"))
+    with pytest.raises(TransformError, match="second node named 'PartitionedCall/mul'"):
+        TransformGraph(graph, ["y"], ["Identity"], ["inline_partitionedcall"])
+
+
 def test_inline_control_inputs():
     """The call's own control input reaches the body; ``^call`` readers wait for the body's result."""
     graph = graph_from_text(

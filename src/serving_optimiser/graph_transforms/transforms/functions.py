@@ -45,7 +45,8 @@ def inline_partitionedcall(graph_def: graph_pb2.GraphDef, context: TransformCont
       dangling inputs or counted control inputs as arguments;
     - a function returning one of its args directly returns the call's input;
     - calls nested inside the inlined bodies are inlined as well, and, with the engine's
-      ``on_functions``, calls inside library function bodies too.
+      ``on_functions``, calls inside library function bodies too;
+    - an inlined name that clashes with an existing node is an error (C++ made duplicates).
     """
     current = graph_def
     for _ in range(MAX_ROUNDS):
@@ -176,6 +177,13 @@ def _inline_once(graph_def: graph_pb2.GraphDef, context: TransformContext) -> gr
         output_counts[node.name] = len(inlined.outputs)
         for port, tensor in enumerate(inlined.outputs):
             remap[f"{node.name}:{port}"] = tensor
+    seen: set[str] = set()
+    for node in new_nodes:
+        if node.name in seen:
+            raise TransformError(
+                f"inline_partitionedcall: inlining would create a second node named '{node.name}'"
+            )
+        seen.add(node.name)
     result = new_graph_like(graph_def, new_nodes)
     for node in result.node:
         new_inputs = [_resolve(i, node.name, remap, output_counts) for i in node.input]
