@@ -1,0 +1,45 @@
+"""``summarize_graph``: print a summary of a GraphDef file (likely inputs and outputs,
+variables, parameter counts, op types), as the old Graph Transform Tool's summarize_graph did.
+
+    summarize_graph --in_graph=frozen.pb [--print_structure]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import ToolArgumentParser, parse_bool, quiet_tensorflow, run_tool
+
+PROG = "summarize_graph"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ToolArgumentParser(prog=PROG, description="Summarize a GraphDef file.")
+    parser.add_argument("--in_graph", default="", help="GraphDef file (binary, or text if .pbtxt)")
+    parser.add_argument(
+        "--print_structure", nargs="?", const=True, default=False, type=parse_bool, metavar="BOOL",
+        help="also print every node, in execution order, with its inputs",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    quiet_tensorflow()
+
+    def body() -> None:
+        from ..graph_transforms import TransformError
+        from ..graph_transforms.graph_io import load_graph_def
+        from ..graph_transforms.summary import summarize_graph
+
+        if not args.in_graph:
+            raise TransformError("--in_graph is required")
+        text = summarize_graph(load_graph_def(args.in_graph), args.in_graph, args.print_structure)
+        sys.stdout.write(text)
+
+    return run_tool(PROG, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

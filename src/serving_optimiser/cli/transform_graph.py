@@ -1,0 +1,79 @@
+"""``transform_graph``: apply Graph Transform Tool transforms to a GraphDef file, with the old
+tool's flags.
+
+    transform_graph --in_graph=frozen.pb --out_graph=optimised.pb \\
+        --inputs=sepal_length,sepal_width --outputs=dnn/head/predictions/probabilities \\
+        --transforms='remove_nodes(op=Identity) fold_constants(ignore_errors=true) quantize_weights'
+
+The input is read as a binary GraphDef (text format if that fails, or if the name ends in
+``.pbtxt``); the output is written in text format with ``--output_as_text`` or a ``.pbtxt``
+name, otherwise binary. Errors are one line on stderr and exit code 1; the output file is
+only written (atomically) when every transform succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import ToolArgumentParser, parse_bool, progress_logging, quiet_tensorflow, run_tool
+
+PROG = "transform_graph"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ToolArgumentParser(
+        prog=PROG,
+        description="Apply Graph Transform Tool transforms to a GraphDef file.",
+        epilog="Transforms use the old tool's syntax, e.g. "
+        "'fold_constants(ignore_errors=true) strip_unused_nodes(type=float, shape=\"1,299,299,3\")'.",
+    )
+    parser.add_argument("--in_graph", default="", help="input GraphDef file (binary, or text if .pbtxt)")
+    parser.add_argument("--out_graph", default="", help="output GraphDef file")
+    parser.add_argument("--inputs", default="", help="comma-separated input node names")
+    parser.add_argument("--outputs", default="", help="comma-separated output node names")
+    parser.add_argument("--transforms", default="", help="the transforms to apply, in order")
+    parser.add_argument(
+        "--output_as_text", nargs="?", const=True, default=False, type=parse_bool, metavar="BOOL",
+        help="write the output in text format (also implied by an out_graph ending in .pbtxt)",
+    )
+    return parser
+
+
+def _names(text: str) -> list[str]:
+    return text.split(",") if text else []
+
+
+def transform_graph_file(
+    in_graph: str, out_graph: str, inputs: str, outputs: str, transforms: str, output_as_text: bool = False
+) -> None:
+    """Read ``in_graph``, apply ``transforms``, write ``out_graph``. Raises TransformError."""
+    from ..graph_transforms import TransformError, TransformGraph, parse_and_check
+    from ..graph_transforms.graph_io import load_graph_def, save_graph_def
+
+    for flag, value in (("in_graph", in_graph), ("out_graph", out_graph)):
+        if not value:
+            raise TransformError(f"--{flag} is required")
+    parsed = parse_and_check(transforms)
+    if not parsed:
+        raise TransformError("--transforms is empty: you must specify at least one transform")
+    graph_def = load_graph_def(in_graph)
+    result = TransformGraph(graph_def, _names(inputs), _names(outputs), transforms)
+    save_graph_def(result, out_graph, as_text=True if output_as_text else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    quiet_tensorflow()
+
+    def body() -> None:
+        with progress_logging(PROG):
+            transform_graph_file(
+                args.in_graph, args.out_graph, args.inputs, args.outputs, args.transforms, args.output_as_text
+            )
+
+    return run_tool(PROG, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
