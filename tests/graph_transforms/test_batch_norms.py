@@ -162,15 +162,10 @@ def test_fold_batch_norms_leaves_nchw_conv_alone():
 
 
 def test_fold_batch_norms_keeps_mul_constant_read_elsewhere():
-    def graph():
-        inputs, weights = conv_input_and_weights("Conv2D")
-        scale = const("mul_values", [2.0, 3.0])
-        tf.raw_ops.Mul(x=conv("Conv2D", inputs, weights), y=scale, name="output")
-        tf.raw_ops.Neg(x=scale, name="other_reader")
-
-    result = TransformGraph(build(graph), [], ["output", "other_reader"], ["fold_batch_norms"])
+    graph = build(mul_constant_read_elsewhere)
+    result = TransformGraph(graph, [], ["output", "other_reader"], ["fold_batch_norms"])
     assert ops_by_name(result)["output"] == "Conv2D" and "mul_values" in ops_by_name(result)
-    assert_same_outputs(build(graph), result, ["output", "other_reader"], atol=1e-5)
+    assert_same_outputs(graph, result, ["output", "other_reader"], atol=1e-5)
 
 
 def test_fold_batch_norms_leaves_conv_that_is_an_output():
@@ -178,15 +173,23 @@ def test_fold_batch_norms_leaves_conv_that_is_an_output():
     assert sorted_nodes(TransformGraph(graph, [], ["output", "conv_op"], ["fold_batch_norms"])) == sorted_nodes(graph)
 
 
-def test_fold_batch_norms_folds_chained_muls():
-    def graph():
-        inputs, weights = conv_input_and_weights("Conv2D")
-        first = tf.raw_ops.Mul(x=conv("Conv2D", inputs, weights), y=const("first_scale", [2.0, 3.0]), name="first")
-        tf.raw_ops.Mul(x=first, y=const("second_scale", [0.5, 4.0]), name="output")
+def chained_muls():
+    inputs, weights = conv_input_and_weights("Conv2D")
+    first = tf.raw_ops.Mul(x=conv("Conv2D", inputs, weights), y=const("first_scale", [2.0, 3.0]), name="first")
+    tf.raw_ops.Mul(x=first, y=const("second_scale", [0.5, 4.0]), name="output")
 
-    result = TransformGraph(build(graph), [], ["output"], ["fold_batch_norms"])
+
+def mul_constant_read_elsewhere():
+    inputs, weights = conv_input_and_weights("Conv2D")
+    scale = const("mul_values", [2.0, 3.0])
+    tf.raw_ops.Mul(x=conv("Conv2D", inputs, weights), y=scale, name="output")
+    tf.raw_ops.Neg(x=scale, name="other_reader")
+
+
+def test_fold_batch_norms_folds_chained_muls():
+    result = TransformGraph(build(chained_muls), [], ["output"], ["fold_batch_norms"])
     assert ops_by_name(result) == {"input_op": "Const", "weights_op": "Const", "output": "Conv2D"}
-    assert_same_outputs(build(graph), result, ["output"], atol=1e-5, rtol=1e-6)
+    assert_same_outputs(build(chained_muls), result, ["output"], atol=1e-5, rtol=1e-6)
 
 
 def biased_mul(add_op, bias):
@@ -275,8 +278,11 @@ def test_fold_batch_norms_shared_and_bad_shape_match_oracle():
         (mul_after_conv("Conv2D", scale=1.5), ["output"]),
         (biased_mul("BiasAdd", [0.5, -1.0]), ["output"]),
         (weights_tied_to_noop(), ["Identity"]),
+        (build(chained_muls), ["output"]),
+        (build(mul_constant_read_elsewhere), ["output", "other_reader"]),
     ],
-    ids=["scalar-oracle-fails", "bias-oracle-keeps-mul", "control-reader-oracle-keeps-mul"],
+    ids=["scalar-oracle-fails", "bias-oracle-keeps-mul", "control-reader-oracle-keeps-mul",
+         "chain-oracle-folds-one", "shared-constant-oracle-keeps-mul"],
 )
 def test_fold_batch_norms_folds_where_oracle_does_not(graph, outputs):
     try:
@@ -600,3 +606,24 @@ def test_fold_old_batch_norms_keeps_conv_read_elsewhere_where_oracle_breaks_it()
     assert not np.allclose(run_graph(oracle, ["other_reader"])[0], expected)
     ours = TransformGraph(graph, [], ["output", "other_reader"], ["fold_old_batch_norms"])
     np.testing.assert_array_equal(run_graph(ours, ["other_reader"])[0], expected)
+
+
+@requires_oracle
+def test_fold_old_batch_norms_leaves_training_v1_where_oracle_folds_it():
+    graph = with_batch_norm(plain_conv(), "FusedBatchNorm", 2, "conv_op", is_training=True)
+    assert "FusedBatchNorm" not in op_counts(oracle_transform(graph, [], ["output"], "fold_old_batch_norms"))
+    assert ops_by_name(TransformGraph(graph, [], ["output"], ["fold_old_batch_norms"]))["output"] == "FusedBatchNorm"
+
+
+def test_fold_old_batch_norms_splits_concat_on_axis_minus_one():
+    def graph():
+        concat_convs(True)()
+
+    graph_def = with_batch_norm(graph, "FusedBatchNorm", 2, "concat_op")
+    for node in graph_def.node:
+        if node.name == "axis_op":
+            node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(np.int32(-1)))
+    result = TransformGraph(graph_def, [], ["output"], ["fold_old_batch_norms"])
+    assert {"concat_op_bn_in0", "concat_op_bn_in1"} <= set(ops_by_name(result))
+    assert consts_of(result)["conv0_op_bn_offset"].shape == (1,)
+    assert_same_outputs(graph_def, result, ["output"], atol=2e-5)

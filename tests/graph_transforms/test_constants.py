@@ -412,3 +412,39 @@ def test_control_edge_to_folded_node_differs_from_oracle():
     # The oracle keeps the stateless 'neg' (and its input) alive for the control edge alone.
     assert set(ops_by_name(oracle)) - set(ops_by_name(ours)) == {"neg", "c_const"}
     assert list(nodes_by_name(ours)["waits_for_neg"].input) == ["ph", "ph"]
+
+
+@requires_oracle
+def test_unneeded_nodes_do_not_change_the_result_unlike_oracle():
+    def chain(with_unneeded_reader):
+        def graph():
+            first = tf.raw_ops.Neg(x=tf.constant([1.0, 2.0], name="c_const"), name="first")
+            second = tf.raw_ops.Neg(x=first, name="second")
+            if with_unneeded_reader:
+                tf.raw_ops.Mul(x=second, y=placeholder("ph", [2]), name="unneeded")
+
+        return build(graph)
+
+    ours = [TransformGraph(chain(flag), [], ["second"], ["fold_constants"]) for flag in (False, True)]
+    oracle = [oracle_transform(chain(flag), [], ["second"], "fold_constants") for flag in (False, True)]
+    assert canonical(ours[0]) == canonical(ours[1]) == canonical(oracle[0])
+    assert list(nodes_by_name(ours[1])["second"].input) == ["first/_0__cf__0"]
+    # The oracle folded before pruning: a reader the output does not need changed its result.
+    assert list(nodes_by_name(oracle[1])["second"].input) == ["first"]
+
+
+@requires_oracle
+def test_exclude_op_also_stops_static_shape_folding_unlike_oracle():
+    transform = "fold_constants(exclude_op=Shape)"
+    ours = TransformGraph(SHAPE_THEN_CAST, ["ph"], ["out"], [transform])
+    oracle = oracle_transform(SHAPE_THEN_CAST, ["ph"], ["out"], transform)
+    assert ops_by_name(ours) == ops_by_name(SHAPE_THEN_CAST)
+    assert "Shape" not in op_counts(oracle)
+
+
+@requires_oracle
+def test_fed_inputs_keep_their_spelling_unlike_oracle():
+    ours = TransformGraph(ADD_THEN_MUL, ["ph"], ["out"], ["fold_constants"])
+    oracle = oracle_transform(ADD_THEN_MUL, ["ph"], ["out"], "fold_constants")
+    assert list(nodes_by_name(oracle)["out"].input) == ["add/_0__cf__0", "ph:0"]
+    assert list(nodes_by_name(ours)["out"].input) == ["add/_0__cf__0", "ph"]
