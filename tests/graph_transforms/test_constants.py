@@ -105,6 +105,27 @@ def test_shape_of_const_folds_and_counts_its_stand_in():
     np.testing.assert_array_equal(const_values(result)["cast/_0__cf__1"], [1.0, 1.0, 3.0])
 
 
+def shape_ops_of_input():
+    """Size, Rank and ShapeN of a fed [2, 3] input: all known statically."""
+    ph = placeholder("ph", [2, 3])
+    shapes = tf.raw_ops.ShapeN(input=[ph, ph], name="shape_n")
+    parts = [tf.raw_ops.Size(input=ph, name="size"), tf.raw_ops.Rank(input=ph, name="rank"),
+             tf.reduce_sum(shapes[0], name="sum0"), tf.reduce_prod(shapes[1], name="prod1")]
+    total = tf.raw_ops.AddN(inputs=parts, name="total")
+    tf.raw_ops.Mul(x=tf.raw_ops.Cast(x=total, DstT=tf.float32, name="cast"), y=ph, name="out")
+
+
+SHAPE_OPS_OF_INPUT = build(shape_ops_of_input)
+
+
+def test_size_rank_and_shape_n_fold_from_static_shapes():
+    result = TransformGraph(SHAPE_OPS_OF_INPUT, ["ph"], ["out"], ["fold_constants"])
+    # Four shape-op stand-ins (Size, Rank, ShapeN x 2) come first in TensorFlow's count.
+    assert ops_by_name(result) == {"ph": "Placeholder", "cast/_0__cf__4": "Const", "out": "Mul"}
+    assert list(nodes_by_name(result)["cast/_0__cf__4"].input) == ["^ph"]
+    assert const_values(result)["cast/_0__cf__4"] == 6 + 2 + 5 + 6
+
+
 PLACEHOLDER_WITH_OUTPUT_SHAPES = graph_from_text("""
 node { name: "shaped_ph" op: "Placeholder" attr { key: "dtype" value { type: DT_FLOAT } }
   attr { key: "_output_shapes" value { list { shape { dim { size: 1 } dim { size: 1 } dim { size: 3 } } } } } }
@@ -318,8 +339,10 @@ def test_iris_notebook_list_is_fast():
         (RELU_OF_ADD, [], ["relu_output"], "fold_constants"),
         (PLACEHOLDER_WITH_OUTPUT_SHAPES, ["ph"], ["out"], "fold_constants(clear_output_shapes=false)"),
         (PLACEHOLDER_WITH_OUTPUT_SHAPES, ["ph", "shaped_ph"], ["out"], "fold_constants(clear_output_shapes=false)"),
+        (SHAPE_OPS_OF_INPUT, ["ph"], ["out"], "fold_constants"),
     ],
-    ids=["a", "a-ports", "b-exclude-op", "c-too-big", "d-shape", "e-output", "output-shapes", "output-shapes-fed"],
+    ids=["a", "a-ports", "b-exclude-op", "c-too-big", "d-shape", "e-output", "output-shapes", "output-shapes-fed",
+         "size-rank-shape-n"],
 )
 def test_matches_oracle(graph, inputs, outputs, transform):
     ours = TransformGraph(graph, inputs, outputs, [transform])

@@ -225,13 +225,12 @@ def _static_shape_values(op: tf.Operation) -> list[np.ndarray] | None:
     if not all(shape.is_fully_defined() for shape in shapes):
         return None
     if op.type == "Size":
-        values = [np.array(shapes[0].num_elements(), dtype=out_dtype)]
+        values = [np.array(shapes[0].num_elements(), dtype=np.int64)]
     else:
         values = [np.array(shape.as_list(), dtype=np.int64) for shape in shapes]
-        values = [value.astype(out_dtype) for value in values]
     if out_dtype == np.int32 and any(np.any(value > _INT32_MAX) for value in values):
         return None  # TensorFlow leaves these to fail at run time
-    return values
+    return [value.astype(out_dtype) for value in values]
 
 
 def _has_cpu_kernel(op: tf.Operation) -> bool:
