@@ -84,7 +84,7 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, tolerance: float, wha
     assert error <= tolerance, f"{what}: max error {error:.3g} x max|value| exceeds {tolerance}"
 
 
-def structure_differences(ours, oracle, check_inputs: bool = True) -> list[str]:
+def structure_differences(ours, oracle) -> list[str]:
     """Node names, op types and (canonical) inputs that differ, as short readable lines.
 
     Inputs are compared in canonical form: ``ph`` and ``ph:0`` name the same tensor, and some of
@@ -101,7 +101,7 @@ def structure_differences(ours, oracle, check_inputs: bool = True) -> list[str]:
             continue
         if mine.op != node.op:
             differences.append(f"{name}: op {mine.op} (ours) vs {node.op} (oracle)")
-        elif check_inputs:
+        else:
             ours_inputs = [canonical_input_name(i) for i in mine.input]
             oracle_inputs = [canonical_input_name(i) for i in node.input]
             if ours_inputs != oracle_inputs:
@@ -109,8 +109,8 @@ def structure_differences(ours, oracle, check_inputs: bool = True) -> list[str]:
     return differences
 
 
-def assert_same_structure(ours, oracle, check_inputs: bool = True) -> None:
-    differences = structure_differences(ours, oracle, check_inputs)
+def assert_same_structure(ours, oracle) -> None:
+    differences = structure_differences(ours, oracle)
     shown = "\n  ".join(differences[:15])
     assert not differences, f"{len(differences)} structural differences:\n  {shown}"
 
@@ -123,7 +123,6 @@ class Case:
     tolerance: float = 1e-5
     # The bound on the logits when it differs from the outputs' (see the notebook case).
     logits_tolerance: float | None = None
-    check_inputs: bool = True  # compare every node's input list with the oracle's, not only names/ops
     # Where we deliberately differ on TF 2 graphs, the oracle list that gives our result (the
     # difference itself is asserted by its own test below).
     oracle_transforms: tuple[str, ...] | None = None
@@ -149,6 +148,7 @@ IRIS_CASES = {
     "add_default_attributes": Case(("add_default_attributes",)),
     "backport_concatv2": Case(("backport_concatv2",)),
     "insert_logging": Case(("insert_logging(op=Relu, first_n=1)",)),
+    "remove_attribute": Case(("remove_attribute(attribute_name=_class)",)),
     "set_device": Case(('set_device(device="/cpu:0")',)),
     "rename_node": Case(("rename_node(old_node_name=dnn/logits/BiasAdd, new_node_name=dnn/logits/output)",)),
     # Every activation quantised to 8 bits with its range measured at run time, layer after
@@ -196,14 +196,14 @@ MOBILENET_CASES = {
 }
 
 
-def _compare_with_oracle(model: Model, case: Case) -> None:
+def _compare_with_oracle(model: Model, case: Case, start=None) -> None:
     transforms = list(case.transforms)
-    start = model.graph_def
+    start = model.graph_def if start is None else start
     if case.prepare:
         start = TransformGraph(start, model.inputs, model.outputs, list(case.prepare))
     ours = TransformGraph(start, model.inputs, model.outputs, transforms)
     oracle = oracle_transform(start, model.inputs, model.outputs, list(case.oracle_transforms or transforms))
-    assert_same_structure(ours, oracle, check_inputs=case.check_inputs)
+    assert_same_structure(ours, oracle)
     # Compare the logits too when the transform kept their node (obfuscate_names renames it).
     names = [*model.outputs, *([model.logits] if model.logits in ops_by_name(ours) else [])]
     ours_values, oracle_values = _run(ours, model, names), _run(oracle, model, names)
@@ -223,6 +223,36 @@ def test_iris_transform_matches_oracle(iris, case):
 @pytest.mark.parametrize("case", list(MOBILENET_CASES.values()), ids=list(MOBILENET_CASES))
 def test_mobilenet_transform_matches_oracle(mobilenet, case):
     _compare_with_oracle(mobilenet, case)
+
+
+LOG_RANGES = 'insert_logging(op=RequantizationRange, show_name=true, message="__requant_min_max:")'
+
+
+@requires_oracle
+def test_iris_eight_bit_calibration_workflow_matches_oracle(iris, tmp_path, capfd):
+    """The old README's eight-bit recipe: quantize_nodes, log every RequantizationRange with
+    insert_logging, run calibration batches (Print writes to stderr), then freeze the logged
+    ranges with freeze_requantization_ranges. Each step, ours against the oracle."""
+    quantized = TransformGraph(iris.graph_def, iris.inputs, iris.outputs, ["quantize_weights", "quantize_nodes"])
+    ranges = [node.name for node in quantized.node if node.op == "RequantizationRange"]
+    assert len(ranges) == 10  # MatMul and BiasAdd of five layers
+    logging_graph = TransformGraph(quantized, iris.inputs, iris.outputs, [LOG_RANGES])
+    assert_same_structure(logging_graph, oracle_transform(quantized, iris.inputs, iris.outputs, [LOG_RANGES]))
+
+    capfd.readouterr()
+    for seed in range(4):
+        features, _ = sample_graphs.iris_samples(64, seed=100 + seed)
+        run_graph(logging_graph, iris.outputs, features)
+    log_text = capfd.readouterr().err
+    assert log_text.count("__requant_min_max:[") == 4 * len(ranges)
+    log_file = tmp_path / "calibration.log"
+    log_file.write_text(log_text)
+
+    freeze = Case((f'freeze_requantization_ranges(min_max_log_file="{log_file}")',), tolerance=0.4)
+    _compare_with_oracle(iris, freeze, start=quantized)
+    frozen = TransformGraph(quantized, iris.inputs, iris.outputs, list(freeze.transforms))
+    assert "RequantizationRange" not in op_counts(frozen)
+    assert ops_by_name(frozen)[f"{ranges[0]}/frozen_min"] == "Const"
 
 
 def test_iris_graph_looks_like_the_notebooks(iris):
