@@ -1,0 +1,167 @@
+"""``optimise_saved_model``: freeze any SavedModel, apply Graph Transform Tool transforms, convert
+it back with every signature intact and check it still answers like the original.
+
+    optimise_saved_model export/1 optimised/1 \\
+        --transforms 'remove_nodes(op=Identity) fold_constants(ignore_errors=true) quantize_weights' \\
+        --min-agreement 0.99
+
+Progress goes to stderr, the per-output comparison to stdout. Exit codes: 0 done, 1 error
+(one or two lines on stderr, OUT_DIR not created), 2 bad usage, 3 class agreement under
+``--min-agreement`` (OUT_DIR not created).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+
+from .common import ToolArgumentParser, progress_logging, quiet_tensorflow, run_tool
+
+PROG = "optimise_saved_model"
+EXIT_DISAGREES = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ToolArgumentParser(
+        prog=PROG,
+        description="Freeze a SavedModel, transform it with the Graph Transform Tool and convert it back, "
+        "keeping every signature; then compare it with the original.",
+    )
+    parser.add_argument("in_dir", metavar="IN_DIR", help="the SavedModel directory to optimise")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="where to write the optimised SavedModel (must not exist)")
+    parser.add_argument("--transforms", required=True, help="transforms in the old tool's syntax, applied in order")
+    parser.add_argument(
+        "--signature", action="append", metavar="KEY",
+        help="signature key to keep (repeatable, or comma-separated; default: all)",
+    )
+    parser.add_argument(
+        "--tag", action="append", metavar="TAG", help="MetaGraphDef tag (repeatable; default: serve)"
+    )
+    parser.add_argument("--sample-inputs", metavar="FILE.npz",
+                        help="inputs to compare on: arrays named <input> or <signature>/<input>")
+    parser.add_argument("--min-agreement", type=float, metavar="X",
+                        help="fail (exit 3) when an output's class agreement is under X (0..1)")
+    parser.add_argument("--allow-ops", action="append", metavar="A,B",
+                        help="ops to accept although the safety scan refuses them (e.g. PrintV2)")
+    parser.add_argument("--no-dequantize-once", dest="dequantize_once", action="store_false",
+                        help="keep Dequantize ops on the call path instead of caching their float values at load")
+    parser.add_argument("--no-compare", dest="compare", action="store_false", help="skip the comparison")
+    parser.add_argument(
+        "--frozen-dir", metavar="DIR", help="also write the frozen model (frozen_graph.pb, signatures.json)"
+    )
+    parser.add_argument("--report", metavar="FILE.json", help="also write the report as JSON")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    return parser
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    if values is None:
+        return None
+    return [item.strip() for value in values for item in value.split(",")]
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def format_report(report: dict) -> str:
+    """The report as the lines the tool prints on stdout."""
+    lines = []
+    for key, outputs in sorted(report.get("comparison", {}).items()):
+        lines.append(f"signature '{key}'")
+        width = max(len(name) for name in outputs)
+        for name, result in sorted(outputs.items()):
+            diff = "-" if result["max_abs_diff"] is None else f"{result['max_abs_diff']:.3g}"
+            same = "equal" if result["equal"] else "differs"
+            lines.append(
+                f"  {name:<{width}}  class agreement {_percent(result['class_agreement']):>8}  "
+                f"max |diff| {diff:>9}  {same}"
+            )
+    sizes = report.get("size_bytes")
+    if sizes:
+        ratio = report["size_ratio"]
+        lines.append(
+            f"size: {sizes['input'] / 1024:.1f} KB -> {sizes['output'] / 1024:.1f} KB"
+            + (f" ({ratio:.3f}x)" if ratio is not None else "")
+        )
+    nodes = report.get("nodes")
+    if nodes:
+        lines.append(
+            f"nodes: {nodes['frozen']} frozen -> {nodes['optimised']} optimised; "
+            f"{report.get('dequantized_once', 0)} weight(s) dequantized once at load"
+        )
+    timings = report.get("timings")
+    if timings:
+        lines.append("time: " + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in timings.items()))
+    if "min_class_agreement" in report:
+        lines.append(f"lowest class agreement: {_percent(report['min_class_agreement'])}")
+    return "\n".join(lines)
+
+
+def _write_report(path: str, report: dict) -> None:
+    from ..saved_model._files import atomic_file
+
+    with atomic_file(path) as stream:
+        json.dump(report, stream, indent=2, sort_keys=True)
+        stream.write("\n")
+
+
+@contextlib.contextmanager
+def _no_propagation(logger: logging.Logger):
+    """Keep progress lines to our handler: TensorFlow may configure the root logger meanwhile."""
+    previous = logger.propagate
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.propagate = previous
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    quiet_tensorflow()
+    exit_code = 0
+
+    def body() -> None:
+        nonlocal exit_code
+        from ..saved_model import AgreementError, optimise_saved_model
+
+        package_logger = logging.getLogger("serving_optimiser")
+        with progress_logging(PROG), _no_propagation(package_logger):
+            try:
+                report = optimise_saved_model(
+                    args.in_dir,
+                    args.out_dir,
+                    args.transforms,
+                    signature_keys=_split(args.signature),
+                    tags=_split(args.tag) or ["serve"],
+                    allow_ops=_split(args.allow_ops) or (),
+                    sample_inputs=args.sample_inputs,
+                    compare=args.compare,
+                    min_agreement=args.min_agreement,
+                    dequantize_once=args.dequantize_once,
+                    frozen_dir=args.frozen_dir,
+                    overwrite=args.overwrite,
+                )
+            except AgreementError as error:
+                print(format_report(error.report))
+                if args.report:
+                    _write_report(args.report, {**error.report, "error": str(error)})
+                print(f"{PROG}: error: {error}", file=sys.stderr)
+                exit_code = EXIT_DISAGREES
+                return
+        print(format_report(report))
+        if args.report:
+            _write_report(args.report, report)
+        if args.min_agreement is not None and report.get("min_class_agreement") is None:
+            print(f"{PROG}: note: no output has a class agreement; --min-agreement checked nothing", file=sys.stderr)
+
+    code = run_tool(PROG, body)
+    return code or exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Comparing two SavedModels on the same inputs: each signature of the converted model is called
+next to the original's (``loaded.signatures[key](**inputs)``), and every output gets its class
+agreement, max |difference| and exact equality.
+
+Class agreement is the fraction of rows whose class is the same: argmax over the last axis for
+float outputs with at least two columns (scores, logits, probabilities), the whole row for
+integer, bool and string outputs (class ids, class names). It is None for other outputs
+(regression values, single-column scores), which max |difference| covers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .errors import SavedModelError
+from .freeze import _as_tags, tensorflow_errors
+from .model import SignatureInfo
+from .reader import read_saved_model, select_meta_graph, select_signature_keys, signature_info_from_proto
+from .safety import refuse_unsafe_ops, scan_for_unsafe_ops
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 64
+
+
+def compare_outputs(original: np.ndarray, converted: np.ndarray) -> dict:
+    """``{"class_agreement", "max_abs_diff", "equal"}`` for one output (see the module docstring)."""
+    a, b = np.asarray(original), np.asarray(converted)
+    if a.shape != b.shape:
+        raise SavedModelError(f"shape {list(b.shape)} differs from the original's {list(a.shape)}")
+    numeric = a.dtype.kind in "biufc" and b.dtype.kind in "biufc"
+    if numeric:
+        equal = bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc" and b.dtype.kind in "fc"))
+    else:
+        equal = bool(np.array_equal(a, b))
+    max_abs_diff = None
+    if numeric:
+        if a.size == 0:
+            max_abs_diff = 0.0
+        else:
+            diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+            both_nan = np.isnan(a.astype(np.float64)) & np.isnan(b.astype(np.float64))
+            diff = np.where(both_nan, 0.0, np.nan_to_num(diff, nan=np.inf))
+            max_abs_diff = float(diff.max())
+    agreement = None
+    if a.dtype.kind == "f" and a.ndim >= 2 and a.shape[-1] >= 2:
+        agreement = float(np.mean(np.argmax(a, axis=-1) == np.argmax(b, axis=-1))) if a.size else 1.0
+    elif a.dtype.kind in "biuOSU" and a.ndim >= 1:
+        rows = a.reshape(a.shape[0], -1) == b.reshape(b.shape[0], -1)
+        agreement = float(np.mean(np.all(rows, axis=1))) if a.shape[0] else 1.0
+    return {"class_agreement": agreement, "max_abs_diff": max_abs_diff, "equal": equal}
+
+
+def generate_inputs(signature: SignatureInfo, batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0) -> dict:
+    """Seeded inputs from the signature's dtypes and shapes (unknown dims: ``batch_size`` first,
+    then 1): floats ~ N(0, 1), integers in [0, 10), bools, strings ``b"0"``..``b"9"``."""
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for name, info in sorted(signature.inputs.items()):
+        if info.shape is None:
+            shape = [batch_size]
+        else:
+            shape = [(batch_size if i == 0 else 1) if d is None else d for i, d in enumerate(info.shape)]
+        dtype = info.dtype
+        if dtype in ("float16", "bfloat16", "float32", "float64"):
+            value = rng.standard_normal(shape).astype(np.float32 if dtype == "bfloat16" else dtype)
+        elif dtype.startswith(("int", "uint")):
+            value = rng.integers(0, 10, size=shape).astype(dtype)
+        elif dtype == "bool":
+            value = rng.integers(0, 2, size=shape).astype(bool)
+        elif dtype == "string":
+            value = np.array([str(v).encode() for v in rng.integers(0, 10, size=int(np.prod(shape)))], dtype=object)
+            value = value.reshape(shape)
+        else:
+            raise SavedModelError(
+                f"signature '{signature.key}' input '{name}': cannot generate {dtype} values; pass sample inputs"
+            )
+        inputs[name] = value
+    return inputs
+
+
+def load_sample_inputs(
+    path: str | os.PathLike, signatures: Iterable[SignatureInfo]
+) -> dict[str, dict[str, np.ndarray]]:
+    """Inputs from an ``.npz``: array ``<input>`` feeds that input of every signature having it,
+    ``<signature>/<input>`` one signature only."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (OSError, ValueError, EOFError) as error:
+        raise SavedModelError(f"{path}: cannot read sample inputs ({error})") from None
+    result: dict[str, dict[str, np.ndarray]] = {}
+    used = set()
+    for signature in signatures:
+        feeds = {}
+        for name in signature.inputs:
+            for array_name in (f"{signature.key}/{name}", name):
+                if array_name in arrays:
+                    feeds[name] = arrays[array_name]
+                    used.add(array_name)
+                    break
+        missing = sorted(set(signature.inputs) - set(feeds))
+        if missing:
+            raise SavedModelError(f"{path}: no array for signature '{signature.key}' input '{missing[0]}'")
+        result[signature.key] = feeds
+    unused = sorted(set(arrays) - used)
+    if unused:
+        raise SavedModelError(f"{path}: array '{unused[0]}' matches no signature input")
+    return result
+
+
+def _as_tensor(signature: SignatureInfo, name: str, value):
+    import tensorflow as tf
+
+    info = signature.inputs[name]
+    array = np.asarray(value)
+    if info.dtype == "string":
+        if array.dtype.kind == "U":
+            array = np.char.encode(array, "utf-8")
+        if array.dtype.kind not in "OS":
+            raise SavedModelError(f"signature '{signature.key}' input '{name}': expected strings, got {array.dtype}")
+    elif info.dtype == "bool" and array.dtype.kind != "b":
+        raise SavedModelError(f"signature '{signature.key}' input '{name}': expected bool, got {array.dtype}")
+    elif array.dtype.kind not in "biuf":
+        raise SavedModelError(f"signature '{signature.key}' input '{name}': expected {info.dtype}, got {array.dtype}")
+    if info.shape is not None:
+        if array.ndim != len(info.shape) or any(d is not None and d != s for d, s in zip(info.shape, array.shape)):
+            raise SavedModelError(
+                f"signature '{signature.key}' input '{name}': shape {list(array.shape)} does not fit "
+                f"{['?' if d is None else d for d in info.shape]}"
+            )
+    return tf.constant(array, dtype=tf.dtypes.as_dtype(info.dtype))
+
+
+def _signatures(directory: str, tags: tuple[str, ...], keys, allow_ops) -> dict[str, SignatureInfo]:
+    meta_graph = select_meta_graph(read_saved_model(directory), tags, directory)
+    refuse_unsafe_ops(scan_for_unsafe_ops(meta_graph, allow_ops), directory)
+    selected = select_signature_keys(meta_graph, keys, directory)
+    return {k: signature_info_from_proto(k, meta_graph.signature_def[k]) for k in selected}
+
+
+def compare_saved_models(
+    original_dir: str | os.PathLike,
+    converted_dir: str | os.PathLike,
+    inputs: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    signature_keys: Sequence[str] | None = None,
+    tags: str | Iterable[str] = ("serve",),
+    allow_ops: Iterable[str] = (),
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seed: int = 0,
+) -> dict[str, dict[str, dict]]:
+    """Call every selected signature (default: all of the converted model's) of both models on
+    the same inputs; ``{key: {output: {"class_agreement", "max_abs_diff", "equal"}}}``.
+
+    ``inputs`` maps signature key -> input key -> array; signatures it omits get seeded inputs
+    generated from their dtypes and shapes. Both models are scanned for unsafe ops first.
+    """
+    import tensorflow as tf
+
+    tags = _as_tags(tags)
+    original_dir, converted_dir = str(original_dir), str(converted_dir)
+    converted = _signatures(converted_dir, tags, signature_keys, allow_ops)
+    original = _signatures(original_dir, tags, sorted(converted), allow_ops)
+    for key, signature in converted.items():
+        before = original[key]
+        if sorted(before.inputs) != sorted(signature.inputs) or sorted(before.outputs) != sorted(signature.outputs):
+            raise SavedModelError(
+                f"{converted_dir}: signature '{key}' has other input or output keys than the original"
+            )
+    unknown = sorted(set(inputs or {}) - set(converted))
+    if unknown:
+        raise SavedModelError(f"sample inputs name signature '{unknown[0]}', which is not compared")
+    with tensorflow_errors(original_dir, "loading"):
+        loaded_original = tf.saved_model.load(original_dir, tags=list(tags))
+    with tensorflow_errors(converted_dir, "loading"):
+        loaded_converted = tf.saved_model.load(converted_dir, tags=list(tags))
+    report: dict[str, dict[str, dict]] = {}
+    for key, signature in sorted(converted.items()):
+        feeds = dict((inputs or {}).get(key) or generate_inputs(signature, batch_size, seed))
+        missing = sorted(set(signature.inputs) - set(feeds))
+        if missing:
+            raise SavedModelError(f"signature '{key}': no sample input for '{missing[0]}'")
+        tensors = {name: _as_tensor(signature, name, feeds[name]) for name in signature.inputs}
+        with tensorflow_errors(original_dir, f"calling signature '{key}'"):
+            expected = {k: v.numpy() for k, v in loaded_original.signatures[key](**tensors).items()}
+        with tensorflow_errors(converted_dir, f"calling signature '{key}'"):
+            actual = {k: v.numpy() for k, v in loaded_converted.signatures[key](**tensors).items()}
+        report[key] = {}
+        for name in sorted(signature.outputs):
+            try:
+                report[key][name] = compare_outputs(expected[name], actual[name])
+            except SavedModelError as error:
+                raise SavedModelError(f"signature '{key}' output '{name}': {error}") from None
+        log.info("compared signature '%s' on %d rows", key, _rows(tensors))
+    return report
+
+
+def _rows(tensors: dict) -> int:
+    shapes = [t.shape for t in tensors.values() if t.shape.rank]
+    return int(shapes[0][0]) if shapes else 1
+
+
+def min_class_agreement(report: Mapping[str, Mapping[str, Mapping]]) -> float | None:
+    """The lowest class agreement over every output that has one (None if none has)."""
+    values = [o["class_agreement"] for s in report.values() for o in s.values() if o["class_agreement"] is not None]
+    return min(values) if values else None
