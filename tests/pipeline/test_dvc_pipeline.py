@@ -24,8 +24,12 @@ def _env() -> dict:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env.update(
-        GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com", GIT_COMMITTER_NAME="test",
-        GIT_COMMITTER_EMAIL="test@example.com", DVC_NO_ANALYTICS="1", TF_CPP_MIN_LOG_LEVEL="3",
+        GIT_AUTHOR_NAME="test",
+        GIT_AUTHOR_EMAIL="test@example.com",
+        GIT_COMMITTER_NAME="test",
+        GIT_COMMITTER_EMAIL="test@example.com",
+        DVC_NO_ANALYTICS="1",
+        TF_CPP_MIN_LOG_LEVEL="3",
     )
     return env
 
@@ -70,8 +74,17 @@ def repo(tmp_path_factory):
 def test_repro_runs_every_stage_and_writes_metrics(repo):
     repo, _, output = repo
     assert ran_stages(output) == {
-        "prepare", "train", "export", "freeze", "optimise@notebook", "optimise@lossless", "optimise@per_channel",
-        "convert@notebook", "convert@lossless", "convert@per_channel", "evaluate",
+        "prepare",
+        "train",
+        "export",
+        "freeze",
+        "optimise@notebook",
+        "optimise@lossless",
+        "optimise@per_channel",
+        "convert@notebook",
+        "convert@lossless",
+        "convert@per_channel",
+        "evaluate",
     }
     metrics = json.loads((repo / "metrics" / "evaluate.json").read_text())
     assert set(metrics) == {"exported", "notebook", "lossless", "per_channel"}

@@ -43,7 +43,10 @@ def single_error_line(stderr: str) -> str:
     ("change", "expected"),
     [
         (lambda p: p["optimise"].update(notebook=["fold_constant"]), "unknown transform 'fold_constant' (did you mean"),
-        (lambda p: p["optimise"].update(notebook=["round_weights(steps=4)"]), "round_weights: unknown argument 'steps'"),
+        (
+            lambda p: p["optimise"].update(notebook=["round_weights(steps=4)"]),
+            "round_weights: unknown argument 'steps'",
+        ),
         (lambda p: p["optimise"].update(notebook=["fold_constants(ignore_errors=true"]), "never closed"),
         (lambda p: p["optimise"].update(notebook="quantize_weights"), "'optimise.notebook' must be list"),
         (lambda p: p["optimise"].pop("notebook"), "missing key 'optimise.notebook'"),
@@ -53,7 +56,8 @@ def single_error_line(stderr: str) -> str:
 def test_optimise_rejects_bad_transform_lists(tmp_path, capsys, change, expected):
     params = write_params(tmp_path, change)
     code, stderr = run_script(
-        "optimise", ["notebook", "--params", str(params), "--frozen", str(tmp_path / "none"), "--out-dir", str(tmp_path)],
+        "optimise",
+        ["notebook", "--params", str(params), "--frozen", str(tmp_path / "none"), "--out-dir", str(tmp_path)],
         capsys,
     )
     assert code == 1
@@ -99,6 +103,8 @@ def test_prepare_writes_the_split(tmp_path, capsys):
 
 
 def test_train_rejects_a_missing_data_file(tmp_path, capsys):
-    code, stderr = run_script("train", ["--train", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "w.npz")], capsys)
+    code, stderr = run_script(
+        "train", ["--train", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "w.npz")], capsys
+    )
     assert code == 1 and "missing.csv: data file not found" in single_error_line(stderr)
     assert not (tmp_path / "w.npz").exists()

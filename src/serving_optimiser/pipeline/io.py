@@ -18,6 +18,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    os.chmod(temporary, 0o777 & ~_umask())  # mkdtemp makes it private; the output should not be
     try:
         yield temporary
         if target.exists():
@@ -41,6 +42,12 @@ def atomic_file(target: str | os.PathLike, mode: str = "w") -> Iterator:
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def write_json(target: str | os.PathLike, data) -> None:
