@@ -81,13 +81,15 @@ def test_repro_runs_every_stage_and_writes_metrics(repo):
         "optimise@notebook",
         "optimise@lossless",
         "optimise@per_channel",
+        "optimise@per_tensor",
         "convert@notebook",
         "convert@lossless",
         "convert@per_channel",
+        "convert@per_tensor",
         "evaluate",
     }
     metrics = json.loads((repo / "metrics" / "evaluate.json").read_text())
-    assert set(metrics) == {"exported", "notebook", "lossless", "per_channel"}
+    assert set(metrics) == {"exported", "notebook", "lossless", "per_channel", "per_tensor"}
     assert metrics["exported"]["eval_accuracy"] >= 0.8
     assert metrics["lossless"]["batch_class_agreement"] == 1.0
     assert metrics["lossless"]["batch_max_abs_prob_diff"] < 1e-5
