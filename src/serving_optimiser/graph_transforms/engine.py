@@ -13,7 +13,7 @@ from tensorflow.core.framework import graph_pb2
 from . import registry
 from .context import TransformContext
 from .errors import TransformError
-from .graph_utils import find_invalid_inputs, node_name_from_input
+from .graph_utils import find_invalid_inputs, fix_colocation_attrs, node_name_from_input
 from .parser import ParsedTransform, parse_transforms
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,9 @@ def apply_transform(
             raise TransformError(f"{transform.name}: {type(error).__name__}: {error}") from error
         log.warning("%s: failed, graph left unchanged (ignore_errors=true): %s", transform.name, error)
         return graph_def
+    # A `_class` naming a node the transform removed would stop tf.import_graph_def (the C++
+    # tool left them); renaming transforms rewrite their own entries before this.
+    result = fix_colocation_attrs(result)
     invalid = find_invalid_inputs(result)
     if invalid:
         node, input_string = invalid[0]

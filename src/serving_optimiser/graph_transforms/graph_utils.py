@@ -465,6 +465,58 @@ def remove_unreachable(
 
 
 # ---------------------------------------------------------------------------------------------
+# Colocation attrs: _class = ["loc:@<node>", ...]
+# ---------------------------------------------------------------------------------------------
+
+COLOCATION_PREFIX = b"loc:@"
+
+
+def fix_colocation_attrs(
+    graph_def: graph_pb2.GraphDef, renames: dict[str, str] | None = None
+) -> graph_pb2.GraphDef:
+    """Keep every ``_class`` colocation entry naming a node of the graph.
+
+    TF 1 graphs pin nodes together with ``_class: ["loc:@<node>", ...]`` and
+    ``tf.import_graph_def`` rejects an entry naming a node the graph lacks. Each ``loc:@old``
+    becomes ``loc:@<renames[old]>`` (``renames`` maps old to new names in one step, all at
+    once, so swapped names stay right); then entries naming no node of ``graph_def`` and
+    repeated entries are dropped, and a ``_class`` left empty is deleted. Entries without the
+    ``loc:@`` prefix are kept. Function bodies are left alone: TF does not check them.
+    Returns ``graph_def`` itself when nothing needs changing, else a fixed copy.
+    """
+    by_old = {old.encode(): new.encode() for old, new in (renames or {}).items()}
+    names = {node.name.encode() for node in graph_def.node}
+    changes: dict[int, list[bytes]] = {}
+    for index, node in enumerate(graph_def.node):
+        if "_class" not in node.attr:
+            continue
+        entries = list(node.attr["_class"].list.s)
+        fixed: list[bytes] = []
+        for entry in entries:
+            if entry.startswith(COLOCATION_PREFIX):
+                target = entry[len(COLOCATION_PREFIX):]
+                target = by_old.get(target, target)
+                if target not in names:
+                    continue
+                entry = COLOCATION_PREFIX + target
+            if entry not in fixed:
+                fixed.append(entry)
+        if fixed != entries:
+            changes[index] = fixed
+    if not changes:
+        return graph_def
+    result = copy_graph(graph_def)
+    for index, fixed in changes.items():
+        attrs = result.node[index].attr
+        if fixed:
+            del attrs["_class"].list.s[:]
+            attrs["_class"].list.s.extend(fixed)
+        else:
+            del attrs["_class"]
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
 # Op definitions: TF's op registry, then the graph's function library
 # ---------------------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from tensorflow.core.framework import graph_pb2
 
 from ..context import TransformContext
 from ..errors import TransformError
-from ..graph_utils import lookup_op_def, new_graph_like, parse_input
+from ..graph_utils import fix_colocation_attrs, lookup_op_def, new_graph_like, parse_input
 from ..registry import register
 
 
@@ -139,11 +139,12 @@ def rename_node(graph_def: graph_pb2.GraphDef, context: TransformContext) -> gra
 
     Matches: the node named ``old_node_name`` and every input string naming it.
     Produces: the node named ``new_node_name``; inputs keep their ``^`` and ``:port``
-    (``splitter:1`` -> ``demux:1``).
+    (``splitter:1`` -> ``demux:1``); ``_class`` entries ``loc:@<old>`` become ``loc:@<new>``.
     Params: ``old_node_name``, ``new_node_name`` (exactly one each).
     Errors: a node already named ``new_node_name``.
-    Deliberate difference: renaming a node that does not exist is an error (C++ returned
-    the graph unchanged).
+    Deliberate differences: renaming a node that does not exist is an error (C++ returned
+    the graph unchanged); C++ left ``_class`` entries naming the old name, which stopped the
+    import.
     """
     example = "rename_node(old_node_name=super/deep/output, new_node_name=output)"
     old_name = _exactly_one(context, "old_node_name", example)
@@ -162,7 +163,7 @@ def rename_node(graph_def: graph_pb2.GraphDef, context: TransformContext) -> gra
             if name == old_name:
                 prefix = "^" if is_control else ""
                 node.input[index] = prefix + new_name + input_string[len(prefix) + len(name):]
-    return result
+    return fix_colocation_attrs(result, {old_name: new_name})
 
 
 @register("rename_op", params=("old_op_name", "new_op_name"), on_functions=True)

@@ -9,7 +9,7 @@ from tensorflow.core.framework import graph_pb2
 
 from ..context import TransformContext
 from ..errors import TransformError
-from ..graph_utils import new_graph_like, parse_input
+from ..graph_utils import fix_colocation_attrs, new_graph_like, parse_input
 from ..registry import register
 
 _DIGITS = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -42,9 +42,12 @@ def obfuscate_names(graph_def: graph_pb2.GraphDef, context: TransformContext) ->
     (``x:0`` protects nothing, as in the C++ tool).
     Produces: those nodes renamed, in graph order, to ``0``, ``1``, ..., ``Z``, ``10``, ...,
     skipping ids equal to a protected name; every input string rewritten keeping its ``^``
-    and ``:port``. Names inside attrs (``_class``) and the function library are not touched.
+    and ``:port``, and every ``_class`` colocation entry ``loc:@<old>`` -> ``loc:@<new>``.
+    Names inside the function library are not touched.
     Params: none. Also registered under the old misspelling ``obsfucate_names``.
     Errors: an input naming a node that is not in the graph.
+    Deliberate difference: the C++ tool left ``_class`` entries under the old names, so a
+    renamed TF 1 graph no longer imported.
     """
     protected = set(context.input_names) | set(context.output_names)
     fresh = _fresh_names(protected)
@@ -63,4 +66,4 @@ def obfuscate_names(graph_def: graph_pb2.GraphDef, context: TransformContext) ->
                 )
             prefix = "^" if is_control else ""
             node.input[index] = prefix + new_names[name] + input_string[len(prefix) + len(name):]
-    return result
+    return fix_colocation_attrs(result, new_names)
