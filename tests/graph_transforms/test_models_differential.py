@@ -142,8 +142,8 @@ IRIS_CASES = {
     "sort_by_execution_order": Case(("sort_by_execution_order",)),
     "merge_duplicate_nodes": Case(("merge_duplicate_nodes",)),
     # After remove_nodes: the `/read` Identities carry `_class` colocation attrs naming the
-    # weights, which obfuscate_names (ours and the C++ one) does not rewrite, so the renamed
-    # graph would not import.
+    # weights, which the C++ obfuscate_names does not rewrite, so the oracle's renamed graph
+    # would not import (ours rewrites them: test_colocation.py).
     "obfuscate_names": Case(("remove_nodes(op=Identity)", "obfuscate_names")),
     "add_default_attributes": Case(("add_default_attributes",)),
     "backport_concatv2": Case(("backport_concatv2",)),
