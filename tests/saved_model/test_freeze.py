@@ -299,3 +299,11 @@ def test_library_functions_get_stable_names():
     assert first == second
     assert [f.signature.name for f in first.library.function] == ["__inference_body_0"]
     assert first.node[0].attr["f"].func.name == "__inference_body_0"
+
+
+def test_oversized_saved_model_is_refused_before_parsing(tf1_iris, monkeypatch):
+    from serving_optimiser.saved_model import reader
+
+    monkeypatch.setattr(reader, "MAX_PROTO_BYTES", 1000)
+    with pytest.raises(SavedModelError, match=r"saved_model.pb: \d+ bytes, over protobuf's 2 GiB limit"):
+        freeze_saved_model(tf1_iris)
