@@ -307,3 +307,19 @@ def test_oversized_saved_model_is_refused_before_parsing(tf1_iris, monkeypatch):
     monkeypatch.setattr(reader, "MAX_PROTO_BYTES", 1000)
     with pytest.raises(SavedModelError, match=r"saved_model.pb: \d+ bytes, over protobuf's 2 GiB limit"):
         freeze_saved_model(tf1_iris)
+
+
+def test_tf1_table_the_main_op_leaves_empty_is_refused(tmp_path):
+    v1 = tf.compat.v1
+    graph = tf.Graph()
+    with graph.as_default():
+        ids = v1.placeholder(tf.int64, [None], name="ids")
+        initializer = tf.lookup.KeyValueTensorInitializer(tf.constant([0], tf.int64), tf.constant(["zero"]))
+        words = tf.lookup.StaticHashTable(initializer, "?").lookup(ids)
+        with v1.Session() as session:
+            builder = v1.saved_model.Builder(str(tmp_path / "model"))
+            signature = v1.saved_model.predict_signature_def({"ids": ids}, {"words": words})
+            builder.add_meta_graph_and_variables(session, ["serve"], {"serving_default": signature})  # no main_op
+            builder.save()
+    with pytest.raises(SavedModelError, match=r"lookup table 'hash_table' is not initialised by the SavedModel's"):
+        freeze_saved_model(tmp_path / "model")

@@ -159,7 +159,7 @@ def _freeze_tf1(where: str, tags: tuple[str, ...], declared: dict[str, Signature
         taken = set(nodes)
         init_nodes: list[str] = []
         for table in _tables_read_by(nodes, outputs):
-            keys, values = _export_tf1_table(session, graph, nodes[table])
+            keys, values = _export_tf1_table(where, session, graph, nodes[table])
             new_nodes = _table_refill_nodes(nodes[table], keys, values, taken)
             graph_def.node.extend(new_nodes)
             init_nodes.append(new_nodes[-1].name)
@@ -185,7 +185,8 @@ def _dtype_attr(node, key: str):
     return tf.dtypes.as_dtype(node.attr[key].type)
 
 
-def _export_tf1_table(session, graph, table_node) -> tuple[np.ndarray, np.ndarray]:
+def _export_tf1_table(where: str, session, graph, table_node) -> tuple[np.ndarray, np.ndarray]:
+    import tensorflow as tf
     from tensorflow.python.ops import gen_lookup_ops
 
     handle = graph.get_tensor_by_name(f"{table_node.name}:0")
@@ -195,7 +196,13 @@ def _export_tf1_table(session, graph, table_node) -> tuple[np.ndarray, np.ndarra
             exported = gen_lookup_ops.lookup_table_export_v2(handle, key_dtype, value_dtype)
         else:
             exported = gen_lookup_ops.lookup_table_export(handle, key_dtype, value_dtype)
-    keys, values = session.run(exported)
+    try:
+        keys, values = session.run(exported)
+    except tf.errors.OpError:
+        raise SavedModelError(
+            f"{where}: lookup table '{table_node.name}' is not initialised by the SavedModel's main_op "
+            f"or legacy_init_op, so its contents cannot be frozen"
+        ) from None
     return _sorted_table(keys, values)
 
 
