@@ -18,7 +18,8 @@ def const(name: str, values=(1.0, 2.0), dtype="DT_FLOAT") -> str:
     floats = " ".join(f"float_val: {v}" for v in values)
     return f"""node {{ name: "{name}" op: "Const"
       attr {{ key: "dtype" value {{ type: {dtype} }} }}
-      attr {{ key: "value" value {{ tensor {{ dtype: {dtype} tensor_shape {{ dim {{ size: {len(values)} }} }} {floats} }} }} }} }}
+      attr {{ key: "value" value {{ tensor {{ dtype: {dtype}
+        tensor_shape {{ dim {{ size: {len(values)} }} }} {floats} }} }} }} }}
     """
 
 
@@ -30,7 +31,9 @@ def op(name: str, op_type: str, *inputs: str) -> str:
 
 
 IDENTITY_TREE = graph_from_text(
-    const("const_node1", (1.0, 2.0)) + const("const_node2", (3.0, 4.0)) + const("const_node3", (5.0, 6.0))
+    const("const_node1", (1.0, 2.0))
+    + const("const_node2", (3.0, 4.0))
+    + const("const_node3", (5.0, 6.0))
     + op("identity_node1", "Identity", "const_node1")
     + op("identity_node2", "Identity", "const_node2")
     + op("identity_node3", "Identity", "const_node3")
@@ -53,8 +56,10 @@ def test_remove_nodes_bypasses_identities():
 
 def test_remove_nodes_keeps_named_output():
     graph = graph_from_text(
-        const("const_node1") + const("const_node2")
-        + op("add_node", "Add", "const_node1", "const_node2") + op("identity_node", "Identity", "add_node")
+        const("const_node1")
+        + const("const_node2")
+        + op("add_node", "Add", "const_node1", "const_node2")
+        + op("identity_node", "Identity", "add_node")
     )
     result = TransformGraph(graph, [], ["identity_node"], ["remove_nodes(op=Identity)"])
     assert ops_by_name(result)["identity_node"] == "Identity"
@@ -62,7 +67,8 @@ def test_remove_nodes_keeps_named_output():
 
 def test_remove_nodes_chain_and_max_inputs():
     chain = graph_from_text(
-        const("const_node1") + const("const_node2")
+        const("const_node1")
+        + const("const_node2")
         + op("identity_node1", "Identity", "const_node1")
         + op("identity_node2", "Identity", "identity_node1")
         + op("identity_node3", "Identity", "identity_node2")
@@ -75,7 +81,8 @@ def test_remove_nodes_chain_and_max_inputs():
 
 def test_remove_nodes_redirects_control_and_port_inputs():
     graph = graph_from_text(
-        const("s") + const("d")
+        const("s")
+        + const("d")
         + 'node { name: "split" op: "Unpack" input: "s" attr { key: "T" value { type: DT_FLOAT } } '
         'attr { key: "num" value { i: 2 } } }'
         + op("id", "Identity", "split:1", "^d")
@@ -119,7 +126,9 @@ def test_remove_nodes_keeps_other_inputs_unlike_oracle():
 
 
 ADD_MUL = graph_from_text(
-    const("a_node") + const("b_node") + const("c_node")
+    const("a_node")
+    + const("b_node")
+    + const("c_node")
     + op("mul_node", "Mul", "b_node", "c_node")
     + op("add_node", "Add", "mul_node", "a_node")
 )
@@ -144,8 +153,10 @@ def test_strip_unused_nodes_type_and_shape_per_name():
         ADD_MUL,
         ["mul_node", "a_node"],
         ["add_node"],
-        ['strip_unused_nodes(name=a_node, type_for_name=int64, shape_for_name="1,2", '
-         'name=mul_node, type_for_name=quint8, shape_for_name="1, 2, 3")'],
+        [
+            'strip_unused_nodes(name=a_node, type_for_name=int64, shape_for_name="1,2", '
+            'name=mul_node, type_for_name=quint8, shape_for_name="1, 2, 3")'
+        ],
     )
     nodes = nodes_by_name(result)
     assert nodes["a_node"].attr["dtype"].type == 9  # int64
@@ -180,8 +191,13 @@ def test_remove_control_dependencies():
 
 
 TREE = graph_from_text(
-    op("add1", "Add", "add2", "add3") + op("add2", "Add", "c1", "c2") + op("add3", "Add", "c3", "c4")
-    + const("c1") + const("c2") + const("c3") + const("c4")
+    op("add1", "Add", "add2", "add3")
+    + op("add2", "Add", "c1", "c2")
+    + op("add3", "Add", "c3", "c4")
+    + const("c1")
+    + const("c2")
+    + const("c3")
+    + const("c4")
 )
 
 

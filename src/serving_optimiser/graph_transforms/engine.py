@@ -68,7 +68,7 @@ def _check_names_exist(graph_def: graph_pb2.GraphDef, names: list[str], what: st
         raise TransformError(f"{what} {', '.join(repr(m) for m in missing)} not found in the graph")
 
 
-def TransformGraph(  # noqa: N802 - the old tool's public name
+def TransformGraph(
     input_graph_def: graph_pb2.GraphDef,
     inputs: str | Sequence[str],
     outputs: str | Sequence[str],
@@ -116,7 +116,7 @@ def apply_transform(
             raise
         log.warning("%s: failed, graph left unchanged (ignore_errors=true): %s", transform.name, error)
         return graph_def
-    except Exception as error:  # noqa: BLE001 - a TF error inside a transform is a transform failure
+    except Exception as error:
         if not ignore_errors:
             raise TransformError(f"{transform.name}: {type(error).__name__}: {error}") from error
         log.warning("%s: failed, graph left unchanged (ignore_errors=true): %s", transform.name, error)
