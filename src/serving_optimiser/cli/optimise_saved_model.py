@@ -102,7 +102,7 @@ def format_report(report: dict) -> str:
 
 
 def _write_report(path: str, report: dict) -> None:
-    from ..saved_model._files import atomic_file
+    from ..atomic import atomic_file
 
     with atomic_file(path) as stream:
         json.dump(report, stream, indent=2, sort_keys=True)

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from google.protobuf import message, text_format, unknown_fields
 from tensorflow.core.framework import graph_pb2
 
+from ..atomic import atomic_file
 from .errors import TransformError
 
 TEXT_SUFFIXES = (".pbtxt",)
@@ -95,19 +95,8 @@ def save_graph_def(
     data = text_format.MessageToString(graph_def).encode() if as_text else graph_def.SerializeToString(
         deterministic=True
     )
-    temporary = None
     try:
-        file_path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{file_path.name}.tmp-", dir=file_path.parent)
-        with os.fdopen(handle, "wb") as stream:
+        with atomic_file(file_path, "wb") as stream:
             stream.write(data)
-        # mkstemp creates the file private (0600); give it the permissions open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, file_path)
     except OSError as error:
         raise GraphFileError(f"cannot write graph file '{path}': {error.strerror or error}") from None
-    finally:
-        if temporary is not None and os.path.exists(temporary):
-            os.unlink(temporary)

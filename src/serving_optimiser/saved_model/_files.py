@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..atomic import atomic_directory as shared_atomic_directory
 from .errors import SavedModelError
 
 
@@ -25,26 +24,9 @@ def check_output_directory(target: str | os.PathLike, overwrite: bool = False) -
 
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary directory beside ``target``; on success it becomes ``target``.
-
-    On any failure (or interruption) the temporary directory is removed and ``target`` is
-    left as it was, so a half-written output never looks complete.
-    """
-    target = check_output_directory(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    """The shared atomic directory output, refusing an existing non-empty ``target`` unless ``overwrite``."""
+    with shared_atomic_directory(check_output_directory(target, overwrite)) as temporary:
         yield temporary
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, retired / target.name)
-            os.replace(temporary, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(temporary, target)
-    finally:
-        if temporary.exists():
-            shutil.rmtree(temporary, ignore_errors=True)
 
 
 def directory_size(directory: str | os.PathLike) -> int:
@@ -56,18 +38,3 @@ def directory_size(directory: str | os.PathLike) -> int:
             if os.path.isfile(path) and not os.path.islink(path):
                 total += os.path.getsize(path)
     return total
-
-
-@contextlib.contextmanager
-def atomic_file(target: str | os.PathLike, mode: str = "w") -> Iterator:
-    """Open a temporary file beside ``target``; on success it replaces ``target``."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    try:
-        with os.fdopen(handle, mode) as stream:
-            yield stream
-        os.replace(temporary, target)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
