@@ -28,11 +28,11 @@ all: setup ## Run the whole pipeline (dvc repro): train, export, freeze, optimis
 repro: all ## Same as all
 
 test: setup ## Lint and run the test suite (tiny params; end-to-end dvc repro in a temp copy)
-	ruff check src tests scripts
+	ruff check --no-cache src tests scripts
 	python -m pytest -q -n 2 --dist loadgroup tests
 
 lint: setup ## Lint only
-	ruff check src tests scripts
+	ruff check --no-cache src tests scripts
 
 bench: setup ## Wall time and peak memory of each pipeline stage (default params, in a temp copy)
 	python scripts/bench_pipeline.py

@@ -13,9 +13,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
 
-    from serving_optimiser.saved_model import FrozenModel, convert_to_saved_model
-
     from serving_optimiser.pipeline.params import load_params, require, section
+    from serving_optimiser.saved_model import FrozenModel, convert_to_saved_model
 
     convert = section(load_params(args.params), "convert", args.params)
     dequantize_once = require(convert, "dequantize_once", bool, "convert", args.params)

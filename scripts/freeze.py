@@ -13,10 +13,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--summary", default="metrics/freeze.json")
     args = parser.parse_args(argv)
 
-    from serving_optimiser.saved_model import freeze_saved_model
-
     from serving_optimiser.pipeline.describe import describe_graph, saved_model_graph_def
     from serving_optimiser.pipeline.io import write_json
+    from serving_optimiser.saved_model import freeze_saved_model
 
     frozen = freeze_saved_model(args.saved_model)
     frozen.save(args.out)

@@ -13,11 +13,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
 
-    from serving_optimiser.saved_model import FrozenModel
-
     from serving_optimiser.errors import UserError
     from serving_optimiser.graph_transforms import TransformError, TransformGraph, parse_and_check
     from serving_optimiser.pipeline.params import load_params, require_list, section
+    from serving_optimiser.saved_model import FrozenModel
 
     variants = section(load_params(args.params), "optimise", args.params)
     transforms = require_list(variants, args.variant, str, "optimise", args.params)
