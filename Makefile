@@ -23,7 +23,7 @@ setup: $(VENV)/.installed ## Create .venv from requirements.txt and install the 
 
 all: setup ## Run the whole pipeline (dvc repro): train, export, freeze, optimise, convert, evaluate
 	dvc repro
-	@dvc metrics show --md
+	@python scripts/show_results.py
 
 repro: all ## Same as all
 
@@ -49,8 +49,8 @@ push: setup ## Push DVC-tracked artefacts to the default remote
 pull: setup ## Pull DVC-tracked artefacts from the default remote (no retraining)
 	dvc pull
 
-metrics: setup ## Show the current metrics
-	dvc metrics show --md
+metrics: setup ## Show the current metrics (all of them: dvc metrics show)
+	@python scripts/show_results.py
 
 metrics-diff: setup ## Metrics and params against BASE (default main) as markdown
 	dvc metrics diff $(BASE) --all --md

@@ -17,7 +17,7 @@ from serving_optimiser.pipeline.evaluate import (
     gzip_size,
     model_sizes,
 )
-from serving_optimiser.pipeline.report import write_reports
+from serving_optimiser.pipeline.report import results_table, write_reports
 
 PARAMS = EvaluateParams(
     batch_rows=2000,
@@ -85,6 +85,9 @@ def test_reports_are_written(tmp_path, metrics):
     assert [r["model"] for r in rows] == ["exported", "twin"]
     plots = json.loads((tmp_path / "p.json").read_text())
     assert plots[1]["model"] == "twin" and "latency_batch_ms_median" in plots[1]
+    table = results_table(metrics).splitlines()
+    assert len(table) == 4 and table[0].count("|") == table[1].count("|") == table[3].count("|")
+    assert table[3].startswith("| twin | ") and "| 1.000 |" in table[3] and "100.0000%" in table[3]
 
 
 def test_fewer_than_five_repeats_is_refused():
