@@ -47,7 +47,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as temporary:
         repo = Path(temporary)
         copy_tracked_files(repo)
-        subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+        # DVCLive needs a repo with a commit; no git identity is assumed on this machine.
+        identity = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost"}
+        identity |= {"GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"}
+        for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
+            subprocess.run(command, cwd=repo, check=True, env=os.environ | identity)
         rows = []
         for name, command in stages_in_order(repo):
             print(f"bench: running {name} ...", file=sys.stderr, flush=True)
