@@ -29,7 +29,7 @@ def stages_in_order(repo: Path) -> list[tuple[str, str]]:
 
         graph = dvc_repo.index.graph
         ordered = list(reversed(list(nx.topological_sort(graph))))
-        return [(stage.addressing, stage.cmd) for stage in ordered if getattr(stage, "cmd", None)]
+        return [(stage.name, stage.cmd) for stage in ordered if getattr(stage, "cmd", None)]
 
 
 def run_measured(command: str, cwd: Path) -> tuple[float, int, int]:

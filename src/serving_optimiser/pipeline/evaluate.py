@@ -154,32 +154,52 @@ def _timed(model: LoadedModel, tensors: dict) -> float:
     return time.perf_counter() - start
 
 
+def _rows(tensors: dict) -> int:
+    return int(next(iter(tensors.values())).shape[0])
+
+
 def measure_latency(
-    models: list[LoadedModel], batch: dict, single: dict, repeats: int, single_row_calls: int
+    models: list[LoadedModel], batch: dict, single: dict, repeats: int, single_row_calls: int, seed: int = 0
 ) -> dict[str, dict[str, float]]:
-    """Median batch latency and batch-1 p50/p99 per model, repeats interleaved in rotating order."""
+    """Batch latency (median) and batch-1 p50/p99 per model, and their ratios to the first model.
+
+    The batch rounds run first, then the batch-1 rounds (a 100,000-row call leaves caches and
+    the allocator in a state that slows the next small calls). Each round times every model, in
+    a seeded random order. Ratios are medians of per-round ratios against the first model
+    measured in the same round, so drift and one-off stalls (single 100,000-row calls vary by
+    +-15 % on this machine) hit both sides of a ratio alike.
+    """
     for model in models:
         model.first_call_seconds = _timed(model, single)
         _timed(model, batch)
         for _ in range(5):
             _timed(model, single)
     batch_times: dict[str, list[float]] = {m.name: [] for m in models}
-    single_times: dict[str, list[float]] = {m.name: [] for m in models}
+    single_times: dict[str, list[list[float]]] = {m.name: [] for m in models}
     calls_per_round = max(1, single_row_calls // repeats)
+    rng = np.random.default_rng(seed)
     for round_index in range(repeats):
-        order = models[round_index % len(models) :] + models[: round_index % len(models)]
-        for model in order:
-            batch_times[model.name].append(_timed(model, batch))
-        for model in order:
-            single_times[model.name].extend(_timed(model, single) for _ in range(calls_per_round))
-        log.info("latency round %d/%d done", round_index + 1, repeats)
+        for index in rng.permutation(len(models)):
+            batch_times[models[index].name].append(_timed(models[index], batch))
+        log.info("latency: %d-row round %d/%d done", _rows(batch), round_index + 1, repeats)
+    for _ in range(repeats):
+        for index in rng.permutation(len(models)):
+            single_times[models[index].name].append([_timed(models[index], single) for _ in range(calls_per_round)])
+    log.info("latency: %d batch-1 calls per model done", calls_per_round * repeats)
+    reference = models[0].name
     result = {}
     for model in models:
-        singles = np.array(single_times[model.name]) * 1000
+        singles = np.concatenate(single_times[model.name]) * 1000
+        round_p50 = [float(np.median(calls)) for calls in single_times[model.name]]
+        reference_p50 = [float(np.median(calls)) for calls in single_times[reference]]
         result[model.name] = {
             "latency_batch_ms_median": statistics.median(batch_times[model.name]) * 1000,
             "latency_single_ms_p50": float(np.percentile(singles, 50)),
             "latency_single_ms_p99": float(np.percentile(singles, 99)),
+            "latency_batch_ratio": statistics.median(
+                a / b for a, b in zip(batch_times[model.name], batch_times[reference])
+            ),
+            "latency_single_p50_ratio": statistics.median(a / b for a, b in zip(round_p50, reference_p50)),
         }
     return result
 
@@ -213,7 +233,9 @@ def evaluate_models(
     single_tensors = to_tensors({k: v[:1] for k, v in eval_features.items()})
     eval_outputs = {m.name: predict(m, eval_tensors) for m in models}
     batch_outputs = {m.name: predict(m, batch_tensors) for m in models}
-    latency = measure_latency(models, batch_tensors, single_tensors, params.repeats, params.single_row_calls)
+    latency = measure_latency(
+        models, batch_tensors, single_tensors, params.repeats, params.single_row_calls, params.seed
+    )
     reference = metrics[REFERENCE]
     for model in models:
         m = metrics[model.name]
@@ -230,8 +252,6 @@ def evaluate_models(
     for model in models:
         m = metrics[model.name]
         m["size_total_ratio"] = m["size_total_bytes"] / reference["size_total_bytes"]
-        m["latency_batch_ratio"] = m["latency_batch_ms_median"] / reference["latency_batch_ms_median"]
-        m["latency_single_p50_ratio"] = m["latency_single_ms_p50"] / reference["latency_single_ms_p50"]
     return {name: {k: _rounded(v) for k, v in m.items()} for name, m in metrics.items()}
 
 
