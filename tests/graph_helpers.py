@@ -10,8 +10,10 @@ import pytest
 import tensorflow as tf
 from google.protobuf import text_format
 from tensorflow.core.framework import graph_pb2
+from tensorflow.python.framework import tensor_util
 
 from serving_optimiser.graph_transforms import TransformGraph
+from serving_optimiser.graph_transforms.graph_utils import const_value
 
 try:
     from tensorflow.python.util import _pywrap_transform_graph
@@ -109,3 +111,94 @@ def frozen_function_graph(function, *input_specs) -> graph_pb2.GraphDef:
 
     concrete = tf.function(function).get_concrete_function(*input_specs)
     return convert_variables_to_constants_v2(concrete).graph.as_graph_def()
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders and comparisons shared by several test modules
+# ---------------------------------------------------------------------------------------------
+
+
+def build(function) -> graph_pb2.GraphDef:
+    """The GraphDef of the ops ``function`` creates in a fresh ``tf.Graph``."""
+    graph = tf.Graph()
+    with graph.as_default():
+        function()
+    return graph.as_graph_def()
+
+
+def consts_of(graph_def: graph_pb2.GraphDef) -> dict[str, np.ndarray]:
+    return {n.name: const_value(n) for n in graph_def.node if n.op == "Const"}
+
+
+def sorted_nodes(graph_def: graph_pb2.GraphDef) -> list[tuple]:
+    return sorted((n.name, n.op, tuple(n.input)) for n in graph_def.node)
+
+
+def assert_same_outputs(before, after, outputs, atol, feeds=None, rtol=0.0):
+    for expected, actual in zip(run_graph(before, outputs, feeds), run_graph(after, outputs, feeds)):
+        np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol)
+
+
+def max_error(graph, transformed, outputs, feeds=None, transformed_feeds=None) -> float:
+    expected = run_graph(graph, outputs, feeds)
+    actual = run_graph(transformed, outputs, transformed_feeds if transformed_feeds is not None else feeds)
+    return max(float(np.abs(a - e).max()) for a, e in zip(actual, expected, strict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# A convolution and its weights (test_batch_norms, test_old_batch_norms)
+# ---------------------------------------------------------------------------------------------
+
+INPUT_VALUES = np.array([1, 4, 2, 5, 3, 6, -1, -4, -2, -5, -3, -6], np.float32)
+WEIGHT_VALUES = np.array([1, 2, 3, 4, 0.1, 0.2, 0.3, 0.4], np.float32)
+
+
+def const(name, values, shape=None, dtype=np.float32):
+    values = np.asarray(values, dtype)
+    return tf.constant(values if shape is None else values.reshape(shape), name=name)
+
+
+def conv(op_type, inputs, weights, name="conv_op", **attrs):
+    if op_type == "MatMul":
+        return tf.raw_ops.MatMul(a=inputs, b=weights, name=name, **attrs)
+    layer = getattr(tf.raw_ops, op_type)
+    return layer(input=inputs, filter=weights, strides=[1, 1, 1, 1], padding="VALID", name=name, **attrs)
+
+
+def conv_input_and_weights(op_type):
+    if op_type == "MatMul":
+        return const("input_op", INPUT_VALUES, (6, 2)), const("weights_op", [1, 2, 0.3, 0.4], (2, 2))
+    return const("input_op", INPUT_VALUES, (1, 1, 6, 2)), const("weights_op", WEIGHT_VALUES, (1, 2, 2, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# An eight-bit BiasAdd (test_quantize_nodes, test_requantization_ranges)
+# ---------------------------------------------------------------------------------------------
+
+
+def quantized_const(name, values, shape=None):
+    array = np.asarray(values, np.uint8)
+    array = array.reshape(shape) if shape is not None else array
+    return tf.raw_ops.Const(value=tensor_util.make_tensor_proto(array, tf.quint8), dtype=tf.quint8, name=name)
+
+
+def eight_bit_bias_add(make_tail):
+    """QuantizedBiasAdd -> RequantizationRange -> Requantize -> Dequantize ``dequantize_op``, then tail."""
+
+    def make_ops():
+        bias_add = tf.raw_ops.QuantizedBiasAdd(
+            input=quantized_const("quantized_op", [0] * 6, (1, 6)), bias=quantized_const("offset_op", range(1, 7)),
+            min_input=const("quantized_min_op", 2.0, ()), max_input=const("quantized_max_op", 2.0, ()),
+            min_bias=const("offset_min_op", 0.0, ()), max_bias=const("offset_max_op", 255.0, ()),
+            out_type=tf.qint32, name="bias_add_op",
+        )
+        requant_range = tf.raw_ops.RequantizationRange(
+            input=bias_add[0], input_min=bias_add[1], input_max=bias_add[2], name="requantization_range_op")
+        requantize = tf.raw_ops.Requantize(
+            input=bias_add[0], input_min=bias_add[1], input_max=bias_add[2], requested_output_min=requant_range[0],
+            requested_output_max=requant_range[1], out_type=tf.quint8, name="requantize_op")
+        dequantize = tf.raw_ops.Dequantize(input=requantize[0], min_range=requantize[1], max_range=requantize[2],
+                                           mode="MIN_FIRST", name="dequantize_op")
+        make_tail(dequantize)
+
+    return build(make_ops)
