@@ -1,28 +1,30 @@
-"""quantize_nodes (stage by stage and end to end) and freeze_requantization_ranges: the old
-tool's scenarios, differential tests against the C++ oracle and the deliberate differences."""
+"""quantize_nodes, stage by stage and end to end: the old tool's scenarios, differential tests
+against the C++ oracle and the deliberate differences."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from graph_helpers import (
     assert_same_structure,
+    build,
+    eight_bit_bias_add,
     have_oracle,
+    max_error,
     nodes_by_name,
     op_counts,
     ops_by_name,
     oracle_transform,
+    quantized_const,
     requires_oracle,
     run_graph,
 )
-from tensorflow.core.framework import graph_pb2, types_pb2
-from tensorflow.python.framework import tensor_util
+from tensorflow.core.framework import types_pb2
 
 from serving_optimiser.graph_transforms import TransformError, TransformGraph
-from serving_optimiser.graph_transforms.transforms.quantize_nodes import (
+from serving_optimiser.graph_transforms.transforms._eightbit import (
     fake_quants_to_requantize,
     hoist_fake_quants,
     merge_adjacent_requantizes,
-    parse_min_max_log,
     quantize_placeholders,
     remove_redundant_quantizations,
 )
@@ -32,31 +34,12 @@ from serving_optimiser.graph_transforms.transforms.weights import quantize_min_f
 QUANTIZABLE_OPS = {"BiasAdd", "Concat", "Conv2D", "MatMul", "Relu", "Relu6", "AvgPool", "MaxPool"}
 
 
-def build(make_ops) -> graph_pb2.GraphDef:
-    graph = tf.Graph()
-    with graph.as_default():
-        make_ops()
-    return graph.as_graph_def()
-
-
 def const(name, values, shape, dtype=tf.float32):
     return tf.constant(np.reshape(values, shape), dtype=dtype, name=name)
 
 
-def quantized_const(name, values, shape=None):
-    array = np.asarray(values, np.uint8)
-    array = array.reshape(shape) if shape is not None else array
-    return tf.raw_ops.Const(value=tensor_util.make_tensor_proto(array, tf.quint8), dtype=tf.quint8, name=name)
-
-
 def placeholder(name, shape=None, dtype=tf.float32):
     return tf.raw_ops.Placeholder(dtype=dtype, shape=shape, name=name)
-
-
-def max_error(graph, transformed, outputs, feeds=None, transformed_feeds=None) -> float:
-    expected = run_graph(graph, outputs, feeds)
-    actual = run_graph(transformed, outputs, transformed_feeds if transformed_feeds is not None else feeds)
-    return max(float(np.abs(a - e).max()) for a, e in zip(actual, expected, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,28 +355,6 @@ def test_fake_quants_are_not_hoisted_through_sigmoid():
 # ---------------------------------------------------------------------------------------------
 
 
-def eight_bit_bias_add(make_tail):
-    """QuantizedBiasAdd -> RequantizationRange -> Requantize -> Dequantize ``dequantize_op``, then tail."""
-
-    def make_ops():
-        bias_add = tf.raw_ops.QuantizedBiasAdd(
-            input=quantized_const("quantized_op", [0] * 6, (1, 6)), bias=quantized_const("offset_op", range(1, 7)),
-            min_input=const("quantized_min_op", 2.0, ()), max_input=const("quantized_max_op", 2.0, ()),
-            min_bias=const("offset_min_op", 0.0, ()), max_bias=const("offset_max_op", 255.0, ()),
-            out_type=tf.qint32, name="bias_add_op",
-        )
-        requant_range = tf.raw_ops.RequantizationRange(
-            input=bias_add[0], input_min=bias_add[1], input_max=bias_add[2], name="requantization_range_op")
-        requantize = tf.raw_ops.Requantize(
-            input=bias_add[0], input_min=bias_add[1], input_max=bias_add[2], requested_output_min=requant_range[0],
-            requested_output_max=requant_range[1], out_type=tf.quint8, name="requantize_op")
-        dequantize = tf.raw_ops.Dequantize(input=requantize[0], min_range=requantize[1], max_range=requantize[2],
-                                           mode="MIN_FIRST", name="dequantize_op")
-        make_tail(dequantize)
-
-    return build(make_ops)
-
-
 def requantize_again(dequantize):
     """Dequantize -> Reshape/Min/Max -> QuantizeV2 -> Dequantize ``final_dequantize``."""
     reshaped = tf.raw_ops.Reshape(tensor=dequantize, shape=const("dequantize_reshape_dims", [-1], (1,), tf.int32),
@@ -609,135 +570,3 @@ def test_reshape_keeps_an_int64_shape_type():
     oracle = oracle_transform(graph, [], ["reshape_op"], ["quantize_nodes"])
     with pytest.raises((tf.errors.OpError, ValueError)):
         run_graph(oracle, ["reshape_op"])
-
-
-# ---------------------------------------------------------------------------------------------
-# freeze_requantization_ranges
-# ---------------------------------------------------------------------------------------------
-
-REQUANT_LOG = """Something unrelated
-[SomePrefix] ;requantization_range_op__print__;__requant_min_max:[-2.4313571][10.584145]
-"""
-
-
-def write_log(tmp_path, text: str) -> str:
-    path = tmp_path / "min_max.log"
-    path.write_text(text)
-    return str(path)
-
-
-def test_freeze_requantization_ranges_replaces_the_range_op(tmp_path):
-    graph = eight_bit_bias_add(lambda dequantize: None)
-    log_file = write_log(tmp_path, REQUANT_LOG)
-    transform = f'freeze_requantization_ranges(min_max_log_file="{log_file}")'
-    frozen = TransformGraph(graph, [], ["dequantize_op"], [transform])
-    nodes = nodes_by_name(frozen)
-    assert "RequantizationRange" not in op_counts(frozen)
-    requantize_inputs = list(nodes["requantize_op"].input)
-    assert requantize_inputs[3:] == ["requantization_range_op/frozen_min:0", "requantization_range_op/frozen_max:0"]
-    assert tensor_util.MakeNdarray(nodes["requantization_range_op/frozen_min"].attr["value"].tensor) == np.float32(
-        -2.4313571)
-    assert max_error(graph, frozen, ["dequantize_op"]) <= 0.5
-
-
-@requires_oracle
-def test_freeze_requantization_ranges_matches_the_oracle(tmp_path):
-    graph = eight_bit_bias_add(lambda dequantize: None)
-    transform = f'freeze_requantization_ranges(min_max_log_file="{write_log(tmp_path, REQUANT_LOG)}")'
-    ours = TransformGraph(graph, [], ["dequantize_op"], [transform])
-    oracle = oracle_transform(graph, [], ["dequantize_op"], [transform])
-    assert sorted(ours.node, key=lambda n: n.name) == sorted(oracle.node, key=lambda n: n.name)
-
-
-@pytest.mark.parametrize(
-    ("line", "record"),
-    [
-        (";requantization_range_op__print__;__requant_min_max:[-2.4313571][10.584145]",
-         ("requantization_range_op", np.float32(-2.4313571), np.float32(10.584145))),
-        ("prefix;other_op__print__;__requant_min_max:[-1.0][2.0] trailing",
-         ("other_op", -1.0, 2.0)),
-        (";a__print__;__requant_min_max:[-1.bad][2.0]", None),
-        (";a__print__;__requant_min_max:[1_0][2.0]", None),
-        (";a__print__;__requant_min_max:[1][2][3]", None),
-        (";a__print__;__requant_min_max:[1]]2]", None),
-        (";a_print;__requant_min_max:[1][2]", None),
-        ("a__print__;__requant_min_max:[1][2]", ("a", 1.0, 2.0)),
-        ("__requant_min_max:[1][2]", None),
-    ],
-    ids=["reference", "second_node", "bad_number", "underscore_number", "three_values", "extra_bracket",
-         "no_print_suffix", "name_first", "no_name_field"],
-)
-def test_min_max_log_parser(line, record):
-    records = parse_min_max_log(f"junk line\n{line}\nmore junk")
-    assert records == ([] if record is None else [(record[0], float(record[1]), float(record[2]))])
-
-
-def twenty_records_log(tmp_path) -> str:
-    return write_log(tmp_path, "\n".join(
-        f";requantization_range_op__print__;__requant_min_max:[{-i}][{i}]" for i in range(1, 21)))
-
-
-@pytest.mark.parametrize(
-    ("percentiles", "expected"),
-    [
-        ("", (-19.0, 20.0)),
-        ("min_percentile=0, max_percentile=0", (-20.0, 20.0)),
-        ("min_percentile=50, max_percentile=50", (-10.0, 11.0)),
-        ("min_percentile=2.5, max_percentile=7.5", (-19.0, 20.0)),
-    ],
-    ids=["defaults", "zero", "fifty", "rounding"],
-)
-def test_percentiles_pick_the_range(tmp_path, percentiles, expected):
-    graph = eight_bit_bias_add(lambda dequantize: None)
-    arguments = f'min_max_log_file="{twenty_records_log(tmp_path)}"' + (f", {percentiles}" if percentiles else "")
-    transform = f"freeze_requantization_ranges({arguments})"
-    frozen = nodes_by_name(TransformGraph(graph, [], ["dequantize_op"], [transform]))
-    values = tuple(float(tensor_util.MakeNdarray(frozen[f"requantization_range_op/frozen_{k}"].attr["value"].tensor))
-                   for k in ("min", "max"))
-    assert values == expected
-    if have_oracle():
-        oracle = nodes_by_name(oracle_transform(graph, [], ["dequantize_op"], [transform]))
-        assert oracle["requantization_range_op/frozen_min"] == frozen["requantization_range_op/frozen_min"]
-        assert oracle["requantization_range_op/frozen_max"] == frozen["requantization_range_op/frozen_max"]
-
-
-def test_out_of_range_percentiles_are_clamped(tmp_path):
-    graph = eight_bit_bias_add(lambda dequantize: None)
-    transform = (f'freeze_requantization_ranges(min_max_log_file="{twenty_records_log(tmp_path)}", '
-                 "min_percentile=100, max_percentile=100)")
-    frozen = nodes_by_name(TransformGraph(graph, [], ["dequantize_op"], [transform]))
-    assert tensor_util.MakeNdarray(frozen["requantization_range_op/frozen_min"].attr["value"].tensor) == -1.0
-    assert tensor_util.MakeNdarray(frozen["requantization_range_op/frozen_max"].attr["value"].tensor) == 1.0
-
-
-def test_control_inputs_on_the_range_op_move_to_frozen_min(tmp_path):
-    def tail(dequantize):
-        with tf.control_dependencies([dequantize.op.graph.get_operation_by_name("requantization_range_op")]):
-            tf.raw_ops.NoOp(name="after_range")
-
-    graph = eight_bit_bias_add(tail)
-    transform = f'freeze_requantization_ranges(min_max_log_file="{write_log(tmp_path, REQUANT_LOG)}")'
-    frozen = TransformGraph(graph, [], ["dequantize_op", "after_range"], [transform])
-    assert list(nodes_by_name(frozen)["after_range"].input) == ["^requantization_range_op/frozen_min"]
-
-
-@pytest.mark.parametrize(
-    ("log_text", "arguments", "message"),
-    [
-        (None, "", "you must pass a file name to min_max_log_file"),
-        (None, 'min_max_log_file="/nonexistent/min_max.log"',
-         "cannot read min_max_log_file '/nonexistent/min_max.log'"),
-        ("nothing to see\n", "LOG", "no min/max range logs were found"),
-        (";missing_op__print__;__requant_min_max:[1][2]\n", "LOG", "not in the graph: missing_op"),
-        (";requantize_op__print__;__requant_min_max:[1][2]\n", "LOG",
-         "node 'requantize_op' is a Requantize, expected a RequantizationRange"),
-        (REQUANT_LOG, "LOG, min_percentile=low", "min_percentile='low' is not a number"),
-    ],
-    ids=["no_file_name", "missing_file", "no_records", "unknown_node", "wrong_op", "bad_percentile"],
-)
-def test_freeze_requantization_ranges_errors(tmp_path, log_text, arguments, message):
-    graph = eight_bit_bias_add(lambda dequantize: None)
-    if log_text is not None:
-        arguments = arguments.replace("LOG", f'min_max_log_file="{write_log(tmp_path, log_text)}"')
-    with pytest.raises(TransformError, match=f"freeze_requantization_ranges: .*{message}"):
-        TransformGraph(graph, [], ["dequantize_op"], [f"freeze_requantization_ranges({arguments})"])

@@ -1,18 +1,17 @@
-"""Eight-bit inference transforms: quantize_nodes (float ops become Quantized* ops between
-QuantizeV2 and Dequantize nodes) and freeze_requantization_ranges (logged ranges replace the
-run-time RequantizationRange ops).
+"""quantize_nodes: float ops become their eight-bit Quantized* versions between QuantizeV2 and
+Dequantize nodes.
 
-The node names and stages follow the C++ tool, so graphs and logs made for it still fit.
+The node names and stages follow the C++ tool, so graphs and logs made for it still fit. This
+module holds the op table, the transform and its op rewrite (stage 4); the stages around it are
+in _eightbit.py.
 """
 
 from __future__ import annotations
 
-import copy
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
-from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2, types_pb2
+from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2
 from tensorflow.python.framework import op_def_registry
 
 from ..context import TransformContext
@@ -20,21 +19,28 @@ from ..errors import TransformError
 from ..graph_utils import (
     NodeMatch,
     OpTypePattern,
-    data_inputs,
     find_invalid_inputs,
     make_node,
-    new_graph_like,
-    node_name_from_input,
     parse_input,
-    pattern,
-    rename_node_inputs,
     replace_matching_op_types,
 )
 from ..registry import get_transform, register
+from ._eightbit import (
+    FLOAT,
+    INT32,
+    QINT32,
+    QUINT8,
+    _attr,
+    _dequantize,
+    _float_scalar,
+    _three_outputs,
+    fake_quants_to_requantize,
+    hoist_fake_quants,
+    merge_adjacent_requantizes,
+    quantize_placeholders,
+    remove_redundant_quantizations,
+)
 from .weights import content_const
-
-QUINT8, QINT32 = types_pb2.DT_QUINT8, types_pb2.DT_QINT32
-FLOAT, INT32 = types_pb2.DT_FLOAT, types_pb2.DT_INT32
 
 
 @dataclass(frozen=True)
@@ -89,10 +95,6 @@ QUANTIZED_OPS: dict[str, QuantizedOpInfo] = {
     )
 }
 
-# Ops a FakeQuant may be hoisted through: they keep values inside the range the FakeQuant
-# records (the C++ tool hoisted through any one-input op, Sigmoid and Softmax included).
-HOISTABLE_OPS = ("Relu", "Relu6", "MaxPool", "AvgPool", "Identity")
-
 
 def _float_param_pair(context: TransformContext, min_name: str, max_name: str) -> tuple[float, float] | None:
     has_min, has_max = context.has(min_name), context.has(max_name)
@@ -101,10 +103,6 @@ def _float_param_pair(context: TransformContext, min_name: str, max_name: str) -
     if not (has_min and has_max):
         raise TransformError(f"quantize_nodes: you must pass both {min_name} and {max_name}")
     return context.get_float(min_name, 0.0), context.get_float(max_name, 0.0)
-
-
-def _float_scalar(name: str, value: float) -> node_def_pb2.NodeDef:
-    return content_const(name, np.float32(value), FLOAT)
 
 
 def _check_valid(graph_def: graph_pb2.GraphDef, stage: str) -> graph_pb2.GraphDef:
@@ -175,110 +173,8 @@ def quantize_nodes(graph_def: graph_pb2.GraphDef, context: TransformContext) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 1: placeholders
-# ---------------------------------------------------------------------------------------------
-
-
-def quantize_placeholders(graph_def: graph_pb2.GraphDef, input_range: tuple[float, float] | None):
-    """Stage 1: float Placeholders become quint8, read through ``<p>_eightbit/dequantize``."""
-    if input_range is None:
-        return graph_def
-    renames: dict[str, str] = {}
-    nodes = []
-    for node in graph_def.node:
-        if node.op != "Placeholder" or _attr(node, "dtype").type != FLOAT:
-            nodes.append(node)
-            continue
-        prefix = f"{node.name}_eightbit"
-        placeholder = copy.deepcopy(node)
-        placeholder.attr["dtype"].type = QUINT8
-        dequantize = make_node(
-            "Dequantize", f"{prefix}/dequantize", [node.name, f"{prefix}/min", f"{prefix}/max"],
-            {"T": QUINT8, "mode": "MIN_FIRST"},
-        )
-        nodes += [placeholder, _float_scalar(f"{prefix}/min", input_range[0]),
-                  _float_scalar(f"{prefix}/max", input_range[1]), dequantize]
-        renames[node.name] = dequantize.name
-    if not renames:
-        return graph_def
-    result = new_graph_like(graph_def, nodes)
-    for node in result.node:
-        for index, input_string in enumerate(node.input):
-            is_control, name, port = parse_input(input_string)
-            if not is_control and port == 0 and name in renames and node.name != renames[name]:
-                node.input[index] = renames[name]
-    return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Stages 2 and 3: FakeQuantWithMinMaxVars
-# ---------------------------------------------------------------------------------------------
-
-
-def hoist_fake_quants(graph_def: graph_pb2.GraphDef) -> graph_pb2.GraphDef:
-    """Stage 2: move FakeQuants up chains of 3, 2, then 1 range-preserving ops."""
-    current = graph_def
-    for depth in (3, 2, 1):
-        chain = pattern("*")
-        for _ in range(depth):
-            chain = pattern("|".join(HOISTABLE_OPS), chain)
-        fake_quant_pattern = pattern("FakeQuantWithMinMaxVars", chain, pattern("Const"), pattern("Const"))
-
-        def hoist(match: NodeMatch, _inputs: set[str], _outputs: set[str], depth=depth) -> list:
-            fake_quant = match.node
-            linear, current_match = [], match
-            for _ in range(depth + 1):
-                current_match = current_match.inputs[0]
-                linear.append(copy.deepcopy(current_match.node))
-            hoisted = copy.deepcopy(fake_quant)
-            hoisted.name = f"{fake_quant.name}_hoisted"
-            hoisted.input[0] = linear[-2].input[0]
-            linear[-2].input[0] = hoisted.name
-            linear[0].name = fake_quant.name
-            return [hoisted, match.inputs[1].node, match.inputs[2].node, *linear]
-
-        current, _ = replace_matching_op_types(current, fake_quant_pattern, hoist)
-    return current
-
-
-def fake_quants_to_requantize(graph_def: graph_pb2.GraphDef) -> graph_pb2.GraphDef:
-    """Stage 3: FakeQuant -> QuantizeV2 (qint32) -> Requantize to its range -> Dequantize."""
-
-    def convert(match: NodeMatch, _inputs: set[str], _outputs: set[str]) -> list:
-        fake_quant = match.node
-        original, low, high = (m.node for m in match.inputs)
-        prefix = f"{fake_quant.name}_eightbit"
-        quantize = make_node(
-            "QuantizeV2", f"{prefix}/quantize", [fake_quant.input[0], low.name, high.name],
-            {"T": QINT32, "mode": "MIN_FIRST"},
-        )
-        requantize = make_node(
-            "Requantize", f"{prefix}/requantize", [*_three_outputs(quantize.name), low.name, high.name],
-            {"Tinput": QINT32, "out_type": QUINT8},
-        )
-        dequantize = _dequantize(fake_quant.name, requantize.name)
-        return [original, low, high, quantize, requantize, dequantize]
-
-    fake_quant_pattern = pattern("FakeQuantWithMinMaxVars", pattern("*"), pattern("Const"), pattern("Const"))
-    return replace_matching_op_types(graph_def, fake_quant_pattern, convert)[0]
-
-
-def _three_outputs(name: str) -> list[str]:
-    return [f"{name}:0", f"{name}:1", f"{name}:2"]
-
-
-def _dequantize(name: str, eight_bit: str) -> node_def_pb2.NodeDef:
-    return make_node("Dequantize", name, _three_outputs(eight_bit), {"T": QUINT8, "mode": "MIN_FIRST"})
-
-
-# ---------------------------------------------------------------------------------------------
 # Stage 4: the op rewrite
 # ---------------------------------------------------------------------------------------------
-
-
-def _attr(node: node_def_pb2.NodeDef, key: str) -> attr_value_pb2.AttrValue:
-    """An attr's value, or an empty AttrValue (reading ``node.attr[key]`` would add the key)."""
-    return node.attr[key] if key in node.attr else attr_value_pb2.AttrValue()
 
 
 def _arg_types(node: node_def_pb2.NodeDef, op_def, args) -> list[int]:
@@ -404,172 +300,3 @@ def quantize_ops(graph_def, op_infos: dict[str, QuantizedOpInfo], fallback_range
         return new_nodes
 
     return replace_matching_op_types(graph_def, OpTypePattern("|".join(op_infos)), quantize)[0]
-
-
-# ---------------------------------------------------------------------------------------------
-# Stages 5 and 7: cleaning up conversions between adjacent eight-bit ops
-# ---------------------------------------------------------------------------------------------
-
-
-def merge_adjacent_requantizes(graph_def: graph_pb2.GraphDef) -> graph_pb2.GraphDef:
-    """Stage 5: a dynamic Requantize followed by a FakeQuant's constant one becomes the latter."""
-    inner = pattern("Requantize", pattern("*"), pattern("*"), pattern("*"),
-                    pattern("RequantizationRange"), pattern("RequantizationRange"))
-    dequantize = pattern("Dequantize", inner, pattern("Requantize"), pattern("Requantize"))
-    quantize = pattern("QuantizeV2", dequantize, pattern("Const"), pattern("Const"))
-    outer = pattern("Requantize", quantize, pattern("QuantizeV2"), pattern("QuantizeV2"),
-                    pattern("Const"), pattern("Const"))
-
-    def merge(match: NodeMatch, _inputs: set[str], _outputs: set[str]) -> list:
-        original = match.inputs[0].inputs[0].inputs[0].inputs[0].node
-        low, high = match.inputs[3].node, match.inputs[4].node
-        requantize = copy.deepcopy(match.node)
-        del requantize.input[:]
-        requantize.input.extend([*_three_outputs(original.name), low.name, high.name])
-        return [original, low, high, requantize]
-
-    return replace_matching_op_types(graph_def, outer, merge)[0]
-
-
-def remove_redundant_quantizations(graph_def: graph_pb2.GraphDef, output_names: list[str]):
-    """Stage 7: readers of QuantizeV2(Dequantize(q, min, max), Min, Max) read q, min, max."""
-    graph_outputs = {node_name_from_input(name) for name in output_names}
-    renames: dict[str, str] = {}
-
-    def remove(match: NodeMatch, _inputs: set[str], outputs: set[str]) -> list:
-        quantize, dequantize = match.node, match.inputs[0].node
-        per_channel = "axis" in dequantize.attr and dequantize.attr["axis"].i != -1
-        same_type = _attr(dequantize, "T").type == _attr(quantize, "T").type
-        if per_channel or not same_type or len(data_inputs(dequantize)) != 3:
-            return match.all_nodes()
-        for port in range(3):
-            renames[f"{quantize.name}:{port}"] = dequantize.input[port]
-        # The float value is still read elsewhere: keep it (the renames rewire the eight-bit ops).
-        if dequantize.name in outputs or dequantize.name in graph_outputs:
-            return match.all_nodes()
-        return []
-
-    redundant = pattern("QuantizeV2", pattern("Dequantize"), pattern("Min"), pattern("Max"))
-    replaced, _ = replace_matching_op_types(graph_def, redundant, remove, allow_inconsistencies=True)
-    return rename_node_inputs(replaced, renames) if renames else replaced
-
-
-# ---------------------------------------------------------------------------------------------
-# freeze_requantization_ranges
-# ---------------------------------------------------------------------------------------------
-
-_PRINT_SUFFIX = "__print__"
-_REQUANT_PREFIX = "__requant_min_max:"
-# What strtof accepts as a whole field (Python's float() also takes "1_0", which it must not).
-_FLOAT_TEXT = re.compile(
-    r"\s*[+-]?(\d+\.?\d*(e[+-]?\d+)?|\.\d+(e[+-]?\d+)?|inf(inity)?|nan)\s*", re.IGNORECASE
-)
-
-
-def parse_min_max_log(text: str) -> list[tuple[str, float, float]]:
-    """(node name, min, max) records from ``insert_logging`` output; other lines are skipped.
-
-    A record line holds ``...;<name>__print__;__requant_min_max:[<min>][<max>]...``: the last
-    ``;``-field starting with the prefix must split on ``[`` into exactly the prefix and two
-    ``<number>]<rest>`` parts, and the field before it must end in ``__print__``.
-    """
-    records = []
-    for line in text.split("\n"):
-        if f"{_PRINT_SUFFIX};{_REQUANT_PREFIX}" not in line:
-            continue
-        fields = line.split(";")
-        found = [i for i in range(1, len(fields)) if fields[i].startswith(_REQUANT_PREFIX)]
-        if not found:
-            continue
-        index = found[-1]
-        parts = fields[index].split("[")
-        if len(parts) != 3 or parts[0] != _REQUANT_PREFIX:
-            continue
-        numbers = [part.split("]") for part in parts[1:]]
-        if any(len(pieces) != 2 or not _FLOAT_TEXT.fullmatch(pieces[0]) for pieces in numbers):
-            continue
-        name_field = fields[index - 1]
-        if not name_field.endswith(_PRINT_SUFFIX):
-            continue
-        low, high = (float(np.float32(float(pieces[0]))) for pieces in numbers)
-        records.append((name_field[: -len(_PRINT_SUFFIX)], low, high))
-    return records
-
-
-def _percentile_range(mins: list[float], maxes: list[float], min_percentile: float, max_percentile: float):
-    """mins[round(n * min%/100)] and maxes[round(n * (1 - max%/100))], in float32 like upstream."""
-    count, hundred = np.float32(len(mins)), np.float32(100.0)
-    min_index = np.float32(count * np.float32(np.float32(min_percentile) / hundred))
-    max_index = np.float32(count * np.float32(np.float32(1.0) - np.float32(max_percentile) / hundred))
-    # Clamped at both ends (upstream clamped the min index only below, the max only above).
-    low = int(np.clip(np.sign(min_index) * np.floor(abs(min_index) + 0.5), 0, len(mins) - 1))
-    high = int(np.clip(np.sign(max_index) * np.floor(abs(max_index) + 0.5), 0, len(maxes) - 1))
-    return sorted(mins)[low], sorted(maxes)[high]
-
-
-@register("freeze_requantization_ranges", params=("min_max_log_file", "min_percentile", "max_percentile"))
-def freeze_requantization_ranges(
-    graph_def: graph_pb2.GraphDef, context: TransformContext
-) -> graph_pb2.GraphDef:
-    """Replace RequantizationRange ops by Consts holding the ranges logged for them.
-
-    Matches: ``RequantizationRange`` nodes named in the log (a graph run after
-    ``insert_logging(op=RequantizationRange, show_name=true, message="__requant_min_max:")``).
-    Produces: float scalar Consts ``<name>/frozen_min`` and ``<name>/frozen_max``; readers of
-    ``<name>:0`` / ``<name>:1`` read them instead. Per node, with n records, the min is the
-    sorted mins' element round(n * min_percentile / 100) and the max the sorted maxes'
-    element round(n * (1 - max_percentile / 100)), both clamped to the list.
-    Params: ``min_max_log_file`` (required), ``min_percentile`` (5), ``max_percentile`` (5).
-    Errors: no file name, an unreadable file, a log without records, a logged name missing
-    from the graph, a logged node that is not a RequantizationRange.
-    Differs from the C++ tool: indexes are clamped at both ends (an out-of-range percentile
-    read past the list upstream); a control input ``^<name>`` moves to ``^<name>/frozen_min``
-    instead of dangling.
-    """
-    log_file = context.get_string("min_max_log_file", "")
-    if not log_file:
-        raise TransformError("freeze_requantization_ranges: you must pass a file name to min_max_log_file")
-    min_percentile = context.get_float("min_percentile", 5.0)
-    max_percentile = context.get_float("max_percentile", 5.0)
-    try:
-        with open(log_file, encoding="utf-8", errors="replace") as handle:
-            records = parse_min_max_log(handle.read())
-    except OSError as error:
-        raise TransformError(f"freeze_requantization_ranges: cannot read min_max_log_file '{log_file}': "
-                             f"{error.strerror}") from None
-    if not records:
-        raise TransformError(
-            f"freeze_requantization_ranges: no min/max range logs were found in '{log_file}'"
-        )
-    by_node: dict[str, tuple[list[float], list[float]]] = {}
-    for name, low, high in records:
-        mins, maxes = by_node.setdefault(name, ([], []))
-        mins.append(low)
-        maxes.append(high)
-    present = {node.name: node for node in graph_def.node}
-    missing = sorted(name for name in by_node if name not in present)
-    if missing:
-        raise TransformError(
-            f"freeze_requantization_ranges: nodes in the log are not in the graph: {', '.join(missing)}"
-        )
-    nodes, renames = [], {}
-    for node in graph_def.node:
-        if node.name not in by_node:
-            nodes.append(node)
-            continue
-        if node.op != "RequantizationRange":
-            raise TransformError(
-                f"freeze_requantization_ranges: node '{node.name}' is a {node.op}, "
-                "expected a RequantizationRange"
-            )
-        low, high = _percentile_range(*by_node[node.name], min_percentile, max_percentile)
-        nodes += [_float_scalar(f"{node.name}/frozen_min", low),
-                  _float_scalar(f"{node.name}/frozen_max", high)]
-        renames[f"{node.name}:0"] = f"{node.name}/frozen_min:0"
-        renames[f"{node.name}:1"] = f"{node.name}/frozen_max:0"
-    result = rename_node_inputs(new_graph_like(graph_def, nodes), renames)
-    for node in result.node:
-        for index, input_string in enumerate(node.input):
-            if input_string.startswith("^") and input_string[1:] in by_node:
-                node.input[index] = f"^{input_string[1:]}/frozen_min"
-    return result
