@@ -25,6 +25,24 @@ def graph_from_text(text: str) -> graph_pb2.GraphDef:
     return text_format.Parse(text, graph_pb2.GraphDef())
 
 
+def const_text(name: str, values=(1.0, 2.0), dtype: str = "DT_FLOAT", device: str = "") -> str:
+    """A 1-D Const node in GraphDef text format, for building graphs with ``graph_from_text``."""
+    floats = " ".join(f"float_val: {v}" for v in values)
+    return f"""node {{ name: "{name}" op: "Const" device: "{device}"
+      attr {{ key: "dtype" value {{ type: {dtype} }} }}
+      attr {{ key: "value" value {{ tensor {{ dtype: {dtype}
+        tensor_shape {{ dim {{ size: {len(values)} }} }} {floats} }} }} }} }}
+    """
+
+
+def op_text(name: str, op_type: str, *inputs: str, extra: str = "", device: str = "") -> str:
+    """A float op node (attr T) in GraphDef text format; ``extra`` holds more attrs."""
+    inputs_text = " ".join(f'input: "{i}"' for i in inputs)
+    return f"""node {{ name: "{name}" op: "{op_type}" device: "{device}" {inputs_text}
+      attr {{ key: "T" value {{ type: DT_FLOAT }} }} {extra} }}
+    """
+
+
 def ops_by_name(graph_def: graph_pb2.GraphDef) -> dict[str, str]:
     return {node.name: node.op for node in graph_def.node}
 
@@ -187,18 +205,34 @@ def eight_bit_bias_add(make_tail):
 
     def make_ops():
         bias_add = tf.raw_ops.QuantizedBiasAdd(
-            input=quantized_const("quantized_op", [0] * 6, (1, 6)), bias=quantized_const("offset_op", range(1, 7)),
-            min_input=const("quantized_min_op", 2.0, ()), max_input=const("quantized_max_op", 2.0, ()),
-            min_bias=const("offset_min_op", 0.0, ()), max_bias=const("offset_max_op", 255.0, ()),
-            out_type=tf.qint32, name="bias_add_op",
+            input=quantized_const("quantized_op", [0] * 6, (1, 6)),
+            bias=quantized_const("offset_op", range(1, 7)),
+            min_input=const("quantized_min_op", 2.0, ()),
+            max_input=const("quantized_max_op", 2.0, ()),
+            min_bias=const("offset_min_op", 0.0, ()),
+            max_bias=const("offset_max_op", 255.0, ()),
+            out_type=tf.qint32,
+            name="bias_add_op",
         )
         requant_range = tf.raw_ops.RequantizationRange(
-            input=bias_add[0], input_min=bias_add[1], input_max=bias_add[2], name="requantization_range_op")
+            input=bias_add[0], input_min=bias_add[1], input_max=bias_add[2], name="requantization_range_op"
+        )
         requantize = tf.raw_ops.Requantize(
-            input=bias_add[0], input_min=bias_add[1], input_max=bias_add[2], requested_output_min=requant_range[0],
-            requested_output_max=requant_range[1], out_type=tf.quint8, name="requantize_op")
-        dequantize = tf.raw_ops.Dequantize(input=requantize[0], min_range=requantize[1], max_range=requantize[2],
-                                           mode="MIN_FIRST", name="dequantize_op")
+            input=bias_add[0],
+            input_min=bias_add[1],
+            input_max=bias_add[2],
+            requested_output_min=requant_range[0],
+            requested_output_max=requant_range[1],
+            out_type=tf.quint8,
+            name="requantize_op",
+        )
+        dequantize = tf.raw_ops.Dequantize(
+            input=requantize[0],
+            min_range=requantize[1],
+            max_range=requantize[2],
+            mode="MIN_FIRST",
+            name="dequantize_op",
+        )
         make_tail(dequantize)
 
     return build(make_ops)

@@ -4,6 +4,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from graph_helpers import (
+    const_text as const,
+)
+from graph_helpers import (
     graph_from_text,
     nodes_by_name,
     op_counts,
@@ -12,23 +15,11 @@ from graph_helpers import (
     requires_oracle,
     run_graph,
 )
+from graph_helpers import (
+    op_text as op,
+)
 
 from serving_optimiser.graph_transforms import TransformError, TransformGraph
-
-
-def const(name: str, values) -> str:
-    floats = " ".join(f"float_val: {v}" for v in values)
-    return f"""node {{ name: "{name}" op: "Const" attr {{ key: "dtype" value {{ type: DT_FLOAT }} }}
-      attr {{ key: "value" value {{ tensor {{ dtype: DT_FLOAT tensor_shape {{ dim {{ size: {len(values)} }} }}
-        {floats} }} }} }} }}
-    """
-
-
-def op(name: str, op_type: str, *inputs: str) -> str:
-    inputs_text = " ".join(f'input: "{i}"' for i in inputs)
-    return f"""node {{ name: "{name}" op: "{op_type}" {inputs_text} attr {{ key: "T" value {{ type: DT_FLOAT }} }} }}
-    """
-
 
 TEN = [float(v) for v in range(1, 11)]
 GRAPH = graph_from_text(

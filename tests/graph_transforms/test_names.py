@@ -2,25 +2,12 @@
 
 import numpy as np
 import pytest
+from graph_helpers import const_text as const
 from graph_helpers import graph_from_text, nodes_by_name, ours_and_oracle, requires_oracle, run_graph
+from graph_helpers import op_text as op
 
 from serving_optimiser.graph_transforms import TransformError, TransformGraph
 from serving_optimiser.graph_transforms.transforms.names import base62
-
-
-def const(name: str, values=(1.0, 2.0)) -> str:
-    floats = " ".join(f"float_val: {v}" for v in values)
-    return f"""node {{ name: "{name}" op: "Const" attr {{ key: "dtype" value {{ type: DT_FLOAT }} }}
-      attr {{ key: "value" value {{ tensor {{ dtype: DT_FLOAT tensor_shape {{ dim {{ size: {len(values)} }} }}
-        {floats} }} }} }} }}
-    """
-
-
-def op(name: str, op_type: str, *inputs: str) -> str:
-    inputs_text = " ".join(f'input: "{i}"' for i in inputs)
-    return f"""node {{ name: "{name}" op: "{op_type}" {inputs_text} attr {{ key: "T" value {{ type: DT_FLOAT }} }} }}
-    """
-
 
 TREE = graph_from_text(
     op("add_node1", "Add", "add_node2", "add_node3")

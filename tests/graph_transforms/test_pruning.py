@@ -3,6 +3,9 @@
 import numpy as np
 import pytest
 from graph_helpers import (
+    const_text as const,
+)
+from graph_helpers import (
     graph_from_text,
     nodes_by_name,
     ops_by_name,
@@ -10,25 +13,11 @@ from graph_helpers import (
     requires_oracle,
     run_graph,
 )
+from graph_helpers import (
+    op_text as op,
+)
 
 from serving_optimiser.graph_transforms import TransformError, TransformGraph
-
-
-def const(name: str, values=(1.0, 2.0), dtype="DT_FLOAT") -> str:
-    floats = " ".join(f"float_val: {v}" for v in values)
-    return f"""node {{ name: "{name}" op: "Const"
-      attr {{ key: "dtype" value {{ type: {dtype} }} }}
-      attr {{ key: "value" value {{ tensor {{ dtype: {dtype}
-        tensor_shape {{ dim {{ size: {len(values)} }} }} {floats} }} }} }} }}
-    """
-
-
-def op(name: str, op_type: str, *inputs: str) -> str:
-    inputs_text = " ".join(f'input: "{i}"' for i in inputs)
-    return f"""node {{ name: "{name}" op: "{op_type}" {inputs_text}
-      attr {{ key: "T" value {{ type: DT_FLOAT }} }} }}
-    """
-
 
 IDENTITY_TREE = graph_from_text(
     const("const_node1", (1.0, 2.0))
