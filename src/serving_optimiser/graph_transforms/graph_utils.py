@@ -111,9 +111,7 @@ def copy_graph(graph_def: graph_pb2.GraphDef) -> graph_pb2.GraphDef:
     return result
 
 
-def filter_nodes(
-    graph_def: graph_pb2.GraphDef, keep: Callable[[node_def_pb2.NodeDef], bool]
-) -> graph_pb2.GraphDef:
+def filter_nodes(graph_def: graph_pb2.GraphDef, keep: Callable[[node_def_pb2.NodeDef], bool]) -> graph_pb2.GraphDef:
     return new_graph_like(graph_def, (node for node in graph_def.node if keep(node)))
 
 
@@ -170,9 +168,34 @@ def make_node(
 
 
 DTYPE_ATTRS = frozenset(
-    {"T", "dtype", "DstT", "SrcT", "Tidx", "Tinput", "Tfilter", "out_type", "Toutput", "T1", "T2",
-     "Tpaddings", "Tshape", "Tblock_shape", "Tcrops", "U", "Tkey", "Tval", "Tin", "Tout",
-     "Tactivation", "Tindices", "Tparams", "Taxis", "Tmultiples", "TI"}
+    {
+        "T",
+        "dtype",
+        "DstT",
+        "SrcT",
+        "Tidx",
+        "Tinput",
+        "Tfilter",
+        "out_type",
+        "Toutput",
+        "T1",
+        "T2",
+        "Tpaddings",
+        "Tshape",
+        "Tblock_shape",
+        "Tcrops",
+        "U",
+        "Tkey",
+        "Tval",
+        "Tin",
+        "Tout",
+        "Tactivation",
+        "Tindices",
+        "Tparams",
+        "Taxis",
+        "Tmultiples",
+        "TI",
+    }
 )
 
 
@@ -384,9 +407,7 @@ def replace_matching_op_types(
             continue
         match_nodes = {n.name: n for n in match.all_nodes()}
         input_nodes = {
-            n.name
-            for n in match_nodes.values()
-            if any(node_name_from_input(i) not in match_nodes for i in n.input)
+            n.name for n in match_nodes.values() if any(node_name_from_input(i) not in match_nodes for i in n.input)
         }
         output_nodes = {
             name
@@ -430,7 +451,7 @@ def rename_node_inputs(
                 for source, target in by_node.get(name, []):
                     if source.endswith(":*"):
                         prefix = "^" if is_control else ""
-                        suffix = current[len(prefix) + len(name):]
+                        suffix = current[len(prefix) + len(name) :]
                         replacement = f"{prefix}{target}{suffix}"
                         break
                     if canonical_input_name(source) == canonical_input_name(current):
@@ -448,12 +469,10 @@ def rename_node_inputs(
     return result
 
 
-def remove_unreachable(
-    graph_def: graph_pb2.GraphDef, outputs: Iterable[str], keep: Iterable[str] = ()
-) -> graph_pb2.GraphDef:
-    """Keep only nodes the outputs (or ``keep`` names) reach, through data and control inputs."""
-    nodes = node_map(graph_def)
-    pending = [node_name_from_input(o) for o in outputs] + list(keep)
+def reachable_names(nodes: dict[str, node_def_pb2.NodeDef], roots: Iterable[str]) -> set[str]:
+    """Names of the nodes ``roots`` (names or input strings) reach through data and control
+    inputs, roots included; names missing from ``nodes`` are skipped."""
+    pending = [node_name_from_input(root) for root in roots]
     reachable: set[str] = set()
     while pending:
         name = pending.pop()
@@ -461,6 +480,14 @@ def remove_unreachable(
             continue
         reachable.add(name)
         pending.extend(node_name_from_input(i) for i in nodes[name].input)
+    return reachable
+
+
+def remove_unreachable(
+    graph_def: graph_pb2.GraphDef, outputs: Iterable[str], keep: Iterable[str] = ()
+) -> graph_pb2.GraphDef:
+    """Keep only nodes the outputs (or ``keep`` names) reach, through data and control inputs."""
+    reachable = reachable_names(node_map(graph_def), [*outputs, *keep])
     return filter_nodes(graph_def, lambda node: node.name in reachable)
 
 
@@ -471,9 +498,7 @@ def remove_unreachable(
 COLOCATION_PREFIX = b"loc:@"
 
 
-def fix_colocation_attrs(
-    graph_def: graph_pb2.GraphDef, renames: dict[str, str] | None = None
-) -> graph_pb2.GraphDef:
+def fix_colocation_attrs(graph_def: graph_pb2.GraphDef, renames: dict[str, str] | None = None) -> graph_pb2.GraphDef:
     """Keep every ``_class`` colocation entry naming a node of the graph.
 
     TF 1 graphs pin nodes together with ``_class: ["loc:@<node>", ...]`` and
@@ -494,7 +519,7 @@ def fix_colocation_attrs(
         fixed: list[bytes] = []
         for entry in entries:
             if entry.startswith(COLOCATION_PREFIX):
-                target = entry[len(COLOCATION_PREFIX):]
+                target = entry[len(COLOCATION_PREFIX) :]
                 target = by_old.get(target, target)
                 if target not in names:
                     continue

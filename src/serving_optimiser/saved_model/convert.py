@@ -20,7 +20,7 @@ from tensorflow.core.framework import graph_pb2, tensor_shape_pb2, types_pb2, va
 from tensorflow.core.framework.attr_value_pb2 import AttrValue
 from tensorflow.core.protobuf import meta_graph_pb2
 
-from ..graph_transforms.graph_utils import copy_graph, make_node, node_map, parse_input
+from ..graph_transforms.graph_utils import copy_graph, make_node, node_map, parse_input, reachable_names
 from ._files import atomic_directory
 from ._surgery import unique_name
 from .errors import SavedModelError
@@ -157,18 +157,6 @@ def _const_source(nodes: dict, input_string: str):
         input_string = node.input[0]
 
 
-def _ancestors(nodes: dict, roots) -> set[str]:
-    seen: set[str] = set()
-    pending = list(roots)
-    while pending:
-        name = pending.pop()
-        if name in seen or name not in nodes:
-            continue
-        seen.add(name)
-        pending.extend(parse_input(i)[1] for i in nodes[name].input)
-    return seen
-
-
 def cache_dequantized_weights(graph_def: graph_pb2.GraphDef, init_node_names=()):
     """Route each constant Dequantize through a float variable assigned once at load time.
 
@@ -178,7 +166,7 @@ def cache_dequantized_weights(graph_def: graph_pb2.GraphDef, init_node_names=())
     ``<w>`` reads instead. Returns (graph, tensor renames, VariableDefs).
     """
     nodes = node_map(graph_def)
-    feeds_init = _ancestors(nodes, init_node_names)
+    feeds_init = reachable_names(nodes, init_node_names)
     candidates = [
         node
         for node in graph_def.node

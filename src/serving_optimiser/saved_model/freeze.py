@@ -27,7 +27,13 @@ import numpy as np
 from tensorflow.core.framework import graph_pb2
 from tensorflow.core.framework.attr_value_pb2 import AttrValue
 
-from ..graph_transforms.graph_utils import make_const_node, make_node, node_map, node_name_from_input
+from ..graph_transforms.graph_utils import (
+    make_const_node,
+    make_node,
+    node_map,
+    node_name_from_input,
+    reachable_names,
+)
 from ._surgery import (
     canonical_function_names,
     drop_pure_control_edges,
@@ -168,15 +174,7 @@ def _freeze_tf1(where: str, tags: tuple[str, ...], declared: dict[str, Signature
 
 
 def _tables_read_by(nodes: dict, outputs: list[str]) -> list[str]:
-    seen: set[str] = set()
-    pending = list(outputs)
-    while pending:
-        name = pending.pop()
-        if name in seen or name not in nodes:
-            continue
-        seen.add(name)
-        pending.extend(node_name_from_input(i) for i in nodes[name].input)
-    return sorted(name for name in seen if nodes[name].op in TABLE_OPS)
+    return sorted(name for name in reachable_names(nodes, outputs) if nodes[name].op in TABLE_OPS)
 
 
 def _dtype_attr(node, key: str):
@@ -295,7 +293,7 @@ def _freeze_tf2_signature(where: str, function, signature: SignatureInfo):
                 )
     captured = {internal.op.name: external for external, internal in function.graph.captures}
     init_nodes: list[str] = []
-    resources = [t.op.name for t in frozen.inputs[len(arg_keys):]]
+    resources = [t.op.name for t in frozen.inputs[len(arg_keys) :]]
     if resources:
         graph_def, init_nodes = _rebuild_tables(where, key, graph_def, resources, captured)
     return graph_def, inputs, outputs, init_nodes

@@ -20,6 +20,7 @@ from pathlib import Path
 from tensorflow.core.framework import graph_pb2
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
+from ..graph_transforms.graph_utils import node_name_from_input, reachable_names
 from .errors import SavedModelError
 
 _READS = "reads files"
@@ -44,30 +45,72 @@ DENYLIST: dict[str, str] = {
     **{
         op: _READS
         for op in (
-            "WholeFileReader", "WholeFileReaderV2", "TextLineReader", "TextLineReaderV2",
-            "FixedLengthRecordReader", "FixedLengthRecordReaderV2", "TFRecordReader", "TFRecordReaderV2",
-            "LMDBReader", "TFRecordDataset", "TFRecordDatasetV2", "TextLineDataset",
-            "FixedLengthRecordDataset", "FixedLengthRecordDatasetV2", "CSVDataset", "CSVDatasetV2",
-            "ExperimentalCSVDataset", "LMDBDataset", "ExperimentalLMDBDataset", "LoadDataset",
+            "WholeFileReader",
+            "WholeFileReaderV2",
+            "TextLineReader",
+            "TextLineReaderV2",
+            "FixedLengthRecordReader",
+            "FixedLengthRecordReaderV2",
+            "TFRecordReader",
+            "TFRecordReaderV2",
+            "LMDBReader",
+            "TFRecordDataset",
+            "TFRecordDatasetV2",
+            "TextLineDataset",
+            "FixedLengthRecordDataset",
+            "FixedLengthRecordDatasetV2",
+            "CSVDataset",
+            "CSVDatasetV2",
+            "ExperimentalCSVDataset",
+            "LMDBDataset",
+            "ExperimentalLMDBDataset",
+            "LoadDataset",
         )
     },
     **{
         op: _WRITES
         for op in (
-            "SaveDataset", "SaveDatasetV2", "DatasetToTFRecord", "ExperimentalDatasetToTFRecord",
-            "SnapshotDataset", "SnapshotDatasetV2", "DistributedSave", "CreateSummaryFileWriter",
-            "CreateSummaryDbWriter", "WriteSummary", "WriteScalarSummary", "WriteHistogramSummary",
-            "WriteImageSummary", "WriteAudioSummary", "WriteGraphSummary", "WriteRawProtoSummary",
-            "ImportEvent", "FlushSummaryWriter", "CloseSummaryWriter", "StatsAggregatorSetSummaryWriter",
-            "DebugIdentity", "DebugIdentityV2", "DebugIdentityV3", "DebugNanCount", "DebugNumericSummary",
+            "SaveDataset",
+            "SaveDatasetV2",
+            "DatasetToTFRecord",
+            "ExperimentalDatasetToTFRecord",
+            "SnapshotDataset",
+            "SnapshotDatasetV2",
+            "DistributedSave",
+            "CreateSummaryFileWriter",
+            "CreateSummaryDbWriter",
+            "WriteSummary",
+            "WriteScalarSummary",
+            "WriteHistogramSummary",
+            "WriteImageSummary",
+            "WriteAudioSummary",
+            "WriteGraphSummary",
+            "WriteRawProtoSummary",
+            "ImportEvent",
+            "FlushSummaryWriter",
+            "CloseSummaryWriter",
+            "StatsAggregatorSetSummaryWriter",
+            "DebugIdentity",
+            "DebugIdentityV2",
+            "DebugIdentityV3",
+            "DebugNanCount",
+            "DebugNumericSummary",
         )
     },
     **{
         op: _NETWORK
         for op in (
-            "RpcServer", "RpcServerStart", "RpcServerRegister", "RpcClient", "RpcCall",
-            "DataServiceDataset", "DataServiceDatasetV2", "DataServiceDatasetV3", "DataServiceDatasetV4",
-            "RegisterDataset", "RegisterDatasetV2",
+            "RpcServer",
+            "RpcServerStart",
+            "RpcServerRegister",
+            "RpcClient",
+            "RpcCall",
+            "DataServiceDataset",
+            "DataServiceDatasetV2",
+            "DataServiceDatasetV3",
+            "DataServiceDatasetV4",
+            "RegisterDataset",
+            "RegisterDatasetV2",
         )
     },
 }
@@ -92,12 +135,6 @@ class UnsafeOp:
         return f"op {self.op} ({where}) {self.reason}"
 
 
-def _node_name(input_string: str) -> str:
-    name = input_string[1:] if input_string.startswith("^") else input_string
-    head, sep, tail = name.rpartition(":")
-    return head if sep and tail.isdigit() else name
-
-
 def _called_functions(node, library_names: set[str]) -> set[str]:
     """Library functions a NodeDef calls: its op itself, or func / list(func) attrs."""
     called = {node.op} & library_names
@@ -108,23 +145,11 @@ def _called_functions(node, library_names: set[str]) -> set[str]:
     return called & library_names
 
 
-def _ancestors(nodes: dict, roots: Iterable[str]) -> set[str]:
-    seen: set[str] = set()
-    pending = [r for r in roots if r in nodes]
-    while pending:
-        name = pending.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        pending.extend(_node_name(i) for i in nodes[name].input if _node_name(i) in nodes)
-    return seen
-
-
 def _sides(graph_def: graph_pb2.GraphDef, saver_def) -> dict[str, set[str]]:
     """For each top-level node: which of save / restore / other reaches it."""
     nodes = {node.name: node for node in graph_def.node}
-    save_side = _ancestors(nodes, [_node_name(saver_def.save_tensor_name)]) if saver_def else set()
-    restore_side = _ancestors(nodes, [_node_name(saver_def.restore_op_name)]) if saver_def else set()
+    save_side = reachable_names(nodes, [node_name_from_input(saver_def.save_tensor_name)]) if saver_def else set()
+    restore_side = reachable_names(nodes, [node_name_from_input(saver_def.restore_op_name)]) if saver_def else set()
     result = {}
     for name in nodes:
         sides = set()
@@ -168,10 +193,10 @@ def _verdict(op: str, sides: set[str]) -> str | None:
 
 
 def _asset_tensor_names(meta_graph: meta_graph_pb2.MetaGraphDef) -> set[str]:
-    names = {_node_name(a.tensor_info.name) for a in meta_graph.asset_file_def}
+    names = {node_name_from_input(a.tensor_info.name) for a in meta_graph.asset_file_def}
     collection = meta_graph.collection_def.get("asset_filepaths")
     if collection is not None:
-        names.update(_node_name(n) for n in collection.node_list.value)
+        names.update(node_name_from_input(n) for n in collection.node_list.value)
     return names
 
 
@@ -182,19 +207,17 @@ def _text_file_tables(graph_def: graph_pb2.GraphDef, assets: set[str]) -> list[U
     for node in graph_def.node:
         if node.op not in TEXT_FILE_TABLE_OPS or len(node.input) < 2:
             continue
-        source = _node_name(node.input[1])
+        source = node_name_from_input(node.input[1])
         while source in nodes and nodes[source].op == "Identity" and nodes[source].input:
             if source in assets:
                 break
-            source = _node_name(nodes[source].input[0])
+            source = node_name_from_input(nodes[source].input[0])
         if source not in assets:
             found.append(UnsafeOp(node.op, node.name, None, "reads a file that is not one of the SavedModel's assets"))
     return found
 
 
-def scan_graph(
-    graph_def: graph_pb2.GraphDef, saver_def=None, allow_ops: Iterable[str] = ()
-) -> list[UnsafeOp]:
+def scan_graph(graph_def: graph_pb2.GraphDef, saver_def=None, allow_ops: Iterable[str] = ()) -> list[UnsafeOp]:
     """Unsafe nodes of a GraphDef and its function library, top level first."""
     allowed = set(allow_ops)
     node_sides = _sides(graph_def, saver_def)
@@ -265,6 +288,4 @@ def refuse_unsafe_ops(findings: list[UnsafeOp], where: str) -> None:
     first = findings[0]
     more = f" (and {len(findings) - 1} more unsafe node(s))" if len(findings) > 1 else ""
     ops = ",".join(sorted({item.op for item in findings}))
-    raise SavedModelError(
-        f"{where}: refusing unsafe {first.describe()}{more}; allow it with --allow-ops {ops}"
-    )
+    raise SavedModelError(f"{where}: refusing unsafe {first.describe()}{more}; allow it with --allow-ops {ops}")

@@ -86,9 +86,7 @@ def _float_const_values(node: node_def_pb2.NodeDef, transform: str) -> np.ndarra
     try:
         values = tensor_util.MakeNdarray(node.attr["value"].tensor)
     except (TypeError, ValueError) as error:
-        raise TransformError(
-            f"{transform}: cannot decode the value of Const '{node.name}': {error}"
-        ) from None
+        raise TransformError(f"{transform}: cannot decode the value of Const '{node.name}': {error}") from None
     return np.asarray(values, dtype=np.float32)
 
 
@@ -125,6 +123,14 @@ def round_values(values: np.ndarray, num_steps: int) -> np.ndarray:
     return rounded.astype(np.float32).reshape(np.shape(values))
 
 
+def _weight_values(node, minimum_size: int, transform: str):
+    """The values of a float Const with at least ``minimum_size`` finite elements, else None."""
+    values = _float_const_values(node, transform) if node.op == "Const" else None
+    if values is None or values.size < minimum_size or not _finite_or_warn(values, node, transform):
+        return None
+    return values
+
+
 @register("round_weights", params=("num_steps",), on_functions=True)
 def round_weights(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Round every large float Const to ``num_steps`` evenly spaced levels, keeping it float.
@@ -145,12 +151,8 @@ def round_weights(graph_def: graph_pb2.GraphDef, context: TransformContext) -> g
         raise TransformError(f"round_weights: num_steps={num_steps} must be a positive integer")
     nodes = []
     for node in graph_def.node:
-        values = _float_const_values(node, "round_weights") if node.op == "Const" else None
-        if (
-            values is None
-            or values.size < ROUND_WEIGHTS_MIN_ELEMENTS
-            or not _finite_or_warn(values, node, "round_weights")
-        ):
+        values = _weight_values(node, ROUND_WEIGHTS_MIN_ELEMENTS, "round_weights")
+        if values is None:
             nodes.append(node)
             continue
         nodes.append(content_const(node.name, round_values(values, num_steps), types_pb2.DT_FLOAT, node))
@@ -187,9 +189,7 @@ def quantize_min_first(values: np.ndarray, low: float, high: float) -> np.ndarra
         return np.zeros(np.shape(values), dtype=np.uint8)
     value_range = np.float64(np.float32(high32 - low32)) * (256.0 / 255.0)
     scale = 256.0 / value_range
-    codes = _round_half_away(np.asarray(values, dtype=np.float64) * scale) - _round_half_away(
-        np.float64(low32) * scale
-    )
+    codes = _round_half_away(np.asarray(values, dtype=np.float64) * scale) - _round_half_away(np.float64(low32) * scale)
     return np.clip(codes, 0, 255).astype(np.uint8)
 
 
@@ -270,12 +270,8 @@ def quantize_weights(graph_def: graph_pb2.GraphDef, context: TransformContext) -
     _check_no_variables(graph_def)
     nodes = []
     for node in graph_def.node:
-        values = _float_const_values(node, "quantize_weights") if node.op == "Const" else None
-        if (
-            values is None
-            or values.size < minimum_size
-            or not _finite_or_warn(values, node, "quantize_weights")
-        ):
+        values = _weight_values(node, minimum_size, "quantize_weights")
+        if values is None:
             nodes.append(node)
             continue
         nodes.extend(_quantized_nodes(node, values, per_channel))
