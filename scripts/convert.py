@@ -8,8 +8,8 @@ from serving_optimiser.pipeline.stage import run_stage
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("variant", help="a key of the 'optimise' section of params.yaml")
-    parser.add_argument("--optimised-dir", default="models/optimised")
-    parser.add_argument("--out-dir", default="models/converted")
+    parser.add_argument("--optimised", required=True)
+    parser.add_argument("--out", required=True)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
 
@@ -18,11 +18,10 @@ def main(argv: list[str]) -> None:
 
     convert = section(load_params(args.params), "convert", args.params)
     dequantize_once = require(convert, "dequantize_once", bool, "convert", args.params)
-    out = f"{args.out_dir}/{args.variant}"
     convert_to_saved_model(
-        FrozenModel.load(f"{args.optimised_dir}/{args.variant}"), out, dequantize_once=dequantize_once
+        FrozenModel.load(args.optimised), args.out, dequantize_once=dequantize_once
     )
-    print(f"convert: {args.variant} -> {out}")
+    print(f"convert: {args.variant} -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Stage evaluate: sizes, latency, accuracy and fidelity of the exported model and every variant,
-written as DVC metrics (JSON), a CSV table and plot data; fails if a variant's class agreement
-falls below evaluate.min_class_agreement."""
+"""Stage evaluate@MODEL: accuracy, fidelity against the exported model, sizes and graph counts of
+one model, with pinned kernels so every figure is the same on any machine. For the exported model
+itself (MODEL=exported) it also writes the reference outputs every variant is compared to.
+Fails, naming the model, when a variant is under the gate (params.yaml: evaluate)."""
 
 import argparse
 from pathlib import Path
@@ -10,44 +11,58 @@ from serving_optimiser.pipeline.stage import run_stage
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--exported", default="models/exported")
-    parser.add_argument("--converted-dir", default="models/converted")
-    parser.add_argument("--eval", default="data/prepared/eval.csv")
-    parser.add_argument("--metrics", default="metrics/evaluate.json")
-    parser.add_argument("--table", default="metrics/models.csv")
-    parser.add_argument("--plots", default="metrics/plots.json")
+    parser.add_argument("model", help="'exported' or a key of the 'optimise' section of params.yaml")
+    parser.add_argument("--saved-model", required=True, type=Path)
+    parser.add_argument("--optimised", type=Path, help="the variant's optimised graph, to count its nodes")
+    parser.add_argument("--eval", required=True, type=Path)
+    parser.add_argument("--reference", type=Path, help="the exported model's outputs (.npz), for a variant")
+    parser.add_argument("--reference-details", type=Path, help="the exported model's figures, for a variant")
+    parser.add_argument("--out-reference", type=Path, help="where the exported model writes its outputs")
+    parser.add_argument("--out-metrics", required=True, type=Path)
+    parser.add_argument("--out-details", required=True, type=Path)
+    parser.add_argument("--out-signatures", required=True, type=Path)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
 
+    import json
+
     from serving_optimiser.errors import UserError
+    from serving_optimiser.pipeline import evaluate
     from serving_optimiser.pipeline.data import features_and_labels, read_iris_csv, sample_around
-    from serving_optimiser.pipeline.evaluate import EvaluateParams, evaluate_models, failing_variants
+    from serving_optimiser.pipeline.io import atomic_file, write_json
     from serving_optimiser.pipeline.params import load_params, require_list, section
-    from serving_optimiser.pipeline.report import write_reports
 
     params = load_params(args.params)
     vocabulary = require_list(section(params, "data", args.params), "label_vocabulary", str, "data", args.params)
-    variants = sorted(section(params, "optimise", args.params))
-    evaluate_params = EvaluateParams.from_section(section(params, "evaluate", args.params))
+    evaluate_params = evaluate.EvaluateParams.from_section(section(params, "evaluate", args.params))
+    is_reference = args.model == evaluate.REFERENCE
+    needed = ("out_reference",) if is_reference else ("reference", "reference_details")
+    for flag in needed:
+        if getattr(args, flag) is None:
+            parser.error(f"{args.model} needs --{flag.replace('_', '-')}")
+    if not is_reference and args.model not in section(params, "optimise", args.params):
+        raise UserError(f"{args.params}: no variant '{args.model}' in the 'optimise' section")
 
     frame = read_iris_csv(args.eval, vocabulary)
     features, labels = features_and_labels(frame, vocabulary)
-    batch = sample_around(frame, evaluate_params.batch_rows, evaluate_params.seed)
-    model_dirs = {"exported": Path(args.exported)} | {v: Path(args.converted_dir) / v for v in variants}
-    metrics = evaluate_models(model_dirs, features, labels, batch, evaluate_params)
-    write_reports(metrics, args.metrics, args.table, args.plots)
-    for name, m in metrics.items():
-        print(
-            f"evaluate: {name}: {m['size_total_bytes'] / 1024:.1f} KB ({m['size_total_ratio']:.3f}x), "
-            f"batch {m['latency_batch_ms_median']:.0f} ms ({m['latency_batch_ratio']:.3f}x), "
-            f"batch-1 p50 {m['latency_single_ms_p50']:.3f} ms ({m['latency_single_p50_ratio']:.3f}x), "
-            f"accuracy {m['eval_accuracy']:.3f}, agreement {m['batch_class_agreement']:.4f}"
-        )
-    failing = failing_variants(metrics, evaluate_params.min_class_agreement)
-    if failing:
-        raise UserError(
-            f"below evaluate.min_class_agreement={evaluate_params.min_class_agreement}: {', '.join(failing)}"
-        )
+    data = {"eval": features, "batch": sample_around(frame, evaluate_params.batch_rows, evaluate_params.seed)}
+    result = evaluate.evaluate_saved_model(
+        args.model, args.saved_model, data, labels, vocabulary, evaluate_params, args.optimised
+    )
+    if is_reference:
+        evaluate.save_outputs(args.out_reference, result.outputs)
+    else:
+        reference = json.loads(args.reference_details.read_text())
+        evaluate.compare(result, evaluate.load_outputs(args.reference), reference)
+        failures = evaluate.gate_failures(result.figures, evaluate_params)
+        if failures:
+            raise UserError(f"{args.model}: fails the gate: {'; '.join(failures)}")
+    write_json(args.out_details, evaluate.rounded(result.figures))
+    with atomic_file(args.out_signatures) as stream:
+        stream.write(evaluate.signature_dump(args.saved_model))
+    headline = evaluate.headline(result.figures)
+    write_json(args.out_metrics, headline)
+    print(f"evaluate: {args.model}: " + ", ".join(f"{key} {value}" for key, value in headline.items()))
 
 
 if __name__ == "__main__":

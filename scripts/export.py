@@ -7,8 +7,8 @@ from serving_optimiser.pipeline.stage import run_stage
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--weights", default="models/weights.npz")
-    parser.add_argument("--out", default="models/exported")
+    parser.add_argument("--weights", required=True)
+    parser.add_argument("--out", required=True)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
 

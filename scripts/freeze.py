@@ -8,9 +8,9 @@ from serving_optimiser.pipeline.stage import run_stage
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--saved-model", default="models/exported")
-    parser.add_argument("--out", default="models/frozen")
-    parser.add_argument("--summary", default="metrics/freeze.json")
+    parser.add_argument("--saved-model", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--out-summary", required=True)
     args = parser.parse_args(argv)
 
     from serving_optimiser.pipeline.describe import describe_graph, saved_model_graph_def
@@ -23,7 +23,7 @@ def main(argv: list[str]) -> None:
         "exported": describe_graph(saved_model_graph_def(args.saved_model)),
         "frozen": describe_graph(frozen.graph_def),
     }
-    write_json(args.summary, summary)
+    write_json(args.out_summary, summary)
     print(
         f"freeze: {summary['exported']['total_nodes']} -> {summary['frozen']['total_nodes']} nodes, "
         f"{summary['frozen']['variable_count']} variables left -> {args.out}"

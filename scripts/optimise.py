@@ -8,8 +8,8 @@ from serving_optimiser.pipeline.stage import run_stage
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("variant", help="a key of the 'optimise' section of params.yaml")
-    parser.add_argument("--frozen", default="models/frozen")
-    parser.add_argument("--out-dir", default="models/optimised")
+    parser.add_argument("--frozen", required=True)
+    parser.add_argument("--out", required=True)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
 
@@ -26,9 +26,8 @@ def main(argv: list[str]) -> None:
         raise UserError(f"{args.params}: 'optimise.{args.variant}': {error}") from None
     frozen = FrozenModel.load(args.frozen)
     optimised = TransformGraph(frozen.graph_def, frozen.input_node_names(), frozen.output_node_names(), transforms)
-    out = f"{args.out_dir}/{args.variant}"
-    frozen.with_graph_def(optimised).save(out)
-    print(f"optimise: {args.variant}: {frozen.graph_def.ByteSize()} -> {optimised.ByteSize()} bytes -> {out}")
+    frozen.with_graph_def(optimised).save(args.out)
+    print(f"optimise: {args.variant}: {frozen.graph_def.ByteSize()} -> {optimised.ByteSize()} bytes -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ from serving_optimiser.pipeline.stage import run_stage
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", default="data/iris.csv")
-    parser.add_argument("--out-dir", default="data/prepared")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--out-dir", required=True)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
 

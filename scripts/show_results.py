@@ -1,22 +1,19 @@
-"""Print the evaluate stage's figures as a markdown table (exported model and every variant)."""
+"""Print the report stage's summary: every model's figures, the best per objective, the machine."""
 
 import argparse
-import json
 import sys
 from pathlib import Path
-
-from serving_optimiser.pipeline.report import results_table
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--metrics", default="metrics/evaluate.json")
+    parser.add_argument("--summary", default="reports/summary.md")
     args = parser.parse_args()
-    path = Path(args.metrics)
+    path = Path(args.summary)
     if not path.is_file():
         print(f"show_results: {path} not found (run `make all` first)", file=sys.stderr)
         return 1
-    print(results_table(json.loads(path.read_text())))
+    print(path.read_text(), end="")
     return 0
 
 

@@ -8,9 +8,9 @@ from serving_optimiser.pipeline.stage import run_stage
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--train", default="data/prepared/train.csv")
-    parser.add_argument("--out", default="models/weights.npz")
-    parser.add_argument("--live-dir", default="dvclive")
+    parser.add_argument("--train", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--out-live", required=True, help="DVCLive directory: per-epoch curves")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
 
@@ -31,9 +31,9 @@ def main(argv: list[str]) -> None:
     features, labels = features_and_labels(read_iris_csv(args.train, vocabulary), vocabulary)
     print(f"train: {train_params.epochs} epochs on {len(labels)} rows", file=sys.stderr)
     model, history = train_model(
-        features, labels, train_params, len(vocabulary), verbose=2 if sys.stderr.isatty() else 0
+        features, labels, train_params, len(vocabulary), verbose=0
     )
-    log_history(history, args.live_dir)
+    log_history(history, args.out_live)
     save_weights(dense_weights(model), args.out)
     print(f"train: final loss {history['loss'][-1]:.4f}, accuracy {history['accuracy'][-1]:.4f}", file=sys.stderr)
 

@@ -4,14 +4,13 @@ progress logging to stderr, and user errors as one line on stderr with a non-zer
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-EXIT_ERROR = 1
-EXIT_USAGE = 2
+from .. import runner, runtime
+
+EXIT_ERROR = runner.EXIT_ERROR
+EXIT_USAGE = runner.EXIT_USAGE
 
 
 class ToolArgumentParser(argparse.ArgumentParser):
@@ -32,49 +31,17 @@ def parse_bool(text: str) -> bool:
 
 
 def quiet_tensorflow() -> None:
-    """Silence TensorFlow's C++ and Python logs unless the user set TF_CPP_MIN_LOG_LEVEL.
-
-    Must run before TensorFlow is imported to affect its C++ logging.
-    """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if os.environ["TF_CPP_MIN_LOG_LEVEL"] == "3":
-        for noisy in ("tensorflow", "absl"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
+    """Kept for callers of the old name: :func:`serving_optimiser.runtime.quiet_tensorflow`."""
+    runtime.quiet_tensorflow()
 
 
 @contextmanager
 def progress_logging(prog: str) -> Iterator[None]:
-    """Send the package's INFO log lines (one per transform) to stderr while the tool runs."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{prog}: %(message)s"))
-    package_logger = logging.getLogger("serving_optimiser")
-    previous_level = package_logger.level
-    package_logger.addHandler(handler)
-    package_logger.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        package_logger.removeHandler(handler)
-        package_logger.setLevel(previous_level)
+    """Progress lines already go to stderr: :func:`serving_optimiser.runner.run` sends them."""
+    yield
 
 
 def run_tool(prog: str, body: Callable[[], None]) -> int:
-    """Run ``body``; a user error becomes ``prog: error: <message>`` on stderr and exit code 1.
-
-    User errors are the ValueErrors our package raises (TransformError, GraphFileError) and
-    OSErrors. Anything else is a bug, but still gets one line, naming the exception type.
-    """
-    try:
-        body()
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, OSError) as error:
-        message = " ".join(str(error).split()) or type(error).__name__
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        return EXIT_ERROR
-    except Exception as error:  # noqa: BLE001 - the tools promise one line and no traceback
-        message = " ".join(str(error).split())
-        print(f"{prog}: internal error: {type(error).__name__}: {message}", file=sys.stderr)
-        return EXIT_ERROR
-    return 0
+    """Run ``body`` through the shared runner: a user error becomes ``prog: error: <message>`` on
+    stderr and exit code 1; a bug keeps its traceback."""
+    return runner.run(prog, body)

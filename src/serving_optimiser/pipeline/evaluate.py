@@ -1,58 +1,56 @@
-"""Evaluation: sizes, graph counts, load time, latency, accuracy and fidelity of the exported
-model and of every optimised variant, measured side by side in one process.
+"""Evaluation of one model against the exported one: sizes, graph counts, accuracy and fidelity.
 
-Timed repeats interleave the models (in a rotating order) so that machine drift hits all of
-them alike; ratios are taken against the exported model measured in the same run.
+Everything here is deterministic: the stages that call it run with pinned kernels and threads
+(:mod:`serving_optimiser.runtime`), so the figures are the same on any x86-64 machine. Timings
+live apart, in :mod:`serving_optimiser.pipeline.latency`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import logging
-import statistics
 import tarfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
-from .describe import describe_graph
 from .params import require, require_positive
 
 log = logging.getLogger(__name__)
 
 REFERENCE = "exported"
+# What a model's outputs are compared on; the reference outputs file holds these per data set.
+COMPARED_OUTPUTS = ("class_ids", "probabilities")
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    batch_rows: int
-    repeats: int
-    single_row_calls: int
-    load_repeats: int
-    seed: int
-    min_class_agreement: float
     signature: str
+    batch_rows: int
+    seed: int
+    sample_rows: int
+    min_class_agreement: float
+    max_eval_rows_lost: int
 
     @classmethod
     def from_section(cls, section: dict) -> EvaluateParams:
-        repeats = require_positive(section, "repeats", int, "evaluate")
-        if repeats < 5:
-            raise UserError(f"params.yaml: 'evaluate.repeats' must be at least 5 (median of >= 5), got {repeats}")
         agreement = float(require(section, "min_class_agreement", float, "evaluate"))
         if not 0 <= agreement <= 1:
             raise UserError(f"params.yaml: 'evaluate.min_class_agreement' must be in [0, 1], got {agreement}")
+        rows_lost = require(section, "max_eval_rows_lost", int, "evaluate")
+        if rows_lost < 0:
+            raise UserError(f"params.yaml: 'evaluate.max_eval_rows_lost' must be >= 0, got {rows_lost}")
         return cls(
-            batch_rows=require_positive(section, "batch_rows", int, "evaluate"),
-            repeats=repeats,
-            single_row_calls=require_positive(section, "single_row_calls", int, "evaluate"),
-            load_repeats=require_positive(section, "load_repeats", int, "evaluate"),
-            seed=require(section, "seed", int, "evaluate"),
-            min_class_agreement=agreement,
             signature=require(section, "signature", str, "evaluate"),
+            batch_rows=require_positive(section, "batch_rows", int, "evaluate"),
+            seed=require(section, "seed", int, "evaluate"),
+            sample_rows=require_positive(section, "sample_rows", int, "evaluate"),
+            min_class_agreement=agreement,
+            max_eval_rows_lost=rows_lost,
         )
 
 
@@ -61,39 +59,36 @@ class EvaluateParams:
 # ---------------------------------------------------------------------------------------------
 
 
-def gzip_size(directory: Path) -> int:
-    """Bytes of the directory as a gzip-compressed tar with fixed metadata (reproducible)."""
+def gzip_size(path: Path) -> int:
+    """Bytes of a file or directory as a gzip-compressed tar with fixed metadata (reproducible)."""
     buffer = io.BytesIO()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=9, mtime=0) as compressed:
         with tarfile.open(fileobj=compressed, mode="w") as archive:
-            for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-                info = tarfile.TarInfo(str(path.relative_to(directory)))
-                info.size = path.stat().st_size
-                with path.open("rb") as stream:
+            for file in files:
+                info = tarfile.TarInfo(file.name if file == path else str(file.relative_to(path)))
+                info.size = file.stat().st_size
+                with file.open("rb") as stream:
                     archive.addfile(info, stream)
     return len(buffer.getvalue())
 
 
-def model_sizes(directory: Path) -> dict[str, int]:
-    pb = directory / "saved_model.pb"
-    if not pb.is_file():
-        raise UserError(f"{directory}: not a SavedModel (no saved_model.pb)")
-    variables = directory / "variables"
-    variables_bytes = sum(p.stat().st_size for p in variables.rglob("*") if p.is_file()) if variables.is_dir() else 0
-    return {
-        "size_saved_model_pb_bytes": pb.stat().st_size,
-        "size_variables_bytes": variables_bytes,
-        "size_total_bytes": sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()),
-        "size_gzip_bytes": gzip_size(directory),
-    }
+def model_size(path: Path) -> dict[str, int]:
+    """Bytes on disk of a model (a SavedModel directory or a single-file artefact) and gzipped."""
+    if path.is_dir():
+        total = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    elif path.is_file():
+        total = path.stat().st_size
+    else:
+        raise UserError(f"{path}: model not found (run the stage that builds it first)")
+    return {"size_bytes": total, "size_gzip_bytes": gzip_size(path)}
 
 
-def graph_counts(directory: Path) -> dict[str, int]:
-    from tensorflow.core.protobuf import saved_model_pb2
+def saved_model_counts(directory: Path) -> dict[str, int]:
+    """Node counts of the serving graph a SavedModel holds (its ``serve`` MetaGraph)."""
+    from .describe import describe_graph, saved_model_graph_def
 
-    saved_model = saved_model_pb2.SavedModel()
-    saved_model.ParseFromString((directory / "saved_model.pb").read_bytes())
-    graph_def = saved_model.meta_graphs[0].graph_def
+    graph_def = saved_model_graph_def(str(directory))
     described = describe_graph(graph_def)
     return {
         "graph_nodes": described["total_nodes"],
@@ -105,163 +100,191 @@ def graph_counts(directory: Path) -> dict[str, int]:
     }
 
 
+def signature_dump(directory: Path) -> str:
+    """What ``saved_model_cli show --all --dir DIR`` prints: every signature's inputs and outputs."""
+    from tensorflow.python.tools import saved_model_cli
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        saved_model_cli._show_all(str(directory))
+    # Drop the trailing spaces some lines carry, so the committed text diffs cleanly.
+    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines()) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------
-# Running models
+# Running a SavedModel
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class LoadedModel:
-    name: str
-    directory: Path
-    signature: object
-    load_seconds: float
-    first_call_seconds: float = 0.0
-    _keep_alive: object = None
-
-
-def load_model(name: str, directory: Path, signature_key: str, load_repeats: int = 1) -> LoadedModel:
+def load_signature(directory: Path, signature_key: str):
     import tensorflow as tf
 
     if not (directory / "saved_model.pb").is_file():
-        raise UserError(f"{directory}: SavedModel for '{name}' not found (run its convert stage first)")
-    timings = []
-    loaded = None
-    for _ in range(load_repeats):
-        start = time.perf_counter()
-        loaded = tf.saved_model.load(str(directory), tags=["serve"])
-        timings.append(time.perf_counter() - start)
+        raise UserError(f"{directory}: SavedModel not found (run the stage that builds it first)")
+    loaded = tf.saved_model.load(str(directory), tags=["serve"])
     if signature_key not in loaded.signatures:
         raise UserError(f"{directory}: no signature '{signature_key}' (has {', '.join(sorted(loaded.signatures))})")
-    return LoadedModel(name, directory, loaded.signatures[signature_key], statistics.median(timings), 0.0, loaded)
+    return loaded, loaded.signatures[signature_key]
 
 
-def to_tensors(features: dict[str, np.ndarray]) -> dict:
+def run_signature(signature, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     import tensorflow as tf
 
-    return {name: tf.constant(values) for name, values in features.items()}
+    outputs = signature(**{name: tf.constant(values) for name, values in features.items()})
+    return {key: value.numpy() for key, value in outputs.items()}
 
 
-def predict(model: LoadedModel, tensors: dict) -> dict[str, np.ndarray]:
-    return {key: value.numpy() for key, value in model.signature(**tensors).items()}
+def check_outputs(name: str, outputs: dict[str, np.ndarray], rows: int, n_classes: int) -> None:
+    """A broken conversion fails here, naming the model: NaN/Inf, or a wrong shape."""
+    for key in ("logits", "probabilities"):
+        if key not in outputs:
+            raise UserError(f"{name}: output '{key}' missing (has {', '.join(sorted(outputs))})")
+        values = outputs[key]
+        if values.shape != (rows, n_classes):
+            raise UserError(f"{name}: output '{key}' has shape {values.shape}, expected {(rows, n_classes)}")
+        if not np.all(np.isfinite(values)):
+            raise UserError(f"{name}: output '{key}' holds NaN or Inf")
+    if "class_ids" not in outputs or outputs["class_ids"].reshape(-1).shape != (rows,):
+        raise UserError(f"{name}: output 'class_ids' missing or not one id per row")
 
 
-def _timed(model: LoadedModel, tensors: dict) -> float:
-    start = time.perf_counter()
-    outputs = model.signature(**tensors)
-    for value in outputs.values():
-        value.numpy()  # results are materialised before the clock stops
-    return time.perf_counter() - start
+# ---------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------
 
 
-def _rows(tensors: dict) -> int:
-    return int(next(iter(tensors.values())).shape[0])
-
-
-def measure_latency(
-    models: list[LoadedModel], batch: dict, single: dict, repeats: int, single_row_calls: int, seed: int = 0
-) -> dict[str, dict[str, float]]:
-    """Batch latency (median) and batch-1 p50/p99 per model, and their ratios to the first model.
-
-    The batch rounds run first, then the batch-1 rounds (a 100,000-row call leaves caches and
-    the allocator in a state that slows the next small calls). Each round times every model, in
-    a seeded random order. Ratios are medians of per-round ratios against the first model
-    measured in the same round, so drift and one-off stalls (single 100,000-row calls vary by
-    +-15 % on this machine) hit both sides of a ratio alike.
-    """
-    for model in models:
-        model.first_call_seconds = _timed(model, single)
-        _timed(model, batch)
-        for _ in range(5):
-            _timed(model, single)
-    batch_times: dict[str, list[float]] = {m.name: [] for m in models}
-    single_times: dict[str, list[list[float]]] = {m.name: [] for m in models}
-    calls_per_round = max(1, single_row_calls // repeats)
-    rng = np.random.default_rng(seed)
-    for round_index in range(repeats):
-        for index in rng.permutation(len(models)):
-            batch_times[models[index].name].append(_timed(models[index], batch))
-        log.info("latency: %d-row round %d/%d done", _rows(batch), round_index + 1, repeats)
-    for _ in range(repeats):
-        for index in rng.permutation(len(models)):
-            single_times[models[index].name].append([_timed(models[index], single) for _ in range(calls_per_round)])
-    log.info("latency: %d batch-1 calls per model done", calls_per_round * repeats)
-    reference = models[0].name
-    result = {}
-    for model in models:
-        singles = np.concatenate(single_times[model.name]) * 1000
-        round_p50 = [float(np.median(calls)) for calls in single_times[model.name]]
-        reference_p50 = [float(np.median(calls)) for calls in single_times[reference]]
-        result[model.name] = {
-            "latency_batch_ms_median": statistics.median(batch_times[model.name]) * 1000,
-            "latency_single_ms_p50": float(np.percentile(singles, 50)),
-            "latency_single_ms_p99": float(np.percentile(singles, 99)),
-            "latency_batch_ratio": statistics.median(
-                a / b for a, b in zip(batch_times[model.name], batch_times[reference])
-            ),
-            "latency_single_p50_ratio": statistics.median(a / b for a, b in zip(round_p50, reference_p50)),
-        }
-    return result
+def class_ids(outputs: dict[str, np.ndarray]) -> np.ndarray:
+    return outputs["class_ids"].reshape(-1).astype(np.int64)
 
 
 def fidelity(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> tuple[float, float]:
     """(class agreement, max |probability difference|) of ``candidate`` against ``reference``."""
-    agreement = float(np.mean(reference["class_ids"].reshape(-1) == candidate["class_ids"].reshape(-1)))
+    agreement = float(np.mean(class_ids(reference) == class_ids(candidate)))
     max_diff = float(np.max(np.abs(reference["probabilities"] - candidate["probabilities"])))
     return agreement, max_diff
 
 
-def evaluate_models(
-    model_dirs: dict[str, Path],
-    eval_features: dict[str, np.ndarray],
-    eval_labels: np.ndarray,
-    batch_features: dict[str, np.ndarray],
-    params: EvaluateParams,
-) -> dict[str, dict[str, float]]:
-    """Metrics per model name; ``model_dirs`` must include the reference model ``exported``."""
-    if REFERENCE not in model_dirs:
-        raise UserError(f"evaluate: the reference model '{REFERENCE}' is missing")
-    names = [REFERENCE, *sorted(n for n in model_dirs if n != REFERENCE)]
-    metrics: dict[str, dict[str, float]] = {}
-    for name in names:
-        metrics[name] = {**model_sizes(model_dirs[name]), **graph_counts(model_dirs[name])}
-    models = []
-    for name in names:
-        log.info("loading %s from %s", name, model_dirs[name])
-        models.append(load_model(name, model_dirs[name], params.signature, params.load_repeats))
-    eval_tensors, batch_tensors = to_tensors(eval_features), to_tensors(batch_features)
-    single_tensors = to_tensors({k: v[:1] for k, v in eval_features.items()})
-    eval_outputs = {m.name: predict(m, eval_tensors) for m in models}
-    batch_outputs = {m.name: predict(m, batch_tensors) for m in models}
-    latency = measure_latency(
-        models, batch_tensors, single_tensors, params.repeats, params.single_row_calls, params.seed
-    )
-    reference = metrics[REFERENCE]
-    for model in models:
-        m = metrics[model.name]
-        m["load_seconds"] = model.load_seconds
-        m["first_call_ms"] = model.first_call_seconds * 1000
-        m.update(latency[model.name])
-        m["eval_accuracy"] = float(np.mean(eval_outputs[model.name]["class_ids"].reshape(-1) == eval_labels))
-        m["eval_class_agreement"], m["eval_max_abs_prob_diff"] = fidelity(
-            eval_outputs[REFERENCE], eval_outputs[model.name]
-        )
-        m["batch_class_agreement"], m["batch_max_abs_prob_diff"] = fidelity(
-            batch_outputs[REFERENCE], batch_outputs[model.name]
-        )
-    for model in models:
-        m = metrics[model.name]
-        m["size_total_ratio"] = m["size_total_bytes"] / reference["size_total_bytes"]
-    return {name: {k: _rounded(v) for k, v in m.items()} for name, m in metrics.items()}
+def accuracy_figures(outputs: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, float | int]:
+    correct = class_ids(outputs) == labels
+    return {"eval_accuracy": round(float(np.mean(correct)), 6), "eval_rows_correct": int(np.sum(correct))}
 
 
-def _rounded(value):
-    return round(value, 6) if isinstance(value, float) else value
-
-
-def failing_variants(metrics: dict[str, dict[str, float]], min_class_agreement: float) -> list[str]:
+def sample_predictions(outputs: dict[str, np.ndarray], vocabulary: list[str], rows: int) -> list[dict]:
+    """The notebook's printed prediction, for the first eval rows: class and probabilities."""
+    ids = class_ids(outputs)[:rows]
     return [
-        f"{name} (class agreement {min(m['eval_class_agreement'], m['batch_class_agreement']):.4f})"
-        for name, m in metrics.items()
-        if min(m["eval_class_agreement"], m["batch_class_agreement"]) < min_class_agreement
+        {"class": vocabulary[int(i)], "probabilities": [round(float(p), 4) for p in probabilities]}
+        for i, probabilities in zip(ids, outputs["probabilities"][:rows])
     ]
+
+
+def gate_failures(figures: dict, params: EvaluateParams) -> list[str]:
+    """Why a model fails the gate, if it does (an empty list when it passes)."""
+    failures = []
+    if figures["agreement"] < params.min_class_agreement:
+        failures.append(
+            f"class agreement {figures['agreement']:.4%} on the {params.batch_rows}-row batch "
+            f"is under evaluate.min_class_agreement={params.min_class_agreement}"
+        )
+    if figures["eval_rows_lost"] > params.max_eval_rows_lost:
+        failures.append(
+            f"{figures['eval_rows_lost']} eval rows lost against the exported model "
+            f"(evaluate.max_eval_rows_lost={params.max_eval_rows_lost})"
+        )
+    return failures
+
+
+def rounded(metrics: dict) -> dict:
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
+
+
+def save_outputs(path: Path, outputs: dict[str, dict[str, np.ndarray]]) -> None:
+    """The reference model's outputs per data set, for every variant's evaluation to compare to."""
+    from .io import atomic_file
+
+    arrays = {f"{data}/{key}": values[key] for data, values in outputs.items() for key in COMPARED_OUTPUTS}
+    with atomic_file(path, "wb") as stream:
+        np.savez(stream, **arrays)
+
+
+def load_outputs(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    if not path.is_file():
+        raise UserError(f"{path}: reference outputs not found (run the reference stage first)")
+    result: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(path) as data:
+        for name in data.files:
+            data_set, key = name.split("/")
+            result.setdefault(data_set, {})[key] = data[name]
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# One model, end to end
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    figures: dict  # every figure, at full precision, and the sample predictions
+    outputs: dict[str, dict[str, np.ndarray]]  # per data set ("eval", "batch")
+
+
+def evaluate_saved_model(
+    name: str,
+    directory: Path,
+    data: dict[str, dict[str, np.ndarray]],
+    labels: np.ndarray,
+    vocabulary: list[str],
+    params: EvaluateParams,
+    optimised_graph: Path | None = None,
+) -> Evaluation:
+    """Run ``name`` on every data set and describe it; fidelity is added by :func:`compare`."""
+    _, signature = load_signature(directory, params.signature)
+    outputs = {}
+    for data_set, features in data.items():
+        rows = len(next(iter(features.values())))
+        outputs[data_set] = run_signature(signature, features)
+        check_outputs(name, outputs[data_set], rows, len(vocabulary))
+    size = model_size(directory)
+    figures = {"size_bytes": size["size_bytes"], "gzip_bytes": size["size_gzip_bytes"]}
+    figures.update(accuracy_figures(outputs["eval"], labels))
+    figures.update(saved_model_counts(directory))
+    figures["sample_predictions"] = sample_predictions(outputs["eval"], vocabulary, params.sample_rows)
+    if optimised_graph is not None:
+        from ..saved_model import FrozenModel
+        from .describe import describe_graph
+
+        described = describe_graph(FrozenModel.load(optimised_graph).graph_def)
+        figures.update({
+            "optimised_graph_nodes": described["total_nodes"],
+            "optimised_graph_const_nodes": described["const_count"],
+            "optimised_graph_identity_nodes": described["identity_count"],
+            "optimised_graph_dequantize_nodes": described["dequantize_count"],
+        })
+    return Evaluation(figures, outputs)
+
+
+def compare(evaluation: Evaluation, reference_outputs: dict[str, dict[str, np.ndarray]], reference: dict) -> None:
+    """Add fidelity against the exported model (its outputs and figures): on the 100,000-row
+    batch, which the gate and the headline use, and on the eval split."""
+    figures = evaluation.figures
+    figures["agreement"], figures["max_dp"] = fidelity(reference_outputs["batch"], evaluation.outputs["batch"])
+    figures["eval_agreement"], figures["eval_max_dp"] = fidelity(reference_outputs["eval"], evaluation.outputs["eval"])
+    figures["size_ratio"] = figures["size_bytes"] / reference["size_bytes"]
+    figures["eval_rows_lost"] = reference["eval_rows_correct"] - figures["eval_rows_correct"]
+
+
+def headline(figures: dict) -> dict:
+    """The few figures ``dvc metrics show`` lists per model, with short names and rounded so the
+    table fits a 120-column terminal (README, "Comparing runs", has the legend); full precision
+    stays in the details file."""
+    result = {
+        "size_kb": round(figures["size_bytes"] / 1024, 1),
+        "gzip_kb": round(figures["gzip_bytes"] / 1024, 1),
+        "acc": round(figures["eval_accuracy"], 4),
+    }
+    if "agreement" in figures:
+        result["size_x"] = round(figures["size_ratio"], 3)
+        result["agree"] = round(figures["agreement"], 5)
+        result["max_dp"] = round(figures["max_dp"], 4)
+    return result

@@ -1,42 +1,129 @@
-"""Writing evaluate's results: DVC metrics JSON, a CSV table, and plot rows."""
+"""The report: every model's figures gathered from the per-model evaluate and latency stages into
+one table, the plot rows, the winner per objective and the sample predictions side by side."""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 
+from ..errors import UserError
+from .evaluate import REFERENCE
 from .io import atomic_file, write_json
 
-PLOT_FIELDS = ("size_total_bytes", "latency_batch_ms_median", "latency_single_ms_p50", "batch_class_agreement")
+
+def _read(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: not found (run the stage that writes it first)")
+    return json.loads(path.read_text())
 
 
-def write_reports(metrics: dict[str, dict[str, float]], metrics_path, table_path, plots_path) -> None:
-    write_json(metrics_path, metrics)
-    columns = sorted({key for m in metrics.values() for key in m})
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["model", *columns])
-    for name, m in metrics.items():
-        writer.writerow([name, *(m.get(c, "") for c in columns)])
-    with atomic_file(Path(table_path)) as stream:
-        stream.write(buffer.getvalue())
-    rows = [{"model": name, **{f: m[f] for f in PLOT_FIELDS}} for name, m in metrics.items()]
-    write_json(plots_path, rows)
+def gather(models: list[str], details_dir: Path, latency_details_dir: Path) -> dict[str, dict]:
+    """One flat record per model, the exported model first, from the evaluate and latency stages'
+    detail files (full precision)."""
+    records: dict[str, dict] = {REFERENCE: _read(details_dir / f"{REFERENCE}.json")}
+    records[REFERENCE].update(size_ratio=1.0, agreement=1.0, max_dp=0.0, batch_ratio=1.0, batch1_p50_ratio=1.0)
+    exported_timings = []
+    for name in models:
+        latency = _read(latency_details_dir / f"{name}.json")
+        records[name] = {**_read(details_dir / f"{name}.json"), **latency["measured"][name]}
+        records[name]["machine"] = latency["machine"]
+        exported_timings.append(latency["measured"][REFERENCE])
+    if exported_timings:
+        # The exported model is timed beside every variant: report its median over those runs.
+        for key in ("batch_ms", "batch1_p50_ms", "batch1_p99_ms", "load_s", "first_call_ms"):
+            records[REFERENCE][key] = sorted(t[key] for t in exported_timings)[len(exported_timings) // 2]
+        records[REFERENCE]["machine"] = records[models[0]]["machine"]
+    return records
 
 
-def results_table(metrics: dict[str, dict[str, float]]) -> str:
-    """A markdown table of the figures that matter, one row per model, ratios against ``exported``."""
+# (objective, key, smaller is better)
+OBJECTIVES = (
+    ("smallest on disk", "size_bytes", True),
+    ("smallest gzipped", "gzip_bytes", True),
+    ("fastest at 100,000 rows", "batch_ratio", True),
+    ("fastest at batch 1", "batch1_p50_ratio", True),
+    ("most faithful (max |Δp| against the export)", "max_dp", True),
+)
+
+
+def winners(records: dict[str, dict]) -> list[tuple[str, str, float]]:
+    result = []
+    for objective, key, smaller in OBJECTIVES:
+        # The export is the yardstick of speed and fidelity, not a contender.
+        contenders = {name: r for name, r in records.items() if name != REFERENCE or key.endswith("_bytes")}
+        candidates = {name: r[key] for name, r in contenders.items()}
+        best = (min if smaller else max)(candidates, key=candidates.get)
+        result.append((objective, best, candidates[best]))
+    return result
+
+
+def results_table(records: dict[str, dict]) -> str:
     header = (
-        "| model | size KB | size ratio | 100k-row call ms | ratio | batch-1 p50 ms | ratio | eval accuracy "
-        "| class agreement (100k) | max abs prob diff (100k) |"
+        "| model | size KB | size ratio | gzip KB | eval accuracy | agreement (100k) | max \\|Δp\\| (100k) "
+        "| 100k-row call ms | ratio | batch-1 p50 ms | ratio |"
     )
-    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
-    for name, m in metrics.items():
+    lines = [header, "|" + "---|" * 11]
+    for name, r in records.items():
         lines.append(
-            f"| {name} | {m['size_total_bytes'] / 1024:.1f} | {m['size_total_ratio']:.3f} "
-            f"| {m['latency_batch_ms_median']:.0f} | {m['latency_batch_ratio']:.3f} "
-            f"| {m['latency_single_ms_p50']:.3f} | {m['latency_single_p50_ratio']:.3f} "
-            f"| {m['eval_accuracy']:.3f} | {m['batch_class_agreement']:.4%} | {m['batch_max_abs_prob_diff']:.4f} |"
+            f"| {name} | {r['size_bytes'] / 1024:.1f} | {r['size_ratio']:.3f} | {r['gzip_bytes'] / 1024:.1f} "
+            f"| {r['eval_accuracy']:.3f} | {r['agreement']:.3%} | {r['max_dp']:.4f} "
+            f"| {r.get('batch_ms', float('nan')):.0f} | {r['batch_ratio']:.3f} "
+            f"| {r.get('batch1_p50_ms', float('nan')):.3f} | {r['batch1_p50_ratio']:.3f} |"
         )
     return "\n".join(lines)
+
+
+def machine_line(machine: dict) -> str:
+    threads = machine["intra_op_threads"] or "default"
+    return (
+        f"{machine['cpu']}, {machine['cores']} cores, {' '.join(machine['isa'])}; TensorFlow "
+        f"{machine['tensorflow_version']}, oneDNN opts {machine['onednn_opts']}, "
+        f"ISA cap {machine['onednn_max_cpu_isa']}, intra-op threads {threads}"
+    )
+
+
+def predictions_table(records: dict[str, dict]) -> str:
+    names = list(records)
+    rows = len(records[REFERENCE]["sample_predictions"])
+    lines = ["| eval row | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for row in range(rows):
+        cells = []
+        for name in names:
+            prediction = records[name]["sample_predictions"][row]
+            cells.append(f"{prediction['class']} ({', '.join(f'{p:.3f}' for p in prediction['probabilities'])})")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summary_markdown(records: dict[str, dict]) -> str:
+    parts = ["# Results", "", results_table(records), ""]
+    machine = records[REFERENCE].get("machine")
+    if machine:
+        parts += [f"Timings measured on: {machine_line(machine)}.", ""]
+    parts += ["## Best per objective", ""]
+    parts += [f"- {objective}: **{name}** ({value:.4g})" for objective, name, value in winners(records)]
+    parts += ["", "## Sample predictions (first eval rows: class, probabilities)", "", predictions_table(records), ""]
+    return "\n".join(parts)
+
+
+PLOT_FIELDS = ("size_bytes", "gzip_bytes", "agreement", "max_dp", "batch_ratio", "batch1_p50_ratio", "batch1_p50_ms")
+TABLE_FIELDS = (
+    "size_bytes", "size_ratio", "gzip_bytes", "eval_accuracy", "eval_rows_correct", "agreement", "max_dp",
+    "eval_agreement", "eval_max_dp", "graph_nodes", "optimised_graph_nodes", "batch_ms", "batch_ratio",
+    "batch1_p50_ms", "batch1_p99_ms", "batch1_p50_ratio", "load_s", "first_call_ms",
+)
+
+
+def write_report(records: dict[str, dict], plots_path: Path, table_path: Path, summary_path: Path) -> None:
+    write_json(plots_path, [{"model": name, **{f: r.get(f) for f in PLOT_FIELDS}} for name, r in records.items()])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["model", *TABLE_FIELDS])
+    for name, r in records.items():
+        writer.writerow([name, *(r.get(f, "") for f in TABLE_FIELDS)])
+    with atomic_file(table_path) as stream:
+        stream.write(buffer.getvalue())
+    with atomic_file(summary_path) as stream:
+        stream.write(summary_markdown(records))

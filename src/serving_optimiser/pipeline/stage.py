@@ -1,39 +1,21 @@
-"""What every stage script shares: quiet TensorFlow, stderr logging, and one-line errors with a
-non-zero exit instead of a traceback for user mistakes."""
+"""The stage scripts' entry point: :func:`serving_optimiser.runner.run` with the stage's name."""
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 from collections.abc import Callable
 
-
-def quiet_tensorflow() -> None:
-    """Silence TensorFlow's C++ and Python logs unless the user asked for them."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    logging.getLogger("absl").setLevel(logging.ERROR)
+from ..runner import run
 
 
-def _is_user_error(error: BaseException) -> bool:
-    """Errors our package raises about bad input: ValueError subclasses defined in serving_optimiser."""
-    return isinstance(error, ValueError) and type(error).__module__.startswith("serving_optimiser")
+def run_stage(
+    name: str, main: Callable[[list[str]], None], argv: list[str] | None = None, *, pinned: bool = True
+) -> None:
+    """Run a stage script's ``main``; exit non-zero with one line on a user error.
 
-
-def run_stage(name: str, main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
-    quiet_tensorflow()
-    logging.basicConfig(level=logging.INFO, format=f"{name}: %(message)s", stream=sys.stderr)
-    for noisy in ("tensorflow", "absl", "h5py", "dvclive", "dvc"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
-        main(sys.argv[1:] if argv is None else argv)
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except Exception as error:
-        if not _is_user_error(error):
-            raise
-        print(f"{name}: error: {error}", file=sys.stderr)
-        sys.exit(1)
+    Stages are ``pinned`` (same kernels and threads on every machine, so their outputs are the
+    same bit for bit) unless they measure time, which must be measured as TensorFlow serves.
+    """
+    code = run(name, lambda: main(sys.argv[1:] if argv is None else argv), pinned=pinned)
+    if code:
+        sys.exit(code)

@@ -7,7 +7,9 @@ batch (TF 1.10's ``loss_reduction=SUM``).
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,8 @@ import numpy as np
 from ..errors import UserError
 from .data import FEATURE_NAMES
 from .params import require, require_list, require_positive
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,33 @@ def build_model(hidden_units: list[int], n_classes: int):
     return keras.Sequential(layers, name="dnn")
 
 
+def progress_callback(epochs: int, every_fraction: float = 0.1):
+    """A Keras callback logging epochs done, loss, accuracy and time left every ~10 % of training,
+    so a run outside a terminal (CI, a queued experiment) shows it is alive."""
+    import keras
+
+    step = max(1, round(epochs * every_fraction))
+
+    class Progress(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            done = epoch + 1
+            if done % step and done != epochs:
+                return
+            elapsed = time.perf_counter() - self.started
+            left = elapsed / done * (epochs - done)
+            logs = logs or {}
+            log.info(
+                "epoch %d/%d (%d%%): loss %.4f, accuracy %.4f, %.0f s elapsed, ~%.0f s left",
+                done, epochs, 100 * done // epochs, logs.get("loss", float("nan")),
+                logs.get("accuracy", float("nan")), elapsed, left,
+            )
+
+    return Progress()
+
+
 def train_model(
     features: dict[str, np.ndarray], labels: np.ndarray, params: TrainParams, n_classes: int, verbose: int = 0
 ):
@@ -85,6 +116,7 @@ def train_model(
         epochs=params.epochs,
         shuffle=True,
         verbose=verbose,
+        callbacks=[progress_callback(params.epochs)],
     )
     return model, {name: [float(v) for v in values] for name, values in history.history.items()}
 
