@@ -1,6 +1,6 @@
-"""Evaluate: sizes, counts, latency, accuracy and fidelity, side by side; the fidelity gate."""
+"""Evaluate, latency and report: sizes, counts, accuracy and fidelity of one model against the
+exported one; the gate; paired latency; the gathered report."""
 
-import csv
 import json
 import shutil
 
@@ -8,94 +8,142 @@ import numpy as np
 import pytest
 
 from serving_optimiser.errors import UserError
+from serving_optimiser.pipeline import evaluate, latency, report
 from serving_optimiser.pipeline.data import features_and_labels, sample_around
-from serving_optimiser.pipeline.evaluate import (
-    EvaluateParams,
-    evaluate_models,
-    failing_variants,
-    fidelity,
-    gzip_size,
-    model_sizes,
-)
-from serving_optimiser.pipeline.report import results_table, write_reports
 
-PARAMS = EvaluateParams(
-    batch_rows=2000,
-    repeats=5,
-    single_row_calls=20,
-    load_repeats=1,
-    seed=7,
-    min_class_agreement=0.99,
-    signature="predict",
+PARAMS = evaluate.EvaluateParams(
+    signature="predict", batch_rows=2000, seed=7, sample_rows=3, min_class_agreement=0.99, max_eval_rows_lost=1
 )
+VOCABULARY = ["setosa", "virginica", "versicolor"]
 
 
 def test_sizes_count_every_file_and_gzip_is_reproducible(tiny_export):
-    sizes = model_sizes(tiny_export)
-    pb = (tiny_export / "saved_model.pb").stat().st_size
-    variables = sum(p.stat().st_size for p in (tiny_export / "variables").iterdir())
-    assert sizes["size_saved_model_pb_bytes"] == pb
-    assert sizes["size_variables_bytes"] == variables
-    assert sizes["size_total_bytes"] >= pb + variables
-    assert 0 < sizes["size_gzip_bytes"] < sizes["size_total_bytes"]
-    assert gzip_size(tiny_export) == sizes["size_gzip_bytes"]
+    size = evaluate.model_size(tiny_export)
+    files = [p for p in tiny_export.rglob("*") if p.is_file()]
+    assert size["size_bytes"] == sum(p.stat().st_size for p in files)
+    assert 0 < size["size_gzip_bytes"] < size["size_bytes"]
+    assert evaluate.gzip_size(tiny_export) == size["size_gzip_bytes"]
 
 
 def test_fidelity_counts_agreement_and_max_difference():
     reference = {"class_ids": np.array([[0], [1], [2], [2]]), "probabilities": np.zeros((4, 3))}
     candidate = {"class_ids": np.array([[0], [1], [1], [2]]), "probabilities": np.full((4, 3), 0.25)}
-    assert fidelity(reference, candidate) == (0.75, 0.25)
+    assert evaluate.fidelity(reference, candidate) == (0.75, 0.25)
 
 
 @pytest.fixture(scope="module")
-def metrics(tmp_path_factory, tiny_export, iris_split):
-    twin = tmp_path_factory.mktemp("variants") / "twin"
+def data(iris_split):
+    features, labels = features_and_labels(iris_split[1])
+    return {"eval": features, "batch": sample_around(iris_split[1], PARAMS.batch_rows, PARAMS.seed)}, labels
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_export, data):
+    return evaluate.evaluate_saved_model("exported", tiny_export, data[0], data[1], VOCABULARY, PARAMS)
+
+
+def test_a_copy_of_the_exported_model_agrees_completely(tmp_path, tiny_export, data, reference):
+    twin = tmp_path / "twin"
     shutil.copytree(tiny_export, twin)
-    features, labels = features_and_labels(iris_split[1])
-    batch = sample_around(iris_split[1], PARAMS.batch_rows, PARAMS.seed)
-    return evaluate_models({"exported": tiny_export, "twin": twin}, features, labels, batch, PARAMS)
+    result = evaluate.evaluate_saved_model("twin", twin, data[0], data[1], VOCABULARY, PARAMS)
+    evaluate.compare(result, reference.outputs, reference.figures)
+    figures = result.figures
+    assert figures["agreement"] == figures["eval_agreement"] == 1.0
+    assert figures["max_dp"] == 0.0 and figures["size_ratio"] == 1.0 and figures["eval_rows_lost"] == 0
+    assert figures["eval_accuracy"] == reference.figures["eval_accuracy"] > 0.5
+    assert figures["graph_variable_nodes"] == 6
+    assert len(figures["sample_predictions"]) == 3
+    assert figures["sample_predictions"][0]["class"] in VOCABULARY
+    assert evaluate.gate_failures(figures, PARAMS) == []
+    headline = evaluate.headline(figures)
+    assert set(headline) == {"size_kb", "gzip_kb", "acc", "size_x", "agree", "max_dp"}
 
 
-def test_a_copy_of_the_exported_model_agrees_completely(metrics):
-    assert set(metrics) == {"exported", "twin"}
-    twin, exported = metrics["twin"], metrics["exported"]
-    assert twin["batch_class_agreement"] == 1.0 and twin["eval_class_agreement"] == 1.0
-    assert twin["batch_max_abs_prob_diff"] == 0.0
-    assert twin["eval_accuracy"] == exported["eval_accuracy"] > 0.5
-    assert twin["size_total_ratio"] == 1.0
-    for key in ("latency_batch_ms_median", "latency_single_ms_p50", "latency_single_ms_p99", "load_seconds"):
-        assert twin[key] > 0, key
-    assert twin["latency_single_ms_p99"] >= twin["latency_single_ms_p50"]
-    assert exported["graph_variable_nodes"] == 6
-    assert failing_variants(metrics, 0.99) == []
+def test_outputs_round_trip_through_the_reference_file(tmp_path, reference):
+    evaluate.save_outputs(tmp_path / "reference.npz", reference.outputs)
+    loaded = evaluate.load_outputs(tmp_path / "reference.npz")
+    for data_set in ("eval", "batch"):
+        for key in evaluate.COMPARED_OUTPUTS:
+            np.testing.assert_array_equal(loaded[data_set][key], reference.outputs[data_set][key])
 
 
-def test_gate_names_the_variant_below_the_threshold():
-    metrics = {
-        "exported": {"eval_class_agreement": 1.0, "batch_class_agreement": 1.0},
-        "notebook": {"eval_class_agreement": 1.0, "batch_class_agreement": 0.95},
-    }
-    assert failing_variants(metrics, 0.99) == ["notebook (class agreement 0.9500)"]
+def test_gate_names_what_fails():
+    figures = {"agreement": 0.95, "eval_rows_lost": 2}
+    failures = evaluate.gate_failures(figures, PARAMS)
+    assert failures[0].startswith("class agreement 95.0000% on the 2000-row batch is under")
+    assert failures[1] == "2 eval rows lost against the exported model (evaluate.max_eval_rows_lost=1)"
+    assert evaluate.gate_failures({"agreement": 0.995, "eval_rows_lost": 1}, PARAMS) == []
 
 
-def test_reports_are_written(tmp_path, metrics):
-    write_reports(metrics, tmp_path / "m.json", tmp_path / "m.csv", tmp_path / "p.json")
-    assert json.loads((tmp_path / "m.json").read_text()) == metrics
-    rows = list(csv.DictReader((tmp_path / "m.csv").open()))
-    assert [r["model"] for r in rows] == ["exported", "twin"]
-    plots = json.loads((tmp_path / "p.json").read_text())
-    assert plots[1]["model"] == "twin" and "latency_batch_ms_median" in plots[1]
-    table = results_table(metrics).splitlines()
-    assert len(table) == 4 and table[0].count("|") == table[1].count("|") == table[3].count("|")
-    assert table[3].startswith("| twin | ") and "| 1.000 |" in table[3] and "100.0000%" in table[3]
+@pytest.mark.parametrize(
+    ("outputs", "expected"),
+    [
+        ({"logits": np.full((4, 3), np.nan)}, "output 'logits' holds NaN or Inf"),
+        ({"logits": np.zeros((4, 2))}, r"output 'logits' has shape \(4, 2\), expected \(4, 3\)"),
+        ({}, "output 'logits' missing"),
+    ],
+    ids=["nan", "shape", "missing"],
+)
+def test_broken_outputs_are_named(outputs, expected):
+    good = {"logits": np.zeros((4, 3)), "probabilities": np.full((4, 3), 1 / 3), "class_ids": np.zeros((4, 1))}
+    with pytest.raises(UserError, match=f"^broken: {expected}"):
+        evaluate.check_outputs("broken", {**good, **outputs} if outputs else {}, 4, 3)
 
 
-def test_fewer_than_five_repeats_is_refused():
-    with pytest.raises(UserError, match=r"'evaluate\.repeats' must be at least 5"):
-        EvaluateParams.from_section({"repeats": 3, "min_class_agreement": 0.99})
+def test_missing_model_directory_is_named(tmp_path, data):
+    with pytest.raises(UserError, match="ghost: SavedModel not found"):
+        evaluate.evaluate_saved_model("ghost", tmp_path / "ghost", data[0], data[1], VOCABULARY, PARAMS)
 
 
-def test_missing_variant_directory_is_named(tmp_path, tiny_export, iris_split):
-    features, labels = features_and_labels(iris_split[1])
-    with pytest.raises(UserError, match="ghost: not a SavedModel"):
-        evaluate_models({"exported": tiny_export, "ghost": tmp_path / "ghost"}, features, labels, features, PARAMS)
+def test_latency_pairs_each_round_against_the_first_model():
+    def sleeper(seconds):
+        import time
+
+        return lambda inputs: time.sleep(seconds)
+
+    models = [latency.TimedModel("exported", sleeper(0.002), 0.1), latency.TimedModel("slow", sleeper(0.004), 0.2)]
+    figures = latency.measure_latency(models, {"x": np.zeros(10)}, {"x": np.zeros(1)}, 5, 10, seed=0)
+    assert figures["exported"]["batch_ratio"] == 1.0 and figures["exported"]["batch1_p50_ratio"] == 1.0
+    assert 1.5 < figures["slow"]["batch_ratio"] < 2.5 and 1.5 < figures["slow"]["batch1_p50_ratio"] < 2.5
+    assert figures["slow"]["batch1_p99_ms"] >= figures["slow"]["batch1_p50_ms"] >= 4.0
+    assert figures["slow"]["load_s"] == 0.2
+
+
+def test_fewer_than_five_latency_repeats_is_refused():
+    with pytest.raises(UserError, match=r"'latency\.repeats' must be at least 5"):
+        latency.LatencyParams.from_section({"repeats": 3, "single_row_calls": 10, "load_repeats": 1, "seed": 0})
+
+
+def test_machine_info_names_the_cpu_and_how_tensorflow_ran():
+    info = latency.machine_info()
+    assert info["cpu"] and info["cores"] >= 1 and "avx2" in info["isa"]
+    assert info["tensorflow_version"].startswith("2.")
+    assert {"onednn_opts", "onednn_max_cpu_isa", "intra_op_threads", "inter_op_threads"} <= set(info)
+
+
+def test_report_gathers_every_model(tmp_path, reference):
+    details, timings = tmp_path / "details", tmp_path / "latency"
+    details.mkdir()
+    timings.mkdir()
+    exported = evaluate.rounded(reference.figures)
+    (details / "exported.json").write_text(json.dumps(exported))
+    variant = {**exported, "agreement": 0.999, "max_dp": 0.01, "size_ratio": 0.25, "size_bytes": 100}
+    (details / "small.json").write_text(json.dumps(variant))
+    measured = {"batch_ms": 10.0, "batch1_p50_ms": 0.5, "batch1_p99_ms": 0.9, "load_s": 0.1, "first_call_ms": 2.0}
+    machine = latency.machine_info()
+    (timings / "small.json").write_text(json.dumps({"machine": machine, "measured": {
+        "exported": {**measured, "batch_ratio": 1.0, "batch1_p50_ratio": 1.0},
+        "small": {**measured, "batch_ratio": 0.5, "batch1_p50_ratio": 0.9},
+    }}))
+    records = report.gather(["small"], details, timings)
+    assert list(records) == ["exported", "small"]
+    report.write_report(records, tmp_path / "plots.json", tmp_path / "models.csv", tmp_path / "summary.md")
+    summary = (tmp_path / "summary.md").read_text()
+    assert "- smallest on disk: **small**" in summary and "- fastest at 100,000 rows: **small** (0.5)" in summary
+    assert "- most faithful (max |Δp| against the export): **small**" in summary
+    assert machine["cpu"] in summary
+    table = report.results_table(records).splitlines()
+    assert len(table) == 4 and table[0].count(" | ") == table[2].count(" | ") == table[3].count(" | ")
+    plots = json.loads((tmp_path / "plots.json").read_text())
+    assert [row["model"] for row in plots] == ["exported", "small"] and plots[1]["batch_ratio"] == 0.5
+    assert (tmp_path / "models.csv").read_text().splitlines()[0].startswith("model,size_bytes,")

@@ -57,7 +57,7 @@ def test_optimise_rejects_bad_transform_lists(tmp_path, capsys, change, expected
     params = write_params(tmp_path, change)
     code, stderr = run_script(
         "optimise",
-        ["notebook", "--params", str(params), "--frozen", str(tmp_path / "none"), "--out-dir", str(tmp_path)],
+        ["notebook", "--params", str(params), "--frozen", str(tmp_path / "none"), "--out", str(tmp_path / "notebook")],
         capsys,
     )
     assert code == 1
@@ -104,7 +104,9 @@ def test_prepare_writes_the_split(tmp_path, capsys):
 
 def test_train_rejects_a_missing_data_file(tmp_path, capsys):
     code, stderr = run_script(
-        "train", ["--train", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "w.npz")], capsys
+        "train",
+        ["--train", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "w.npz"), "--out-live", str(tmp_path)],
+        capsys,
     )
     assert code == 1 and "missing.csv: data file not found" in single_error_line(stderr)
     assert not (tmp_path / "w.npz").exists()

@@ -1,0 +1,64 @@
+"""dvc.yaml cannot drift from the code: every stage depends on every package file its script
+imports (found with ``ast``), and every path a script writes is a declared output of its stage."""
+
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+from import_closure import import_closure
+from pipeline_helpers import ROOT
+
+SRC = ROOT / "src"
+# The registry imports every module in transforms/ at run time (pkgutil), which ast can't see.
+DYNAMIC_IMPORTS = {SRC / "serving_optimiser/graph_transforms/registry.py": SRC / "serving_optimiser/graph_transforms"}
+
+
+def stages() -> dict[str, dict]:
+    """Each stage (a foreach stage once, with ${key} left in), by name."""
+    definitions = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    return {name: definition.get("do", definition) for name, definition in definitions.items()}
+
+
+def declared_paths(entries: list) -> set[str]:
+    return {next(iter(entry)) if isinstance(entry, dict) else entry for entry in entries or []}
+
+
+def covered(path: Path, deps: set[str]) -> bool:
+    relative = path.relative_to(ROOT)
+    return any(relative == Path(dep) or Path(dep) in relative.parents for dep in deps)
+
+
+@pytest.mark.parametrize("name", sorted(stages()))
+def test_stage_depends_on_every_package_file_its_script_imports(name):
+    stage = stages()[name]
+    script = ROOT / shlex.split(stage["cmd"])[1]
+    deps = declared_paths(stage["deps"])
+    assert str(script.relative_to(ROOT)) in deps
+    needed = import_closure(script, SRC)
+    needed |= {DYNAMIC_IMPORTS[path] for path in needed if path in DYNAMIC_IMPORTS}
+    missing = sorted(str(path.relative_to(ROOT)) for path in needed if not covered(path, deps))
+    assert not missing, f"dvc.yaml stage '{name}' misses deps: {missing}"
+
+
+@pytest.mark.parametrize("name", sorted(stages()))
+def test_every_path_a_script_writes_is_a_declared_output(name):
+    stage = stages()[name]
+    arguments = shlex.split(stage["cmd"])
+    written = {arguments[i + 1] for i, arg in enumerate(arguments) if arg.startswith("--out")}
+    declared = set().union(*(declared_paths(stage.get(kind)) for kind in ("outs", "metrics", "plots")))
+    # A directory the script writes may be declared as the files in it (DVCLive's directory).
+    undeclared = {path for path in written if not any(d == path or d.startswith(path + "/") for d in declared)}
+    unwritten = {d for d in declared if not any(d == path or d.startswith(path + "/") for path in written)}
+    assert not undeclared, f"stage '{name}': cmd writes {sorted(undeclared)}, not declared in dvc.yaml"
+    assert not unwritten, f"stage '{name}': dvc.yaml declares {sorted(unwritten)}, which no --out argument writes"
+
+
+def test_scripts_take_their_paths_from_dvc_yaml_only():
+    """No default output paths in the scripts: a path lives in dvc.yaml's cmd, next to its outs."""
+    for name, stage in stages().items():
+        script = ROOT / shlex.split(stage["cmd"])[1]
+        source = script.read_text()
+        for flag in {arg for arg in shlex.split(stage["cmd"]) if arg.startswith("--out")}:
+            assert f'"{flag}", default' not in source, f"{script.name}: {flag} has a default path ({name})"
+            assert f'"{flag}"' in source, f"{script.name}: no {flag} argument ({name})"
