@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from .. import booleans
+
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
@@ -23,12 +25,10 @@ class ToolArgumentParser(argparse.ArgumentParser):
 
 def parse_bool(text: str) -> bool:
     """Bool flag values the old tools accepted: true/false, 1/0 (any case)."""
-    value = text.strip().lower()
-    if value in ("true", "1", "yes"):
-        return True
-    if value in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+    value = booleans.parse_bool(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected {booleans.EXPECTED}, got '{text}'")
+    return value
 
 
 def quiet_tensorflow() -> None:
