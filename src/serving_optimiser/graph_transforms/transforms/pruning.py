@@ -14,6 +14,7 @@ from ..graph_utils import (
     node_map,
     node_name_from_input,
     parse_input,
+    reachable_names,
     sort_by_execution_order,
 )
 from ..registry import register
@@ -156,19 +157,10 @@ def strip_unused_nodes(graph_def: graph_pb2.GraphDef, context: TransformContext)
     nodes = node_map(graph_def)
     input_nodes = {node_name_from_input(n) for n in context.input_names}
     required = set(context.output_names) | {node_name_from_input(n) for n in context.output_names} | input_nodes
-    pending = [node_name_from_input(n) for n in context.output_names]
-    visited: set[str] = set()
-    while pending:
-        name = pending.pop()
-        if name in visited:
-            continue
-        visited.add(name)
-        if name not in nodes:
-            raise TransformError(f"strip_unused_nodes: input node {name} not found in graph")
-        required.add(name)
-        if name in input_nodes:
-            continue
-        pending.extend(node_name_from_input(i) for i in nodes[name].input)
+    missing: list[str] = []
+    required |= reachable_names(nodes, context.output_names, stop_at=input_nodes, missing=missing)
+    if missing:
+        raise TransformError(f"strip_unused_nodes: input node {missing[0]} not found in graph")
 
     kept = []
     for node in graph_def.node:
