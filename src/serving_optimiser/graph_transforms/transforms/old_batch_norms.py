@@ -15,19 +15,19 @@ from ..context import TransformContext
 from ..errors import TransformError
 from ..graph_utils import NodeMatch, const_value, control_inputs, make_const_node, make_node, pattern
 from ..registry import register
-from .batch_norms import (
-    _FLOAT_TYPES,
+from ._batch_norm_matching import (
     ANY,
     CONST,
-    _float_values,
-    _Readers,
-    _RefuseError,
-    _renamed,
-    _replace,
-    _scaled_weights,
-    _set_inputs,
-    _weight_columns,
-    _with_value,
+    FLOAT_TYPES,
+    Readers,
+    RefuseError,
+    float_values,
+    renamed,
+    replace_matches,
+    scaled_weights,
+    set_inputs,
+    weight_columns,
+    with_value,
 )
 
 _BATCH_NORMS = "BatchNormWithGlobalNormalization|FusedBatchNorm|FusedBatchNormV2|FusedBatchNormV3"
@@ -47,11 +47,11 @@ def _scale_and_offset(bn: node_def_pb2.NodeDef, consts: list[node_def_pb2.NodeDe
         (consts[2], consts[3], consts[1], consts[0]) if fused else tuple(consts)
     )
     if fused and (bn.attr["is_training"].b if "is_training" in bn.attr else True):
-        raise _RefuseError(f"{bn.op} '{bn.name}' has is_training=true, so it normalises with batch statistics")
+        raise RefuseError(f"{bn.op} '{bn.name}' has is_training=true, so it normalises with batch statistics")
     epsilon_attr = "epsilon" if fused else "variance_epsilon"
     epsilon = np.float32(bn.attr[epsilon_attr].f if epsilon_attr in bn.attr else 1e-4)
     scale_after_normalization = fused or bn.attr["scale_after_normalization"].b
-    mean = _float_values(mean_node).astype(np.float32)
+    mean = float_values(mean_node).astype(np.float32)
     if mean.ndim != 1:
         raise TransformError(
             f"fold_old_batch_norms: mean Const '{mean_node.name}' of '{bn.name}' has shape {list(mean.shape)}, "
@@ -59,7 +59,7 @@ def _scale_and_offset(bn: node_def_pb2.NodeDef, consts: list[node_def_pb2.NodeDe
         )
     values = {}
     for role, node in (("variance", var_node), ("beta", beta_node), ("gamma", gamma_node)):
-        values[role] = _float_values(node).astype(np.float32)
+        values[role] = float_values(node).astype(np.float32)
         if values[role].shape != mean.shape:
             raise TransformError(
                 f"fold_old_batch_norms: {role} Const '{node.name}' of '{bn.name}' has shape "
@@ -72,16 +72,16 @@ def _scale_and_offset(bn: node_def_pb2.NodeDef, consts: list[node_def_pb2.NodeDe
     return scale, offset
 
 
-def _check_batch_norm(bn: node_def_pb2.NodeDef, readers: _Readers) -> None:
+def _check_batch_norm(bn: node_def_pb2.NodeDef, readers: Readers) -> None:
     extra_outputs = sorted({r for r, port in readers.data.get(bn.name, []) if port != 0})
     if extra_outputs:
-        raise _RefuseError(f"'{extra_outputs[0]}' reads the batch statistics of '{bn.name}'")
-    if "T" in bn.attr and bn.attr["T"].type not in _FLOAT_TYPES:
-        raise _RefuseError(f"'{bn.name}' is not a float batch norm")
+        raise RefuseError(f"'{extra_outputs[0]}' reads the batch statistics of '{bn.name}'")
+    if "T" in bn.attr and bn.attr["T"].type not in FLOAT_TYPES:
+        raise RefuseError(f"'{bn.name}' is not a float batch norm")
 
 
 def _fuse_into_conv(
-    scale: np.ndarray, offset: np.ndarray, conv_match: NodeMatch, output_name: str, readers: _Readers,
+    scale: np.ndarray, offset: np.ndarray, conv_match: NodeMatch, output_name: str, readers: Readers,
     *allowed_readers: node_def_pb2.NodeDef,
 ) -> list[node_def_pb2.NodeDef]:
     """Scaled weights, the input and conv as they were, ``<conv>_bn_offset`` and a BiasAdd
@@ -90,9 +90,9 @@ def _fuse_into_conv(
     readers.require_only(conv, *allowed_readers)
     readers.require_only(weights, conv)
     if source.name == weights.name:
-        raise _RefuseError(f"'{conv.name}' reads its weights as its input too")
-    weight_values = _float_values(weights)
-    cols = _weight_columns(conv, weight_values)
+        raise RefuseError(f"'{conv.name}' reads its weights as its input too")
+    weight_values = float_values(weights)
+    cols = weight_columns(conv, weight_values)
     if cols != scale.shape[0]:
         raise TransformError(
             f"fold_old_batch_norms: '{conv.name}' has {cols} output channels but its batch norm has {scale.shape[0]}"
@@ -103,27 +103,27 @@ def _fuse_into_conv(
     if "data_format" in conv.attr:
         bias_add.attr["data_format"].CopyFrom(conv.attr["data_format"])
     bias_add.attr["T"].type = conv_type
-    scaled = _scaled_weights(conv, weight_values.astype(np.float32), scale).astype(weight_values.dtype)
-    return [_with_value(weights, scaled), source, conv, offset_node, bias_add]
+    scaled = scaled_weights(conv, weight_values.astype(np.float32), scale).astype(weight_values.dtype)
+    return [with_value(weights, scaled), source, conv, offset_node, bias_add]
 
 
-def _kept_bn_consts(match: NodeMatch, readers: _Readers) -> list[node_def_pb2.NodeDef]:
+def _kept_bn_consts(match: NodeMatch, readers: Readers) -> list[node_def_pb2.NodeDef]:
     """Batch-norm Consts something else reads (C++ cancelled the fold and looped forever)."""
     return [m.node for m in match.inputs[1:] if readers.read_elsewhere(m.node, match.node)]
 
 
-def _fold_plain(match: NodeMatch, readers: _Readers, renames: dict[str, str]) -> list[node_def_pb2.NodeDef]:
+def _fold_plain(match: NodeMatch, readers: Readers, renames: dict[str, str]) -> list[node_def_pb2.NodeDef]:
     bn = match.node
     _check_batch_norm(bn, readers)
     scale, offset = _scale_and_offset(bn, [m.node for m in match.inputs[1:]])
     new_nodes = _fuse_into_conv(scale, offset, match.inputs[0], bn.name, readers, bn)
     bias_add = new_nodes[-1]
-    _set_inputs(bias_add, list(bias_add.input), [c[1:] for c in control_inputs(bn)])
+    set_inputs(bias_add, list(bias_add.input), [c[1:] for c in control_inputs(bn)])
     return new_nodes + _kept_bn_consts(match, readers)
 
 
 def _fold_batch_to_space(
-    match: NodeMatch, readers: _Readers, renames: dict[str, str]
+    match: NodeMatch, readers: Readers, renames: dict[str, str]
 ) -> list[node_def_pb2.NodeDef]:
     bn, to_space_match = match.node, match.inputs[0]
     to_space = to_space_match.node
@@ -133,33 +133,33 @@ def _fold_batch_to_space(
     conv = to_space_match.inputs[0].node
     bias_add_name = f"{conv.name}/biasadd"
     new_nodes = _fuse_into_conv(scale, offset, to_space_match.inputs[0], bias_add_name, readers, to_space)
-    new_to_space = _renamed(to_space, bn.name, bn)
+    new_to_space = renamed(to_space, bn.name, bn)
     new_to_space.input[0] = bias_add_name
     renames[to_space.name] = bn.name
     new_nodes += [to_space_match.inputs[1].node, to_space_match.inputs[2].node, new_to_space]
     return new_nodes + _kept_bn_consts(match, readers)
 
 
-def _fold_concat(match: NodeMatch, readers: _Readers, renames: dict[str, str]) -> list[node_def_pb2.NodeDef]:
+def _fold_concat(match: NodeMatch, readers: Readers, renames: dict[str, str]) -> list[node_def_pb2.NodeDef]:
     bn, concat_match = match.node, match.inputs[0]
     concat = concat_match.node
     _check_batch_norm(bn, readers)
     readers.require_only(concat, bn)
     branches = concat_match.inputs[:2]
     if branches[0].inputs[1].node.name == branches[1].inputs[1].node.name:
-        raise _RefuseError(f"both inputs of '{concat.name}' use the weights '{branches[0].inputs[1].node.name}'")
+        raise RefuseError(f"both inputs of '{concat.name}' use the weights '{branches[0].inputs[1].node.name}'")
     scale, offset = _scale_and_offset(bn, [m.node for m in match.inputs[1:]])
     axis = int(const_value(concat_match.inputs[2].node))
     scales, offsets = [scale, scale], [offset, offset]
     if axis in (3, -1):
         # Concatenated along the channels: each branch gets its own part of the vectors.
-        split = _weight_columns(branches[0].node, const_value(branches[0].inputs[1].node))
+        split = weight_columns(branches[0].node, const_value(branches[0].inputs[1].node))
         scales, offsets = [scale[:split], scale[split:]], [offset[:split], offset[split:]]
     new_nodes = []
     for index, branch in enumerate(branches):
         name = f"{concat.name}_bn_in{index}"
         new_nodes += _fuse_into_conv(scales[index], offsets[index], branch, name, readers, concat)
-    new_concat = _renamed(concat, bn.name, bn)
+    new_concat = renamed(concat, bn.name, bn)
     new_concat.input[0], new_concat.input[1] = f"{concat.name}_bn_in0", f"{concat.name}_bn_in1"
     renames[concat.name] = bn.name
     new_nodes += [concat_match.inputs[2].node, new_concat]
@@ -195,7 +195,7 @@ def fold_old_batch_norms(graph_def: graph_pb2.GraphDef, context: TransformContex
     for family, build in zip(_OLD_BN_FAMILIES, builders):
         # Every fold removes a batch-norm node, so this many passes always reach the end.
         for _ in range(len(graph_def.node) + 1):
-            current, folded = _replace(current, family, build, context)
+            current, folded = replace_matches(current, family, build, context)
             if not folded:
                 break
     return current
