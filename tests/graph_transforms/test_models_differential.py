@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+import sample_graphs
 from graph_helpers import (
     op_counts,
     ops_by_name,
@@ -23,7 +24,7 @@ from graph_helpers import (
 )
 
 from serving_optimiser.cli import transform_graph
-from serving_optimiser.graph_transforms import TransformGraph, sample_graphs
+from serving_optimiser.graph_transforms import TransformGraph
 from serving_optimiser.graph_transforms.graph_io import load_graph_def, save_graph_def
 from serving_optimiser.graph_transforms.graph_utils import canonical_input_name, node_map, node_name_from_input
 
