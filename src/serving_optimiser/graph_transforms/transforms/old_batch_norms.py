@@ -36,6 +36,13 @@ _OLD_BN_FAMILIES = (
     pattern(_BATCH_NORMS, _BN_CONV, CONST, CONST, CONST, CONST),
     pattern(_BATCH_NORMS, pattern("BatchToSpaceND", _BN_CONV, CONST, CONST), CONST, CONST, CONST, CONST),
     pattern(_BATCH_NORMS, pattern("ConcatV2", _BN_CONV, _BN_CONV, CONST), CONST, CONST, CONST, CONST),
+    # A TF 1 / tf.layers batch norm on a 2-D tensor: the fused kernel wants 4-D, so the layer
+    # wraps it in Reshape[-1,1,1,C] ... Reshape[-1,C], which hides the MatMul from family 1.
+    pattern(
+        "Reshape",
+        pattern(_BATCH_NORMS, pattern("Reshape", pattern("MatMul", ANY, CONST), CONST), CONST, CONST, CONST, CONST),
+        CONST,
+    ),
 )
 
 
@@ -166,6 +173,38 @@ def _fold_concat(match: NodeMatch, readers: Readers, renames: dict[str, str]) ->
     return new_nodes + _kept_bn_consts(match, readers)
 
 
+def _fold_reshaped_matmul(
+    match: NodeMatch, readers: Readers, renames: dict[str, str]
+) -> list[node_def_pb2.NodeDef]:
+    outer, bn_match = match.node, match.inputs[0]
+    bn, to_4d_match = bn_match.node, bn_match.inputs[0]
+    to_4d, matmul_match = to_4d_match.node, to_4d_match.inputs[0]
+    _check_batch_norm(bn, readers)
+    readers.require_only(to_4d, bn)
+    readers.require_only(bn, outer)
+    if "data_format" in bn.attr and bn.attr["data_format"].s not in (b"", b"NHWC"):
+        raise RefuseError(f"'{bn.name}' is not NHWC, so its channels are not the MatMul's columns")
+    cols = weight_columns(matmul_match.node, float_values(matmul_match.inputs[1].node))
+    # Only the exact round trip [N, C] -> [N, 1, 1, C] -> [N, C] is a per-column batch norm.
+    to_4d_shape = const_value(to_4d_match.inputs[1].node).tolist()
+    to_2d_shape = const_value(match.inputs[1].node).tolist()
+    if to_4d_shape != [-1, 1, 1, cols] or to_2d_shape != [-1, cols]:
+        raise RefuseError(
+            f"'{to_4d.name}' and '{outer.name}' reshape to {to_4d_shape} and {to_2d_shape}, "
+            f"not [-1, 1, 1, {cols}] and [-1, {cols}]"
+        )
+    scale, offset = _scale_and_offset(bn, [m.node for m in bn_match.inputs[1:]])
+    new_nodes = _fuse_into_conv(scale, offset, matmul_match, outer.name, readers, to_4d)
+    bias_add = new_nodes[-1]
+    waited_for = [c[1:] for node in (to_4d, bn, outer) for c in control_inputs(node)]
+    set_inputs(bias_add, list(bias_add.input), waited_for)
+    shapes = [to_4d_match.inputs[1].node, match.inputs[1].node]
+    kept_shapes = [
+        shape for shape, reader in zip(shapes, (to_4d, outer), strict=True) if readers.read_elsewhere(shape, reader)
+    ]
+    return new_nodes + kept_shapes + _kept_bn_consts(bn_match, readers)
+
+
 @register("fold_old_batch_norms", on_functions=True)
 def fold_old_batch_norms(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Fold monolithic batch-norm ops into the convolution weights before them, plus a BiasAdd.
@@ -174,12 +213,15 @@ def fold_old_batch_norms(graph_def: graph_pb2.GraphDef, context: TransformContex
     BatchNormWithGlobalNormalization|FusedBatchNorm|FusedBatchNormV2|FusedBatchNormV3, all four
     Const inputs; CONV = Conv2D|DepthwiseConv2dNative of (any, Const)):
     1. BN of (CONV, ...); 2. BN of (BatchToSpaceND of (CONV, Const, Const), ...);
-    3. BN of (ConcatV2 of (CONV, CONV, Const axis), ...).
+    3. BN of (ConcatV2 of (CONV, CONV, Const axis), ...);
+    4. Reshape of (BN of (Reshape of (MatMul of (any, Const), Const [-1,1,1,C]), ...), Const
+    [-1,C]): a TF 1 / tf.layers batch norm on a 2-D tensor (beyond the C++ tool).
     Produces: weights Consts (same names) scaled by gamma / sqrt(variance + epsilon) per channel;
     a Const ``<conv>_bn_offset`` (beta - mean * scale); a BiasAdd of (conv, offset) named
     (1) as the BN, (2) ``<conv>/biasadd``, read by the BatchToSpaceND now named as the BN,
     (3) ``<concat>_bn_in0`` / ``_bn_in1``, read by the ConcatV2 now named as the BN (the
-    vectors are split between the branches when the axis is 3, or -1).
+    vectors are split between the branches when the axis is 3, or -1), (4) as the outer
+    Reshape, whose input Reshape and BN are gone.
     Params: none.
     Errors: mean/variance/beta/gamma that are not vectors of one length, or a conv whose channel
     count differs from the batch norm's.
@@ -191,7 +233,7 @@ def fold_old_batch_norms(graph_def: graph_pb2.GraphDef, context: TransformContex
     not matched (it crashed the C++ tool).
     """
     current = graph_def
-    builders = (_fold_plain, _fold_batch_to_space, _fold_concat)
+    builders = (_fold_plain, _fold_batch_to_space, _fold_concat, _fold_reshaped_matmul)
     for family, build in zip(_OLD_BN_FAMILIES, builders):
         # Every fold removes a batch-norm node, so this many passes always reach the end.
         for _ in range(len(graph_def.node) + 1):
