@@ -64,7 +64,10 @@ class _Analysis:
 
 @register(
     "fold_constants",
-    params=("clear_output_shapes", "exclude_op", "exclude_node", "max_constant_size_in_bytes"),
+    params={
+        "clear_output_shapes": "true", "exclude_op": "(repeatable)", "exclude_node": "(repeatable)",
+        "max_constant_size_in_bytes": str(DEFAULT_MAX_CONSTANT_SIZE_IN_BYTES),
+    },
     on_functions=True,
 )
 def fold_constants(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:

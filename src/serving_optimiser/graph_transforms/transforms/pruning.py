@@ -20,7 +20,7 @@ from ..graph_utils import (
 from ..registry import register
 
 
-@register("remove_nodes", params=("op", "max_inputs"), on_functions=True)
+@register("remove_nodes", params={"op": "(required, repeatable)", "max_inputs": "1"}, on_functions=True)
 def remove_nodes(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Bypass nodes of the given op types.
 
@@ -126,7 +126,13 @@ def _parse_type(text: str) -> int:
         raise TransformError(f"strip_unused_nodes: unknown type '{text}' (expected e.g. float, int32)") from None
 
 
-@register("strip_unused_nodes", params=("type", "shape", "name", "type_for_name", "shape_for_name"))
+@register(
+    "strip_unused_nodes",
+    params={
+        "type": "float", "shape": '"" (a scalar)', "name": "(repeatable)", "type_for_name": "(one per name)",
+        "shape_for_name": "(one per name)",
+    },
+)
 def strip_unused_nodes(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Remove every node the outputs don't need, and turn non-Placeholder inputs into Placeholders.
 

@@ -113,7 +113,13 @@ def _check_valid(graph_def: graph_pb2.GraphDef, stage: str) -> graph_pb2.GraphDe
     return graph_def
 
 
-@register("quantize_nodes", params=("input_min", "input_max", "fallback_min", "fallback_max", "ignore_op"))
+@register(
+    "quantize_nodes",
+    params={
+        "input_min": "(none; with input_max)", "input_max": "(none)", "fallback_min": "(none; with fallback_max)",
+        "fallback_max": "(none)", "ignore_op": "(repeatable)",
+    },
+)
 def quantize_nodes(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Replace float ops by their eight-bit Quantized* versions, in the C++ tool's seven stages.
 

@@ -64,7 +64,10 @@ def _percentile_range(mins: list[float], maxes: list[float], min_percentile: flo
     return sorted(mins)[low], sorted(maxes)[high]
 
 
-@register("freeze_requantization_ranges", params=("min_max_log_file", "min_percentile", "max_percentile"))
+@register(
+    "freeze_requantization_ranges",
+    params={"min_max_log_file": "(required)", "min_percentile": "5", "max_percentile": "5"},
+)
 def freeze_requantization_ranges(
     graph_def: graph_pb2.GraphDef, context: TransformContext
 ) -> graph_pb2.GraphDef:

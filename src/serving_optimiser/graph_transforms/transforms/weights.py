@@ -104,7 +104,7 @@ def _weight_values(node, minimum_size: int, transform: str):
     return values
 
 
-@register("round_weights", params=("num_steps",), on_functions=True)
+@register("round_weights", params={"num_steps": "256"}, on_functions=True)
 def round_weights(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Round every large float Const to ``num_steps`` evenly spaced levels, keeping it float.
 
@@ -215,7 +215,7 @@ def _check_no_variables(graph_def: graph_pb2.GraphDef) -> None:
             )
 
 
-@register("quantize_weights", params=("minimum_size", "per_channel"), on_functions=True)
+@register("quantize_weights", params={"minimum_size": "1024", "per_channel": "false"}, on_functions=True)
 def quantize_weights(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Store every large float Const as eight-bit codes plus a range, decoded at run time.
 
