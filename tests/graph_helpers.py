@@ -13,7 +13,7 @@ from tensorflow.core.framework import graph_pb2
 from tensorflow.python.framework import tensor_util
 
 from serving_optimiser.graph_transforms import TransformGraph
-from serving_optimiser.graph_transforms.graph_utils import const_value
+from serving_optimiser.graph_transforms.graph_utils import canonical_input_name, const_value
 
 try:
     from tensorflow.python.util import _pywrap_transform_graph
@@ -114,13 +114,40 @@ def ours_and_oracle(
     )
 
 
-def assert_same_structure(ours: graph_pb2.GraphDef, oracle: graph_pb2.GraphDef, check_inputs: bool = True) -> None:
-    """Same node names, ops and (optionally) canonical inputs, ignoring node order."""
-    assert ops_by_name(ours) == ops_by_name(oracle)
-    if check_inputs:
-        ours_nodes, oracle_nodes = nodes_by_name(ours), nodes_by_name(oracle)
-        for name, node in oracle_nodes.items():
-            assert list(ours_nodes[name].input) == list(node.input), name
+def structure_differences(
+    ours: graph_pb2.GraphDef, oracle: graph_pb2.GraphDef, canonical_inputs: bool = False
+) -> list[str]:
+    """Node names, op types and inputs that differ, as short readable lines, ignoring node order.
+
+    With ``canonical_inputs``, ``ph`` and ``ph:0`` name the same tensor: on whole models some
+    of our transforms keep the spelling the C++ engine rewrote (a documented cosmetic difference).
+    """
+    ours_nodes, oracle_nodes = nodes_by_name(ours), nodes_by_name(oracle)
+    differences = [f"only in ours: {name} ({ours_nodes[name].op})" for name in ours_nodes if name not in oracle_nodes]
+    differences += [
+        f"only in oracle: {name} ({node.op})" for name, node in oracle_nodes.items() if name not in ours_nodes
+    ]
+    spelling = canonical_input_name if canonical_inputs else str
+    for name, node in oracle_nodes.items():
+        mine = ours_nodes.get(name)
+        if mine is None:
+            continue
+        if mine.op != node.op:
+            differences.append(f"{name}: op {mine.op} (ours) vs {node.op} (oracle)")
+            continue
+        ours_inputs, oracle_inputs = [spelling(i) for i in mine.input], [spelling(i) for i in node.input]
+        if ours_inputs != oracle_inputs:
+            differences.append(f"{name}: inputs {ours_inputs} (ours) vs {oracle_inputs} (oracle)")
+    return differences
+
+
+def assert_same_structure(
+    ours: graph_pb2.GraphDef, oracle: graph_pb2.GraphDef, canonical_inputs: bool = False
+) -> None:
+    """Same node names, ops and inputs, ignoring node order (see ``structure_differences``)."""
+    differences = structure_differences(ours, oracle, canonical_inputs)
+    shown = "\n  ".join(differences[:15])
+    assert not differences, f"{len(differences)} structural differences:\n  {shown}"
 
 
 def frozen_function_graph(function, *input_specs) -> graph_pb2.GraphDef:

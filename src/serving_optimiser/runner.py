@@ -22,14 +22,11 @@ EXIT_INTERRUPTED = 130
 
 
 def is_user_error(error: BaseException) -> bool:
-    if isinstance(error, UserError | OSError):
-        return True
-    # Error classes of the subpackages that predate the common base: ValueErrors defined here.
-    return isinstance(error, ValueError) and type(error).__module__.startswith("serving_optimiser.")
+    return isinstance(error, UserError | OSError)
 
 
-def one_line(error: BaseException) -> str:
-    """The error's message on one line (protobuf and TensorFlow messages span several)."""
+def _flattened(error: BaseException) -> str:
+    """A user error's whole message on one line (an OSError's may hold a newline in a path)."""
     return " ".join(str(error).split()) or type(error).__name__
 
 
@@ -63,5 +60,5 @@ def run(prog: str, main: Callable[[], int | None], *, pinned: bool = False) -> i
     except Exception as error:
         if not is_user_error(error):
             raise
-        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+        print(f"{prog}: error: {_flattened(error)}", file=sys.stderr)
         return EXIT_ERROR

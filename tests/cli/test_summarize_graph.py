@@ -223,7 +223,7 @@ def test_main_prints_the_summary(capsys, tmp_path, suffix):
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        pytest.param([], "--in_graph is required", id="no-in_graph"),
+        pytest.param(["--in_graph="], "--in_graph is required", id="empty-in_graph"),
         pytest.param(["--in_graph=MISSING"], "does not exist", id="file-missing"),
         pytest.param(["--in_graph=GARBAGE"], "is not a GraphDef", id="not-a-graphdef"),
         pytest.param(["--in_graph=INVALID"], "inputs refer to nonexistent nodes", id="dangling-input"),

@@ -224,7 +224,10 @@ def test_error_is_one_line_and_leaves_no_output(capsys, model_files, tmp_path, a
 
 
 def test_unknown_flag_is_a_one_line_usage_error(capsys, model_files, tmp_path):
-    status, _, stderr = run_main(capsys, f"--in_graph={model_files['pb']}", "--bogus=1", "positional")
+    status, _, stderr = run_main(
+        capsys, f"--in_graph={model_files['pb']}", f"--out_graph={tmp_path / 'out.pb'}", "--transforms=remove_device",
+        "--bogus=1", "positional",
+    )
     assert status == 2
     assert stderr.count("\n") == 1
     assert "unrecognized arguments: --bogus=1 positional" in stderr

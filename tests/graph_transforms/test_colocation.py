@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import sample_graphs
 import tensorflow as tf
 from graph_helpers import graph_from_text, nodes_by_name, ops_by_name, oracle_transform, requires_oracle, run_graph
 
-from serving_optimiser.graph_transforms import TransformGraph, sample_graphs
+from serving_optimiser.graph_transforms import TransformGraph
 from serving_optimiser.graph_transforms.graph_utils import fix_colocation_attrs
 
 FEEDS = {"x": np.array([[1.0, 2.0], [-3.0, 0.5], [0.0, 4.0]], np.float32)}

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+import sample_graphs
 from graph_helpers import (
+    assert_same_structure,
     op_counts,
     ops_by_name,
     oracle_transform,
@@ -23,9 +25,9 @@ from graph_helpers import (
 )
 
 from serving_optimiser.cli import transform_graph
-from serving_optimiser.graph_transforms import TransformGraph, sample_graphs
+from serving_optimiser.graph_transforms import TransformGraph
 from serving_optimiser.graph_transforms.graph_io import load_graph_def, save_graph_def
-from serving_optimiser.graph_transforms.graph_utils import canonical_input_name, node_map, node_name_from_input
+from serving_optimiser.graph_transforms.graph_utils import node_map, node_name_from_input
 
 IRIS_INPUTS = list(sample_graphs.IRIS_FEATURES)
 IRIS_OUTPUTS = [sample_graphs.IRIS_OUTPUT]
@@ -82,37 +84,6 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, tolerance: float, wha
     scale = float(np.max(np.abs(expected))) or 1.0
     error = float(np.max(np.abs(actual - expected))) / scale
     assert error <= tolerance, f"{what}: max error {error:.3g} x max|value| exceeds {tolerance}"
-
-
-def structure_differences(ours, oracle) -> list[str]:
-    """Node names, op types and (canonical) inputs that differ, as short readable lines.
-
-    Inputs are compared in canonical form: ``ph`` and ``ph:0`` name the same tensor, and some of
-    our transforms keep the spelling the C++ engine rewrote (a documented cosmetic difference).
-    """
-    ours_nodes, oracle_nodes = node_map(ours), node_map(oracle)
-    differences = [f"only in ours: {name} ({ours_nodes[name].op})" for name in ours_nodes if name not in oracle_nodes]
-    differences += [
-        f"only in oracle: {name} ({node.op})" for name, node in oracle_nodes.items() if name not in ours_nodes
-    ]
-    for name, node in oracle_nodes.items():
-        mine = ours_nodes.get(name)
-        if mine is None:
-            continue
-        if mine.op != node.op:
-            differences.append(f"{name}: op {mine.op} (ours) vs {node.op} (oracle)")
-        else:
-            ours_inputs = [canonical_input_name(i) for i in mine.input]
-            oracle_inputs = [canonical_input_name(i) for i in node.input]
-            if ours_inputs != oracle_inputs:
-                differences.append(f"{name}: inputs {ours_inputs} (ours) vs {oracle_inputs} (oracle)")
-    return differences
-
-
-def assert_same_structure(ours, oracle) -> None:
-    differences = structure_differences(ours, oracle)
-    shown = "\n  ".join(differences[:15])
-    assert not differences, f"{len(differences)} structural differences:\n  {shown}"
 
 
 @dataclass(frozen=True)
@@ -203,7 +174,7 @@ def _compare_with_oracle(model: Model, case: Case, start=None) -> None:
         start = TransformGraph(start, model.inputs, model.outputs, list(case.prepare))
     ours = TransformGraph(start, model.inputs, model.outputs, transforms)
     oracle = oracle_transform(start, model.inputs, model.outputs, list(case.oracle_transforms or transforms))
-    assert_same_structure(ours, oracle)
+    assert_same_structure(ours, oracle, canonical_inputs=True)
     # Compare the logits too when the transform kept their node (obfuscate_names renames it).
     names = [*model.outputs, *([model.logits] if model.logits in ops_by_name(ours) else [])]
     ours_values, oracle_values = _run(ours, model, names), _run(oracle, model, names)
@@ -237,7 +208,9 @@ def test_iris_eight_bit_calibration_workflow_matches_oracle(iris, tmp_path, capf
     ranges = [node.name for node in quantized.node if node.op == "RequantizationRange"]
     assert len(ranges) == 10  # MatMul and BiasAdd of five layers
     logging_graph = TransformGraph(quantized, iris.inputs, iris.outputs, [LOG_RANGES])
-    assert_same_structure(logging_graph, oracle_transform(quantized, iris.inputs, iris.outputs, [LOG_RANGES]))
+    assert_same_structure(
+        logging_graph, oracle_transform(quantized, iris.inputs, iris.outputs, [LOG_RANGES]), canonical_inputs=True
+    )
 
     capfd.readouterr()
     for seed in range(4):

@@ -263,3 +263,64 @@ def test_fold_old_batch_norms_splits_concat_on_axis_minus_one():
     assert {"concat_op_bn_in0", "concat_op_bn_in1"} <= set(ops_by_name(result))
     assert consts_of(result)["conv0_op_bn_offset"].shape == (1,)
     assert_same_outputs(graph_def, result, ["output"], atol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# A TF 1 / tf.layers batch norm on a 2-D tensor: MatMul -> Reshape[-1,1,1,C] -> FusedBatchNormV3
+# -> Reshape[-1,C], frozen the TF 1 way (variables, then convert_variables_to_constants)
+# ---------------------------------------------------------------------------------------------
+
+DENSE_FEATURES = np.random.default_rng(3).normal(size=(16, 4)).astype(np.float32)
+
+
+def frozen_dense_with_2d_batch_norm(to_4d_shape=(-1, 1, 1, 3), to_2d_shape=(-1, 3)):
+    graph = tf.Graph()
+    rng = np.random.default_rng(7)
+    with graph.as_default():
+        features = tf.compat.v1.placeholder(tf.float32, [None, 4], name="features")
+        kernel = tf.compat.v1.Variable(rng.normal(size=(4, 3)).astype(np.float32), name="dense/kernel")
+        stats = {
+            name: tf.compat.v1.Variable(value.astype(np.float32), name=f"bn/{name}")
+            for name, value in (
+                ("gamma", rng.uniform(0.5, 2.0, 3)), ("beta", rng.normal(size=3)),
+                ("moving_mean", rng.normal(size=3)), ("moving_variance", rng.uniform(0.1, 3.0, 3)),
+            )
+        }
+        dense = tf.linalg.matmul(features, kernel, name="dense/MatMul")
+        as_4d = tf.reshape(dense, to_4d_shape, name="bn/Reshape")
+        normalised = tf.raw_ops.FusedBatchNormV3(
+            x=as_4d, scale=stats["gamma"], offset=stats["beta"], mean=stats["moving_mean"],
+            variance=stats["moving_variance"], epsilon=1e-3, is_training=False, name="bn/FusedBatchNormV3",
+        )[0]
+        tf.reshape(normalised, to_2d_shape, name="bn/Reshape_1")
+        with tf.compat.v1.Session(graph=graph) as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            return tf.compat.v1.graph_util.convert_variables_to_constants(
+                session, graph.as_graph_def(), ["bn/Reshape_1"]
+            )
+
+
+def test_fold_old_batch_norms_folds_a_2d_batch_norm_between_reshapes():
+    frozen = frozen_dense_with_2d_batch_norm()
+    transforms = ["fold_constants(ignore_errors=true)", "fold_old_batch_norms", "strip_unused_nodes"]
+    result = TransformGraph(frozen, ["features"], ["bn/Reshape_1"], transforms)
+    counts = op_counts(result)
+    assert "FusedBatchNormV3" not in counts and "Reshape" not in counts
+    assert ops_by_name(result)["bn/Reshape_1"] == "BiasAdd"
+    feeds = {"features": DENSE_FEATURES}
+    assert_same_outputs(frozen, result, ["bn/Reshape_1"], atol=2e-5, feeds=feeds)
+
+
+@pytest.mark.parametrize(
+    ("to_4d_shape", "to_2d_shape"),
+    [((-1, 1, 1, 3), (1, -1)), ((-1, 1, 1, 3), (-1, 1, 3))],
+    ids=["rows-flattened", "stays-3d"],
+)
+def test_fold_old_batch_norms_leaves_other_reshapes_around_a_batch_norm(to_4d_shape, to_2d_shape):
+    frozen = frozen_dense_with_2d_batch_norm(to_4d_shape, to_2d_shape)
+    folded = TransformGraph(frozen, ["features"], ["bn/Reshape_1"], ["fold_constants(ignore_errors=true)"])
+    result = TransformGraph(folded, ["features"], ["bn/Reshape_1"], ["fold_old_batch_norms"])
+    # A refused match keeps its nodes (in match order, as C++ did), so compare as a set.
+    assert sorted_nodes(result) == sorted_nodes(folded)
+    assert consts_of(result).keys() == consts_of(folded).keys()
+    assert op_counts(result)["FusedBatchNormV3"] == 1

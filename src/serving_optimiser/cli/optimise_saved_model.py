@@ -1,13 +1,23 @@
 """``optimise_saved_model``: freeze any SavedModel, apply Graph Transform Tool transforms, convert
 it back with every signature intact and check it still answers like the original.
 
+Example:
+
     optimise_saved_model export/1 optimised/1 \\
         --transforms 'remove_nodes(op=Identity) fold_constants(ignore_errors=true) quantize_weights' \\
         --min-agreement 0.99
 
-Progress goes to stderr, the per-output comparison to stdout. Exit codes: 0 done, 1 error
-(one or two lines on stderr, OUT_DIR not created), 2 bad usage, 3 class agreement under
-``--min-agreement`` (OUT_DIR not created).
+The comparison calls every kept signature of both models on the same inputs: the arrays of
+--sample-inputs, or else 64 seeded rows generated from each input's dtype and shape (unknown
+dimensions: 64 for the first, 1 for the others; floats ~ N(0, 1), integers in [0, 10), random
+bools, strings "0".."9"). Each output gets its max |difference| and, for class-like outputs
+(float with 2+ columns: argmax; integer, bool, string: the whole row), its class agreement:
+the fraction of rows whose class is the same. Without --min-agreement nothing is checked:
+the figures are only reported.
+
+Progress goes to stderr, the per-output comparison to stdout. Exit codes: 0 done; 1 error
+(one or two lines on stderr, OUT_DIR not created); 2 bad usage; 3 class agreement under
+--min-agreement (OUT_DIR not created); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Freeze a SavedModel, transform it with the Graph Transform Tool and convert it back, "
         "keeping every signature; then compare it with the original.",
+        docstring=__doc__,
     )
     parser.add_argument("in_dir", metavar="IN_DIR", help="the SavedModel directory to optimise")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="where to write the optimised SavedModel (must not exist)")
@@ -41,9 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--tag", action="append", metavar="TAG", help="MetaGraphDef tag (repeatable; default: serve)"
     )
     parser.add_argument("--sample-inputs", metavar="FILE.npz",
-                        help="inputs to compare on: arrays named <input> or <signature>/<input>")
+                        help="inputs to compare on: arrays named <input> or <signature>/<input> "
+                        "(default: 64 seeded rows generated from each signature's dtypes and shapes)")
     parser.add_argument("--min-agreement", type=float, metavar="X",
-                        help="fail (exit 3) when an output's class agreement is under X (0..1)")
+                        help="fail (exit 3, OUT_DIR not written) when an output's class agreement is under X "
+                        "(0..1); default: no check, the agreement is only reported")
     parser.add_argument("--allow-ops", action="append", metavar="A,B",
                         help="ops to accept although the safety scan refuses them (e.g. PrintV2)")
     parser.add_argument("--no-dequantize-once", dest="dequantize_once", action="store_false",

@@ -1,7 +1,11 @@
 """``summarize_graph``: print a summary of a GraphDef file (likely inputs and outputs,
 variables, parameter counts, op types), as the old Graph Transform Tool's summarize_graph did.
 
-    summarize_graph --in_graph=frozen.pb [--print_structure]
+Example:
+
+    summarize_graph --in_graph=frozen.pb --print_structure
+
+Exit codes: 0 done; 1 error (one line on stderr); 2 bad usage; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ PROG = "summarize_graph"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ToolArgumentParser(prog=PROG, description="Summarize a GraphDef file.")
-    parser.add_argument("--in_graph", default="", help="GraphDef file (binary, or text if .pbtxt)")
+    parser = ToolArgumentParser(prog=PROG, description="Summarize a GraphDef file.", docstring=__doc__)
+    parser.add_argument("--in_graph", required=True, help="GraphDef file (binary, or text if .pbtxt)")
     parser.add_argument(
         "--print_structure", nargs="?", const=True, default=False, type=parse_bool, metavar="BOOL",
         help="also print every node, in execution order, with its inputs",

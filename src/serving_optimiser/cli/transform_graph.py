@@ -1,14 +1,19 @@
 """``transform_graph``: apply Graph Transform Tool transforms to a GraphDef file, with the old
 tool's flags.
 
+Example:
+
     transform_graph --in_graph=frozen.pb --out_graph=optimised.pb \\
         --inputs=sepal_length,sepal_width --outputs=dnn/head/predictions/probabilities \\
         --transforms='remove_nodes(op=Identity) fold_constants(ignore_errors=true) quantize_weights'
 
 The input is read as a binary GraphDef (text format if that fails, or if the name ends in
-``.pbtxt``); the output is written in text format with ``--output_as_text`` or a ``.pbtxt``
-name, otherwise binary. Errors are one line on stderr and exit code 1; the output file is
-only written (atomically) when every transform succeeded.
+.pbtxt); the output is written in text format with --output_as_text or a .pbtxt name,
+otherwise binary. Transforms use the old tool's syntax; `transform_graph --list` shows them
+all with their arguments and defaults.
+
+Exit codes: 0 done; 1 error (one line on stderr; the output file is only written, atomically,
+when every transform succeeded); 2 bad usage; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -21,18 +26,32 @@ from .common import ToolArgumentParser, parse_bool, progress_logging, quiet_tens
 PROG = "transform_graph"
 
 
+class _ListTransforms(argparse.Action):
+    """``--list``: print every transform and exit, before required flags are checked (like --help)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        quiet_tensorflow()  # the registry imports TensorFlow
+        from ..graph_transforms.registry import transform_listing
+
+        sys.stdout.write(transform_listing())
+        parser.exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ToolArgumentParser(
-        prog=PROG,
-        description="Apply Graph Transform Tool transforms to a GraphDef file.",
-        epilog="Transforms use the old tool's syntax, e.g. "
-        "'fold_constants(ignore_errors=true) strip_unused_nodes(type=float, shape=\"1,299,299,3\")'.",
+        prog=PROG, description="Apply Graph Transform Tool transforms to a GraphDef file.", docstring=__doc__
     )
-    parser.add_argument("--in_graph", default="", help="input GraphDef file (binary, or text if .pbtxt)")
-    parser.add_argument("--out_graph", default="", help="output GraphDef file")
+    parser.add_argument("--in_graph", required=True, help="input GraphDef file (binary, or text if .pbtxt)")
+    parser.add_argument("--out_graph", required=True, help="output GraphDef file")
     parser.add_argument("--inputs", default="", help="comma-separated input node names")
     parser.add_argument("--outputs", default="", help="comma-separated output node names")
-    parser.add_argument("--transforms", default="", help="the transforms to apply, in order")
+    parser.add_argument("--transforms", required=True, help="the transforms to apply, in order (old tool's syntax)")
+    parser.add_argument(
+        "--list", action=_ListTransforms, help="list every transform with its arguments and defaults, then exit"
+    )
     parser.add_argument(
         "--output_as_text", nargs="?", const=True, default=False, type=parse_bool, metavar="BOOL",
         help="write the output in text format (also implied by an out_graph ending in .pbtxt)",

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .. import booleans
 from .errors import TransformError
-
-_TRUE = ("true", "1")
-_FALSE = ("false", "0")
 
 
 @dataclass
@@ -59,11 +57,10 @@ class TransformContext:
         value = self.get_string(name)
         if value is None:
             return default
-        if value in _TRUE:
-            return True
-        if value in _FALSE:
-            return False
-        raise self._fail(f"{name}='{value}' is not a boolean (expected true, false, 1 or 0)")
+        parsed = booleans.parse_bool(value)
+        if parsed is None:
+            raise self._fail(f"{name}='{value}' is not a boolean (expected {booleans.EXPECTED})")
+        return parsed
 
     def has(self, name: str) -> bool:
         return name in self.params

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 from tensorflow.core.framework import graph_pb2
 
+from .. import booleans
+from ..errors import UserError
 from . import registry
 from .context import TransformContext
 from .errors import TransformError
@@ -49,9 +51,9 @@ def check_transforms(parsed: list[ParsedTransform]) -> None:
                 f"{transform.name}: unknown argument '{extra[0]}' (it takes: {expected})"
             )
         values = transform.params.get("ignore_errors", [])
-        if len(values) > 1 or any(v.lower() not in ("true", "false") for v in values):
+        if len(values) > 1 or any(booleans.parse_bool(v) is None for v in values):
             raise TransformError(
-                f"{transform.name}: ignore_errors should be true or false, found {','.join(values)}"
+                f"{transform.name}: ignore_errors should be {booleans.EXPECTED}, found {','.join(values)}"
             )
 
 
@@ -101,7 +103,8 @@ def apply_transform(
     """Run one parsed transform (and, where it applies, on the function library too)."""
     registered = registry.get_transform(transform.name)
     params = {k: v for k, v in transform.params.items() if k != "ignore_errors"}
-    ignore_errors = transform.params.get("ignore_errors", ["false"])[0].lower() == "true"
+    # check_transforms has refused any value parse_bool does not know.
+    ignore_errors = bool(booleans.parse_bool(transform.params.get("ignore_errors", ["false"])[0]))
     context = TransformContext(transform.name, list(input_names), list(output_names), params)
     start = time.perf_counter()
     before = graph_def.SerializeToString(deterministic=True)
@@ -111,14 +114,12 @@ def apply_transform(
             from .function_library import transform_library_functions
 
             result = transform_library_functions(result, registered, context)
-    except TransformError as error:
+    except UserError as error:
+        # Only errors about the user's graph or params are skippable: any other exception is
+        # a bug in the transform and must surface with its traceback, not leave the graph
+        # silently unoptimised.
         if not ignore_errors:
             raise
-        log.warning("%s: failed, graph left unchanged (ignore_errors=true): %s", transform.name, error)
-        return graph_def
-    except Exception as error:
-        if not ignore_errors:
-            raise TransformError(f"{transform.name}: {type(error).__name__}: {error}") from error
         log.warning("%s: failed, graph left unchanged (ignore_errors=true): %s", transform.name, error)
         return graph_def
     # A `_class` naming a node the transform removed would stop tf.import_graph_def (the C++

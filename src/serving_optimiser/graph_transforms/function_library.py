@@ -21,18 +21,19 @@ import copy
 import logging
 from collections.abc import Mapping
 
-from tensorflow.core.framework import (
-    function_pb2,
-    graph_pb2,
-    node_def_pb2,
-    op_def_pb2,
-    types_pb2,
-)
-from tensorflow.python.framework import op_def_registry
+from tensorflow.core.framework import function_pb2, graph_pb2, node_def_pb2, op_def_pb2, types_pb2
 
+from ..errors import UserError
 from .context import TransformContext
 from .errors import TransformError
-from .graph_utils import find_invalid_inputs, node_name_from_input, parse_input
+from .graph_utils import (
+    arg_types,
+    find_invalid_inputs,
+    library_signatures,
+    lookup_op_def,
+    node_name_from_input,
+    parse_input,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,44 +47,15 @@ class UnconvertibleFunctionError(Exception):
 # ---------------------------------------------------------------------------------------------
 
 
-def library_signatures(library: function_pb2.FunctionDefLibrary) -> dict[str, op_def_pb2.OpDef]:
-    """Function name -> signature, for nodes that call a library function as their op."""
-    return {function.signature.name: function.signature for function in library.function}
-
-
-def op_def_for(op: str, signatures: Mapping[str, op_def_pb2.OpDef]) -> op_def_pb2.OpDef:
-    """The OpDef of ``op``: a library function's signature first, then the op registry."""
-    if op in signatures:
-        return signatures[op]
-    op_def = op_def_registry.get(op)
-    if op_def is None:
-        raise UnconvertibleFunctionError(f"op '{op}' is neither registered nor a library function")
-    return op_def
-
-
-def _attr_or_default(node: node_def_pb2.NodeDef, op_def: op_def_pb2.OpDef, name: str):
-    if name in node.attr:
-        return node.attr[name]
-    for attr in op_def.attr:
-        if attr.name == name and attr.HasField("default_value"):
-            return attr.default_value
-    raise UnconvertibleFunctionError(f"node '{node.name}' ({node.op}) has no attr '{name}'")
-
-
-def output_arg_sizes(node: node_def_pb2.NodeDef, op_def: op_def_pb2.OpDef) -> list[tuple[str, int]]:
+def output_arg_sizes(node: node_def_pb2.NodeDef, signatures: Mapping[str, op_def_pb2.OpDef]) -> list[tuple[str, int]]:
     """(output arg name, number of tensors it holds) for each output arg of ``node``, in order."""
-    sizes = []
-    for arg in op_def.output_arg:
-        if arg.number_attr:
-            count = _attr_or_default(node, op_def, arg.number_attr).i
-        elif arg.type_list_attr:
-            count = len(_attr_or_default(node, op_def, arg.type_list_attr).list.type)
-        elif arg.type_attr or arg.type != types_pb2.DT_INVALID:
-            count = 1
-        else:
-            raise UnconvertibleFunctionError(f"output arg '{arg.name}' of op '{op_def.name}' has no type")
-        sizes.append((arg.name, count))
-    return sizes
+    op_def = lookup_op_def(node.op, signatures)
+    if op_def is None:
+        raise UnconvertibleFunctionError(f"op '{node.op}' is neither registered nor a library function")
+    try:
+        return [(name, len(types)) for name, types in arg_types(node, op_def, unresolved_type=types_pb2.DT_INVALID)]
+    except TransformError as error:
+        raise UnconvertibleFunctionError(str(error)) from None
 
 
 def nested_to_flat_names(
@@ -93,7 +65,7 @@ def nested_to_flat_names(
     mapping = {}
     for node in nodes:
         port = 0
-        for arg_name, count in output_arg_sizes(node, op_def_for(node.op, signatures)):
+        for arg_name, count in output_arg_sizes(node, signatures):
             for index in range(count):
                 mapping[f"{node.name}:{arg_name}:{index}"] = f"{node.name}:{port}"
                 port += 1
@@ -311,14 +283,9 @@ def transform_library_functions(
         original = graph_def.library.function[index_of[name]]
         try:
             transformed = transform_function(original, graph_def, registered, context)
-        except (UnconvertibleFunctionError, TransformError) as error:
+        except (UnconvertibleFunctionError, UserError) as error:
+            # A body the transform cannot handle stays as it was; a bug still propagates.
             log.warning("%s: function '%s' left unchanged: %s", context.transform, name, error)
-            continue
-        except Exception as error:  # noqa: BLE001 - a TF error on one body must not lose the library
-            log.warning(
-                "%s: function '%s' left unchanged: %s: %s",
-                context.transform, name, type(error).__name__, error,
-            )
             continue
         if transformed != original:
             log.info(

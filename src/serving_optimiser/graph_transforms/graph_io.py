@@ -10,6 +10,7 @@ from google.protobuf import message, text_format, unknown_fields
 from tensorflow.core.framework import graph_pb2
 
 from ..atomic import atomic_file
+from ..errors import first_line
 from .errors import TransformError
 
 TEXT_SUFFIXES = (".pbtxt",)
@@ -21,11 +22,6 @@ class GraphFileError(TransformError):
 
 def is_text_path(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(TEXT_SUFFIXES)
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 def _check_plausible(graph_def: graph_pb2.GraphDef, path: str) -> None:
@@ -65,7 +61,7 @@ def load_graph_def(path: str | os.PathLike) -> graph_pb2.GraphDef:
         try:
             text_format.Parse(data.decode("utf-8"), graph_def)
         except (text_format.ParseError, UnicodeDecodeError) as error:
-            raise GraphFileError(f"'{display}' is not a text-format GraphDef: {_first_line(error)}") from None
+            raise GraphFileError(f"'{display}' is not a text-format GraphDef: {first_line(error)}") from None
     else:
         try:
             graph_def.ParseFromString(data)
@@ -75,7 +71,7 @@ def load_graph_def(path: str | os.PathLike) -> graph_pb2.GraphDef:
                 text_format.Parse(data.decode("utf-8"), graph_def)
             except (text_format.ParseError, UnicodeDecodeError):
                 raise GraphFileError(
-                    f"'{display}' is not a GraphDef (neither binary protobuf: {_first_line(binary_error)}, "
+                    f"'{display}' is not a GraphDef (neither binary protobuf: {first_line(binary_error)}, "
                     "nor text format)"
                 ) from None
     _check_plausible(graph_def, display)

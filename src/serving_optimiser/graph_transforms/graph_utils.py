@@ -9,11 +9,19 @@ one place.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from tensorflow.core.framework import graph_pb2, node_def_pb2, tensor_pb2, types_pb2
+from tensorflow.core.framework import (
+    attr_value_pb2,
+    function_pb2,
+    graph_pb2,
+    node_def_pb2,
+    op_def_pb2,
+    tensor_pb2,
+    types_pb2,
+)
 from tensorflow.python.framework import tensor_util
 
 from .errors import TransformError
@@ -201,8 +209,6 @@ DTYPE_ATTRS = frozenset(
 
 def set_attr(node: node_def_pb2.NodeDef, key: str, value) -> None:
     """Set an attr from a Python value, a DType enum (for dtype keys) or an AttrValue."""
-    from tensorflow.core.framework import attr_value_pb2
-
     attr = node.attr[key]
     if isinstance(value, attr_value_pb2.AttrValue):
         attr.CopyFrom(value)
@@ -469,17 +475,35 @@ def rename_node_inputs(
     return result
 
 
-def reachable_names(nodes: dict[str, node_def_pb2.NodeDef], roots: Iterable[str]) -> set[str]:
+def reachable_names(
+    nodes: Mapping[str, node_def_pb2.NodeDef],
+    roots: Iterable[str],
+    stop_at: Iterable[str] = (),
+    missing: list[str] | None = None,
+) -> set[str]:
     """Names of the nodes ``roots`` (names or input strings) reach through data and control
-    inputs, roots included; names missing from ``nodes`` are skipped."""
+    inputs, roots included.
+
+    A node named in ``stop_at`` is included but its inputs are not followed: a fed input cuts
+    the graph there, as a session feed does. Names missing from ``nodes`` are skipped; pass a
+    list as ``missing`` to collect them (in the order met) and word the error yourself.
+    """
+    stops = {node_name_from_input(name) for name in stop_at}
     pending = [node_name_from_input(root) for root in roots]
     reachable: set[str] = set()
+    absent: set[str] = set()
     while pending:
         name = pending.pop()
-        if name in reachable or name not in nodes:
+        if name in reachable or name in absent:
+            continue
+        if name not in nodes:
+            absent.add(name)
+            if missing is not None:
+                missing.append(name)
             continue
         reachable.add(name)
-        pending.extend(node_name_from_input(i) for i in nodes[name].input)
+        if name not in stops:
+            pending.extend(node_name_from_input(i) for i in nodes[name].input)
     return reachable
 
 
@@ -542,51 +566,80 @@ def fix_colocation_attrs(graph_def: graph_pb2.GraphDef, renames: dict[str, str] 
 
 
 # ---------------------------------------------------------------------------------------------
-# Op definitions: TF's op registry, then the graph's function library
+# Op definitions: the graph's function library, then TF's op registry
 # ---------------------------------------------------------------------------------------------
 
 
-def lookup_op_def(op: str, library=None):
-    """The OpDef of ``op``: TF's registry first, else the signature of a library function.
+def library_signatures(library: function_pb2.FunctionDefLibrary) -> dict[str, op_def_pb2.OpDef]:
+    """Function name -> signature, for nodes that call a library function as their op."""
+    return {function.signature.name: function.signature for function in library.function}
 
-    Returns None when neither knows the op (callers raise with their own context).
+
+def lookup_op_def(
+    op: str, library: function_pb2.FunctionDefLibrary | Mapping[str, op_def_pb2.OpDef] | None = None
+) -> op_def_pb2.OpDef | None:
+    """The OpDef of ``op``: a library function's signature first, else TF's op registry.
+
+    The library comes first because that is how TensorFlow resolves a node's op
+    (``FunctionLibraryDefinition::LookUp``); TF refuses a function named like a registered op,
+    so the order only matters for graphs TF would not load. ``library`` is a
+    FunctionDefLibrary or a name -> signature map from ``library_signatures`` (cheaper when
+    looking up many nodes). Returns None when neither knows the op (callers raise with their
+    own context).
     """
     from tensorflow.python.framework import op_def_registry
 
-    op_def = op_def_registry.get(op)
-    if op_def is not None:
-        return op_def
     if library is not None:
-        for function in library.function:
-            if function.signature.name == op:
-                return function.signature
-    return None
+        signatures = library_signatures(library) if isinstance(library, function_pb2.FunctionDefLibrary) else library
+        if op in signatures:
+            return signatures[op]
+    return op_def_registry.get(op)
 
 
-def output_types(node: node_def_pb2.NodeDef, op_def) -> list[int]:
-    """The dtype of every output of ``node`` (ref types kept), resolved from ``op_def``.
+def arg_types(
+    node: node_def_pb2.NodeDef,
+    op_def: op_def_pb2.OpDef,
+    args: Iterable[op_def_pb2.OpDef.ArgDef] | None = None,
+    unresolved_type: int | None = None,
+) -> list[tuple[str, list[int]]]:
+    """(arg name, dtypes of the tensors it holds) for each of ``args`` of ``node``.
 
+    ``args`` defaults to the OpDef's output args; pass ``op_def.input_arg`` for the inputs.
     Type attrs, ``number_attr`` repeats and ``type_list_attr`` lists are read from the node,
-    falling back to the OpDef's defaults. Raises TransformError when one cannot be resolved.
+    falling back to the OpDef's defaults; ref types are kept (``DT_X_REF``). Raises
+    TransformError when one cannot be resolved, except that a missing single-type attr gives
+    ``unresolved_type`` when that is set: counting tensors (to number ports) needs no types.
     """
     defaults = {attr.name: attr.default_value for attr in op_def.attr if attr.HasField("default_value")}
 
-    def attr_value(key: str):
+    def attr_value(key: str) -> attr_value_pb2.AttrValue:
         if key in node.attr:
             return node.attr[key]
         if key in defaults:
             return defaults[key]
-        raise TransformError(f"node '{node.name}' ({node.op}) has no attr '{key}' to type its outputs")
+        raise TransformError(f"node '{node.name}' ({node.op}) has no attr '{key}' to type its arguments")
 
-    result: list[int] = []
-    for arg in op_def.output_arg:
+    result: list[tuple[str, list[int]]] = []
+    for arg in op_def.output_arg if args is None else args:
         if arg.type_list_attr:
             types = list(attr_value(arg.type_list_attr).list.type)
         else:
-            base = arg.type if arg.type else attr_value(arg.type_attr).type
+            if arg.type == types_pb2.DT_INVALID and not arg.type_attr:
+                raise TransformError(f"argument '{arg.name}' of op '{op_def.name}' has no type")
+            if arg.type:
+                base = arg.type
+            elif unresolved_type is not None and arg.type_attr not in node.attr and arg.type_attr not in defaults:
+                base = unresolved_type
+            else:
+                base = attr_value(arg.type_attr).type
             count = attr_value(arg.number_attr).i if arg.number_attr else 1
             types = [base] * count
         if arg.is_ref:
-            types = [t + 100 if t < 100 else t for t in types]  # DT_X_REF == DT_X + 100
-        result.extend(types)
+            types = [t + 100 if 0 < t < 100 else t for t in types]  # DT_X_REF == DT_X + 100
+        result.append((arg.name, types))
     return result
+
+
+def output_types(node: node_def_pb2.NodeDef, op_def: op_def_pb2.OpDef) -> list[int]:
+    """The dtype of every output of ``node``, port by port (see ``arg_types``)."""
+    return [dtype for _, types in arg_types(node, op_def) for dtype in types]

@@ -2,7 +2,9 @@
 ``fold_constants(ignore_errors=true) strip_unused_nodes(type=float, shape="1,299,299,3")``.
 
 It follows the C++ scanner token for token (see docs/differences.md for the two places where
-it is stricter: unterminated strings and unbalanced parentheses are errors here).
+it is stricter: unterminated strings and unbalanced parentheses are errors here, and the one
+where it is more lenient: a backslash-newline counts as a space, because strings pasted from
+old multi-line shell examples keep the shell's line continuations inside their quotes).
 """
 
 from __future__ import annotations
@@ -12,6 +14,19 @@ from dataclasses import dataclass, field
 from .errors import TransformError
 
 _SPACES = " \t\n\v\f\r"
+_LINE_CONTINUATIONS = ("\\\r\n", "\\\n")
+
+
+def _space_length(text: str, position: int) -> int:
+    """Length of the whitespace token at ``position``: a space character, a backslash-newline, or 0."""
+    if position >= len(text):
+        return 0
+    if text[position] in _SPACES:
+        return 1
+    for continuation in _LINE_CONTINUATIONS:
+        if text.startswith(continuation, position):
+            return len(continuation)
+    return 0
 
 
 def _is_ident_char(char: str) -> bool:
@@ -53,8 +68,8 @@ def parse_transforms(text: str) -> list[ParsedTransform]:
     length = len(text)
 
     def skip_spaces(p: int) -> int:
-        while p < length and text[p] in _SPACES:
-            p += 1
+        while step := _space_length(text, p):
+            p += step
         return p
 
     while True:
@@ -68,7 +83,7 @@ def parse_transforms(text: str) -> list[ParsedTransform]:
             raise _error(text, pos, "a transform name")
         transform = ParsedTransform(text[start:pos], position=start)
         result.append(transform)
-        if pos >= length or text[pos] in _SPACES:
+        if pos >= length or _space_length(text, pos):
             continue
         if text[pos] != "(":
             raise _error(text, pos, f"'(' or a space after transform name '{transform.name}'")

@@ -1,6 +1,8 @@
 """The registry mapping the old tool's transform names to Python functions.
 
-A transform joins with ``@register("name", params=(...))``; nothing else holds the list.
+A transform joins with ``@register("name", params={"param": "default", ...})``; nothing else
+holds the list. The defaults are text for people (``transform_graph --list``); the transform
+itself applies them through its context's typed getters.
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from tensorflow.core.framework import graph_pb2
@@ -29,6 +31,14 @@ class RegisteredTransform:
     params: tuple[str, ...]
     # Whether the engine also runs the transform on each function body in the library.
     on_functions: bool
+    # (param, its default as the user would write it, or how it behaves when absent).
+    defaults: tuple[tuple[str, str], ...] = ()
+
+    def usage(self) -> str:
+        """``name(param=default, ...)``, or the bare name for a transform without params."""
+        if not self.defaults:
+            return self.name
+        return f"{self.name}({', '.join(f'{param}={default}' for param, default in self.defaults)})"
 
 
 _REGISTRY: dict[str, RegisteredTransform] = {}
@@ -36,13 +46,18 @@ _loaded = False
 
 
 def register(
-    name: str, *aliases: str, params: tuple[str, ...] = (), on_functions: bool = False
+    name: str, *aliases: str, params: Mapping[str, str] | None = None, on_functions: bool = False
 ) -> Callable[[TransformFunction], TransformFunction]:
+    """Register ``function`` under ``name`` (and ``aliases``), taking ``params``: param -> default."""
+    defaults = tuple((params or {}).items())
+
     def decorate(function: TransformFunction) -> TransformFunction:
         for key in (name, *aliases):
             if key in _REGISTRY:
                 raise RuntimeError(f"transform '{key}' registered twice")
-            _REGISTRY[key] = RegisteredTransform(key, function, tuple(params), on_functions)
+            _REGISTRY[key] = RegisteredTransform(
+                key, function, tuple(param for param, _ in defaults), on_functions, defaults
+            )
         return function
 
     return decorate
@@ -70,6 +85,20 @@ def get_transform(name: str) -> RegisteredTransform:
         return _REGISTRY[name]
     except KeyError:
         raise TransformError(unknown_transforms_message([name])) from None
+
+
+def transform_listing() -> str:
+    """Every transform with its arguments and defaults, and the first line of its docstring:
+    what ``transform_graph --list`` prints."""
+    _load_all()
+    lines = ["Every transform also takes ignore_errors (default false: an error stops the run).", ""]
+    for name in sorted(_REGISTRY):
+        registered = _REGISTRY[name]
+        summary = (registered.function.__doc__ or "").strip().splitlines()
+        lines.append(registered.usage())
+        if summary:
+            lines.append(f"    {summary[0]}")
+    return "\n".join(lines) + "\n"
 
 
 def unknown_transforms_message(names: list[str]) -> str:

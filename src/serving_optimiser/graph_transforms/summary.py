@@ -16,13 +16,11 @@ from tensorflow.python.framework import tensor_util
 
 from .errors import TransformError
 from .graph_utils import find_invalid_inputs, node_map, node_name_from_input, sort_by_execution_order
+from .op_sets import REF_VARIABLE_OPS, SUMMARIZED_VARIABLE_OPS
 
 log = logging.getLogger(__name__)
 
 PLACEHOLDER_OPS = ("Placeholder",)
-# The old tool knew only the ref variables of TF 1; TF 2 graphs hold resource variables.
-REF_VARIABLE_OPS = ("Variable", "VariableV2")
-VARIABLE_OPS = (*REF_VARIABLE_OPS, "VarHandleOp")
 UNLIKELY_OUTPUT_OPS = frozenset({"Const", "Assign", "NoOp", "Placeholder"})
 
 
@@ -194,7 +192,7 @@ def summarize_graph(
     """
     nodes = node_map(graph_def)
     placeholders = [node for node in graph_def.node if node.op in PLACEHOLDER_OPS]
-    variables = [node for node in graph_def.node if node.op in VARIABLE_OPS]
+    variables = [node for node in graph_def.node if node.op in SUMMARIZED_VARIABLE_OPS]
     lines: list[str] = []
 
     if placeholders:
@@ -231,7 +229,7 @@ def summarize_graph(
                 const_count += count or 0
             else:
                 log.warning("Decoding Tensor failed for node %s", node.name)
-        elif node.op in VARIABLE_OPS:
+        elif node.op in SUMMARIZED_VARIABLE_OPS:
             count = _element_count(node.attr["shape"].shape) if "shape" in node.attr else None
             if count is None:
                 log.warning("Variable %s has no fully defined shape; not counted", node.name)

@@ -1,13 +1,11 @@
-"""File-system helpers of the SavedModel tools: atomic directory output and size accounting."""
+"""File-system helpers of the SavedModel tools: the output-directory check and size accounting
+(atomic output itself is ``serving_optimiser.atomic``)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
-from ..atomic import atomic_directory as shared_atomic_directory
 from .errors import SavedModelError
 
 
@@ -20,13 +18,6 @@ def check_output_directory(target: str | os.PathLike, overwrite: bool = False) -
         if any(target.iterdir()):
             raise SavedModelError(f"{target}: output directory already exists and is not empty")
     return target
-
-
-@contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """The shared atomic directory output, refusing an existing non-empty ``target`` unless ``overwrite``."""
-    with shared_atomic_directory(check_output_directory(target, overwrite)) as temporary:
-        yield temporary
 
 
 def directory_size(directory: str | os.PathLike) -> int:

@@ -12,6 +12,7 @@ from tensorflow.core.framework import graph_pb2
 from ..graph_transforms.graph_utils import (
     consumers_map,
     copy_graph,
+    lookup_op_def,
     new_graph_like,
     node_name_from_input,
     parse_input,
@@ -68,11 +69,9 @@ def prefix_nodes(graph_def: graph_pb2.GraphDef, prefix: str) -> graph_pb2.GraphD
 
 
 def _is_stateful(op: str, library_names: set[str]) -> bool:
-    from tensorflow.python.framework import op_def_registry
-
     if op in CHECKING_OPS or op in CONTROL_FLOW_OPS or op in library_names:
         return True
-    op_def = op_def_registry.get(op)
+    op_def = lookup_op_def(op)
     return op_def is None or op_def.is_stateful
 
 

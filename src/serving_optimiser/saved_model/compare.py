@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SavedModelError
-from .freeze import _as_tags, tensorflow_errors
+from .errors import SavedModelError, tensorflow_errors
 from .model import SignatureInfo
-from .reader import read_saved_model, select_meta_graph, select_signature_keys, signature_info_from_proto
+from .reader import as_tags, read_meta_graph, select_signature_keys, signature_info_from_proto
 from .safety import refuse_unsafe_ops, scan_for_unsafe_ops
 
 log = logging.getLogger(__name__)
@@ -139,7 +138,7 @@ def _as_tensor(signature: SignatureInfo, name: str, value):
 
 
 def _signatures(directory: str, tags: tuple[str, ...], keys, allow_ops) -> dict[str, SignatureInfo]:
-    meta_graph = select_meta_graph(read_saved_model(directory), tags, directory)
+    meta_graph = read_meta_graph(directory, tags)
     refuse_unsafe_ops(scan_for_unsafe_ops(meta_graph, allow_ops), directory)
     selected = select_signature_keys(meta_graph, keys, directory)
     return {k: signature_info_from_proto(k, meta_graph.signature_def[k]) for k in selected}
@@ -163,7 +162,7 @@ def compare_saved_models(
     """
     import tensorflow as tf
 
-    tags = _as_tags(tags)
+    tags = as_tags(tags)
     original_dir, converted_dir = str(original_dir), str(converted_dir)
     converted = _signatures(converted_dir, tags, signature_keys, allow_ops)
     original = _signatures(original_dir, tags, sorted(converted), allow_ops)

@@ -20,11 +20,12 @@ from tensorflow.core.framework import graph_pb2, tensor_shape_pb2, types_pb2, va
 from tensorflow.core.framework.attr_value_pb2 import AttrValue
 from tensorflow.core.protobuf import meta_graph_pb2
 
+from ..atomic import atomic_directory
+from ..errors import first_line
 from ..graph_transforms.graph_utils import copy_graph, make_node, node_map, parse_input, reachable_names
-from ._files import atomic_directory
+from ._files import check_output_directory
 from ._surgery import unique_name
-from .errors import SavedModelError
-from .freeze import tensorflow_errors
+from .errors import SavedModelError, tensorflow_errors
 from .model import FrozenModel, SignatureInfo, TensorInfo
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def convert_to_saved_model(
 
     An existing non-empty ``out_dir`` is an error unless ``overwrite``.
     """
-    with atomic_directory(out_dir, overwrite) as temporary:
+    with atomic_directory(check_output_directory(out_dir, overwrite)) as temporary:
         write_saved_model(frozen, temporary, dequantize_once, label=str(out_dir))
 
 
@@ -88,7 +89,7 @@ def write_saved_model(
 def _tf_detail(error: Exception) -> str:
     """The first line of a TensorFlow error, with the node it names if that is further down."""
     text = str(error).strip()
-    first = text.splitlines()[0] if text else type(error).__name__
+    first = first_line(error)
     node = re.search(r"\{\{node ([^}]+)\}\}", text)
     return f"{first} (node '{node.group(1)}')" if node and node.group(1) not in first else first
 

@@ -18,7 +18,6 @@ need a placeholder their signature does not feed are refused, naming the node.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -31,9 +30,9 @@ from ..graph_transforms.graph_utils import (
     make_const_node,
     make_node,
     node_map,
-    node_name_from_input,
     reachable_names,
 )
+from ..graph_transforms.op_sets import PLACEHOLDER_OPS, VARIABLE_OPS
 from ._surgery import (
     canonical_function_names,
     drop_pure_control_edges,
@@ -43,12 +42,12 @@ from ._surgery import (
     strip_load_suffixes,
     unique_name,
 )
-from .errors import SavedModelError
+from .errors import SavedModelError, tensorflow_errors
 from .model import FrozenModel, SignatureInfo, TensorInfo
 from .reader import (
+    as_tags,
     is_tf2_export,
-    read_saved_model,
-    select_meta_graph,
+    read_meta_graph,
     select_signature_keys,
     signature_info_from_proto,
 )
@@ -56,8 +55,6 @@ from .safety import refuse_unsafe_ops, scan_for_unsafe_ops
 
 log = logging.getLogger(__name__)
 
-VARIABLE_OPS = frozenset({"VariableV2", "Variable", "VarHandleOp", "_VarHandlesOp", "AutoReloadVariable"})
-PLACEHOLDER_OPS = frozenset({"Placeholder", "PlaceholderWithDefault", "PlaceholderV2"})
 # Table-creating ops: (resource handle?, op that re-fills it).
 TABLE_OPS = {
     "HashTableV2": "LookupTableImportV2",
@@ -81,28 +78,6 @@ TABLE_READERS = {
 TABLE_WRITERS = frozenset({"LookupTableImportV2", "LookupTableInsertV2", "LookupTableRemoveV2"})
 
 
-def _as_tags(tags: str | Iterable[str]) -> tuple[str, ...]:
-    if isinstance(tags, str):
-        tags = tags.split(",")
-    result = tuple(sorted({t.strip() for t in tags}))
-    if not result or any(not t for t in result):
-        raise SavedModelError(f"tags must be non-empty names, found {list(tags)!r}")
-    return result
-
-
-@contextlib.contextmanager
-def tensorflow_errors(where: str, doing: str):
-    """Turn an exception raised inside TensorFlow into a one-line SavedModelError."""
-    try:
-        yield
-    except SavedModelError:
-        raise
-    except Exception as error:
-        message = str(error).strip().splitlines()
-        detail = message[0] if message else ""
-        raise SavedModelError(f"{where}: {doing} failed: {type(error).__name__}: {detail}") from error
-
-
 def freeze_saved_model(
     saved_model_dir: str | os.PathLike,
     signature_keys: Sequence[str] | None = None,
@@ -115,8 +90,8 @@ def freeze_saved_model(
     the denylist are refused unless ``allow_ops`` names them.
     """
     where = str(saved_model_dir)
-    tags = _as_tags(tags)
-    meta_graph = select_meta_graph(read_saved_model(saved_model_dir), tags, where)
+    tags = as_tags(tags)
+    meta_graph = read_meta_graph(saved_model_dir, tags)
     keys = select_signature_keys(meta_graph, signature_keys, where)
     refuse_unsafe_ops(scan_for_unsafe_ops(meta_graph, allow_ops), where)
     declared = {key: signature_info_from_proto(key, meta_graph.signature_def[key]) for key in keys}
@@ -386,18 +361,11 @@ def _check_frozen(model: FrozenModel, where: str) -> None:
             raise SavedModelError(f"{where}: variable node '{node.name}' ({node.op}) could not be frozen")
     for key, signature in sorted(model.signatures.items()):
         fed = {t.node_name for t in signature.inputs.values()}
-        seen: set[str] = set()
-        pending = [t.node_name for t in signature.outputs.values()]
-        while pending:
-            name = pending.pop()
-            if name in seen or name not in nodes:
-                continue
-            seen.add(name)
-            node = nodes[name]
-            if node.op == "Placeholder" and name not in fed:
-                raise SavedModelError(
-                    f"{where}: signature '{key}' outputs need placeholder '{name}', which is not one of its inputs"
-                )
-            if node.op == "PlaceholderWithDefault" and name in fed:
-                continue
-            pending.extend(node_name_from_input(i) for i in node.input)
+        # A fed PlaceholderWithDefault never evaluates its default; every other fed node is
+        # a Placeholder (the freezers refuse anything else), which has no inputs anyway.
+        needed = reachable_names(nodes, [t.node_name for t in signature.outputs.values()], stop_at=fed)
+        unfed = sorted(name for name in needed if nodes[name].op == "Placeholder" and name not in fed)
+        if unfed:
+            raise SavedModelError(
+                f"{where}: signature '{key}' outputs need placeholder '{unfed[0]}', which is not one of its inputs"
+            )

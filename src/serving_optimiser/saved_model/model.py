@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tensorflow.core.framework import graph_pb2
 
-from ._files import atomic_directory
+from ..atomic import atomic_directory
 from .errors import SavedModelError
 
 GRAPH_FILENAME = "frozen_graph.pb"
@@ -154,7 +154,7 @@ class FrozenModel:
         An existing ``directory`` is replaced as a whole. The GraphDef is serialised
         deterministically, so the same model gives the same bytes.
         """
-        with atomic_directory(directory, overwrite=True) as temporary:
+        with atomic_directory(directory) as temporary:
             (temporary / GRAPH_FILENAME).write_bytes(self.graph_def.SerializeToString(deterministic=True))
             text = json.dumps(self.metadata_json(), indent=2, sort_keys=True) + "\n"
             (temporary / SIGNATURES_FILENAME).write_text(text, encoding="utf-8")

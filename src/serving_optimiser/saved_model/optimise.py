@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_directory
 from ..graph_transforms import TransformError, TransformGraph, parse_and_check
-from ._files import atomic_directory, check_output_directory, directory_size
+from ._files import check_output_directory, directory_size
 from .compare import compare_saved_models, load_sample_inputs, min_class_agreement
 from .convert import write_saved_model
 from .errors import SavedModelError
@@ -104,7 +105,7 @@ def optimise_saved_model(
         "nodes": {"frozen": len(frozen.graph_def.node), "optimised": len(graph_def.node)},
         "graph_bytes": {"frozen": frozen.graph_def.ByteSize(), "optimised": graph_def.ByteSize()},
     }
-    with atomic_directory(out_dir, overwrite) as temporary:
+    with atomic_directory(check_output_directory(out_dir, overwrite)) as temporary:
         start = time.perf_counter()
         converted = write_saved_model(optimised, temporary, dequantize_once, label=str(out_dir))
         timings["convert_s"] = time.perf_counter() - start

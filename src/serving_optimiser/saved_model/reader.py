@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
+from ..errors import first_line
 from .errors import SavedModelError
 from .model import SignatureInfo, TensorInfo
 
@@ -42,11 +43,31 @@ def read_saved_model(directory: str | os.PathLike) -> saved_model_pb2.SavedModel
 
             text_format.Parse(path.read_text(encoding="utf-8"), saved_model)
     except Exception as error:  # noqa: BLE001 - DecodeError, ParseError, RuntimeError, UnicodeError
-        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise SavedModelError(f"{path}: malformed or truncated SavedModel protobuf ({detail})") from None
+        raise SavedModelError(f"{path}: malformed or truncated SavedModel protobuf ({first_line(error)})") from None
     if not saved_model.meta_graphs:
         raise SavedModelError(f"{path}: holds no MetaGraphDef (truncated or not a SavedModel)")
     return saved_model
+
+
+def as_tags(tags: str | Iterable[str]) -> tuple[str, ...]:
+    """A tag set as sorted unique names; ``"serve,gpu"`` and ``["gpu", "serve"]`` are the same."""
+    if isinstance(tags, str):
+        tags = tags.split(",")
+    result = tuple(sorted({t.strip() for t in tags}))
+    if not result or any(not t for t in result):
+        raise SavedModelError(f"tags must be non-empty names, found {list(tags)!r}")
+    return result
+
+
+def read_meta_graph(
+    saved_model_dir: str | os.PathLike, tags: str | Iterable[str] = ("serve",)
+) -> meta_graph_pb2.MetaGraphDef:
+    """The MetaGraphDef of ``saved_model_dir`` whose tag set is ``tags`` (default: ``serve``).
+
+    Reads the protobuf only; nothing runs. Raises SavedModelError naming the directory when it
+    is no SavedModel or has no MetaGraphDef with exactly that tag set.
+    """
+    return select_meta_graph(read_saved_model(saved_model_dir), as_tags(tags), str(saved_model_dir))
 
 
 def select_meta_graph(

@@ -20,7 +20,7 @@ from pathlib import Path
 from tensorflow.core.framework import graph_pb2
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
-from ..graph_transforms.graph_utils import node_name_from_input, reachable_names
+from ..graph_transforms.graph_utils import lookup_op_def, node_name_from_input, reachable_names
 from .errors import SavedModelError
 
 _READS = "reads files"
@@ -238,15 +238,13 @@ def scan_graph(graph_def: graph_pb2.GraphDef, saver_def=None, allow_ops: Iterabl
 
 def check_allow_ops(allow_ops: Iterable[str]) -> list[str]:
     """The op names, stripped; an empty or unknown op name is an error (typos would allow nothing)."""
-    from tensorflow.python.framework import op_def_registry
-
     if isinstance(allow_ops, str):
         allow_ops = allow_ops.split(",")
     names = [name.strip() for name in allow_ops]
     for name in names:
         if not name:
             raise SavedModelError(f"empty op name in allowed ops {list(allow_ops)!r}")
-        if op_def_registry.get(name) is None:
+        if lookup_op_def(name) is None:
             raise SavedModelError(f"allowed op '{name}' is not an op TensorFlow knows")
     return names
 

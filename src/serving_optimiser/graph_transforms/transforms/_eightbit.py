@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2, types_pb2
 
 from ..graph_utils import (
@@ -22,7 +21,7 @@ from ..graph_utils import (
     rename_node_inputs,
     replace_matching_op_types,
 )
-from .weights import content_const
+from ._const_builders import float_scalar
 
 QUINT8, QINT32 = types_pb2.DT_QUINT8, types_pb2.DT_QINT32
 FLOAT, INT32 = types_pb2.DT_FLOAT, types_pb2.DT_INT32
@@ -33,19 +32,15 @@ FLOAT, INT32 = types_pb2.DT_FLOAT, types_pb2.DT_INT32
 HOISTABLE_OPS = ("Relu", "Relu6", "MaxPool", "AvgPool", "Identity")
 
 
-def _float_scalar(name: str, value: float) -> node_def_pb2.NodeDef:
-    return content_const(name, np.float32(value), FLOAT)
-
-
-def _three_outputs(name: str) -> list[str]:
+def three_outputs(name: str) -> list[str]:
     return [f"{name}:0", f"{name}:1", f"{name}:2"]
 
 
-def _dequantize(name: str, eight_bit: str) -> node_def_pb2.NodeDef:
-    return make_node("Dequantize", name, _three_outputs(eight_bit), {"T": QUINT8, "mode": "MIN_FIRST"})
+def dequantize_node(name: str, eight_bit: str) -> node_def_pb2.NodeDef:
+    return make_node("Dequantize", name, three_outputs(eight_bit), {"T": QUINT8, "mode": "MIN_FIRST"})
 
 
-def _attr(node: node_def_pb2.NodeDef, key: str) -> attr_value_pb2.AttrValue:
+def node_attr(node: node_def_pb2.NodeDef, key: str) -> attr_value_pb2.AttrValue:
     """An attr's value, or an empty AttrValue (reading ``node.attr[key]`` would add the key)."""
     return node.attr[key] if key in node.attr else attr_value_pb2.AttrValue()
 
@@ -62,7 +57,7 @@ def quantize_placeholders(graph_def: graph_pb2.GraphDef, input_range: tuple[floa
     renames: dict[str, str] = {}
     nodes = []
     for node in graph_def.node:
-        if node.op != "Placeholder" or _attr(node, "dtype").type != FLOAT:
+        if node.op != "Placeholder" or node_attr(node, "dtype").type != FLOAT:
             nodes.append(node)
             continue
         prefix = f"{node.name}_eightbit"
@@ -72,8 +67,8 @@ def quantize_placeholders(graph_def: graph_pb2.GraphDef, input_range: tuple[floa
             "Dequantize", f"{prefix}/dequantize", [node.name, f"{prefix}/min", f"{prefix}/max"],
             {"T": QUINT8, "mode": "MIN_FIRST"},
         )
-        nodes += [placeholder, _float_scalar(f"{prefix}/min", input_range[0]),
-                  _float_scalar(f"{prefix}/max", input_range[1]), dequantize]
+        nodes += [placeholder, float_scalar(f"{prefix}/min", input_range[0]),
+                  float_scalar(f"{prefix}/max", input_range[1]), dequantize]
         renames[node.name] = dequantize.name
     if not renames:
         return graph_def
@@ -129,10 +124,10 @@ def fake_quants_to_requantize(graph_def: graph_pb2.GraphDef) -> graph_pb2.GraphD
             {"T": QINT32, "mode": "MIN_FIRST"},
         )
         requantize = make_node(
-            "Requantize", f"{prefix}/requantize", [*_three_outputs(quantize.name), low.name, high.name],
+            "Requantize", f"{prefix}/requantize", [*three_outputs(quantize.name), low.name, high.name],
             {"Tinput": QINT32, "out_type": QUINT8},
         )
-        dequantize = _dequantize(fake_quant.name, requantize.name)
+        dequantize = dequantize_node(fake_quant.name, requantize.name)
         return [original, low, high, quantize, requantize, dequantize]
 
     fake_quant_pattern = pattern("FakeQuantWithMinMaxVars", pattern("*"), pattern("Const"), pattern("Const"))
@@ -158,7 +153,7 @@ def merge_adjacent_requantizes(graph_def: graph_pb2.GraphDef) -> graph_pb2.Graph
         low, high = match.inputs[3].node, match.inputs[4].node
         requantize = copy.deepcopy(match.node)
         del requantize.input[:]
-        requantize.input.extend([*_three_outputs(original.name), low.name, high.name])
+        requantize.input.extend([*three_outputs(original.name), low.name, high.name])
         return [original, low, high, requantize]
 
     return replace_matching_op_types(graph_def, outer, merge)[0]
@@ -172,7 +167,7 @@ def remove_redundant_quantizations(graph_def: graph_pb2.GraphDef, output_names: 
     def remove(match: NodeMatch, _inputs: set[str], outputs: set[str]) -> list:
         quantize, dequantize = match.node, match.inputs[0].node
         per_channel = "axis" in dequantize.attr and dequantize.attr["axis"].i != -1
-        same_type = _attr(dequantize, "T").type == _attr(quantize, "T").type
+        same_type = node_attr(dequantize, "T").type == node_attr(quantize, "T").type
         if per_channel or not same_type or len(data_inputs(dequantize)) != 3:
             return match.all_nodes()
         for port in range(3):

@@ -55,7 +55,7 @@ def add_default_attributes(graph_def: graph_pb2.GraphDef, context: TransformCont
     return result
 
 
-@register("remove_attribute", params=("attribute_name", "op_name"), on_functions=True)
+@register("remove_attribute", params={"attribute_name": "(required)", "op_name": "*"}, on_functions=True)
 def remove_attribute(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Delete one attr from nodes of one op type (or of every op).
 
@@ -76,7 +76,9 @@ def remove_attribute(graph_def: graph_pb2.GraphDef, context: TransformContext) -
 
 
 @register(
-    "rename_attribute", params=("old_attribute_name", "new_attribute_name", "op_name"), on_functions=True
+    "rename_attribute",
+    params={"old_attribute_name": "(required)", "new_attribute_name": "(required)", "op_name": "*"},
+    on_functions=True,
 )
 def rename_attribute(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Move an attr's value to a new key on nodes of one op type (or of every op).
@@ -116,7 +118,7 @@ def remove_device(graph_def: graph_pb2.GraphDef, context: TransformContext) -> g
     return result
 
 
-@register("set_device", params=("device", "if_default"), on_functions=True)
+@register("set_device", params={"device": '""', "if_default": "false"}, on_functions=True)
 def set_device(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Put nodes on one device.
 
@@ -133,7 +135,7 @@ def set_device(graph_def: graph_pb2.GraphDef, context: TransformContext) -> grap
     return result
 
 
-@register("rename_node", params=("old_node_name", "new_node_name"))
+@register("rename_node", params={"old_node_name": "(required)", "new_node_name": "(required)"})
 def rename_node(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Rename one node and every reference to it.
 
@@ -166,7 +168,7 @@ def rename_node(graph_def: graph_pb2.GraphDef, context: TransformContext) -> gra
     return fix_colocation_attrs(result, {old_name: new_name})
 
 
-@register("rename_op", params=("old_op_name", "new_op_name"), on_functions=True)
+@register("rename_op", params={"old_op_name": "(required)", "new_op_name": "(required)"}, on_functions=True)
 def rename_op(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Change the op type of every node of one op (attrs untouched).
 

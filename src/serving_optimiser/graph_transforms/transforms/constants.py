@@ -16,12 +16,12 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2, node_def_pb2, types_pb2
 from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
-from tensorflow.python.framework import op_def_registry
 from tensorflow.python.util import _pywrap_kernel_registry
 
+from ...errors import first_line
 from ..context import TransformContext
 from ..errors import TransformError
-from ..graph_utils import make_tensor_proto, new_graph_like, node_map, parse_input
+from ..graph_utils import lookup_op_def, make_tensor_proto, new_graph_like, node_map, parse_input, reachable_names
 from ..registry import register
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,10 @@ class _Analysis:
 
 @register(
     "fold_constants",
-    params=("clear_output_shapes", "exclude_op", "exclude_node", "max_constant_size_in_bytes"),
+    params={
+        "clear_output_shapes": "true", "exclude_op": "(repeatable)", "exclude_node": "(repeatable)",
+        "max_constant_size_in_bytes": str(DEFAULT_MAX_CONSTANT_SIZE_IN_BYTES),
+    },
     on_functions=True,
 )
 def fold_constants(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
@@ -139,17 +142,10 @@ def _prepare(
     """Copies of the nodes the outputs need (the walk stops at inputs, which are always kept),
     in graph order, with listed PlaceholderWithDefaults turned into Placeholders."""
     inputs = set(input_names)
-    needed: set[str] = set()
-    pending = list(output_names)
-    while pending:
-        name = pending.pop()
-        if name in needed:
-            continue
-        if name not in nodes:
-            raise TransformError(f"fold_constants: a node reads '{name}', which is not in the graph")
-        needed.add(name)
-        if name not in inputs:
-            pending.extend(parse_input(i)[1] for i in nodes[name].input)
+    missing: list[str] = []
+    needed = reachable_names(nodes, output_names, stop_at=inputs, missing=missing)
+    if missing:
+        raise TransformError(f"fold_constants: a node reads '{missing[0]}', which is not in the graph")
     needed |= inputs
     result = []
     for node in graph_def.node:
@@ -189,7 +185,7 @@ def _import_for_analysis(graph_def: graph_pb2.GraphDef, nodes: list[node_def_pb2
         with graph.as_default():
             tf.compat.v1.import_graph_def(stripped, name="")
     except (ValueError, tf.errors.OpError) as error:
-        raise TransformError(f"fold_constants: TensorFlow cannot load the graph: {_first_line(error)}") from None
+        raise TransformError(f"fold_constants: TensorFlow cannot load the graph: {first_line(error)}") from None
     return graph
 
 
@@ -271,7 +267,7 @@ def _classify(
             return True
         if node.op in _NEVER_FOLDED_OPS or node.op in _PLACEHOLDERS or "_scoped_allocator" in node.attr:
             return False
-        op_def = op_def_registry.get(node.op)
+        op_def = lookup_op_def(node.op)
         if op_def is None or op_def.is_stateful:  # None: a call of a library function
             return False
         return not _output_too_big(op, max_bytes) and _has_cpu_kernel(op)
@@ -362,7 +358,7 @@ def _evaluate(
             results = session.run([graph.get_tensor_by_name(f"{n}:{p}") for n, p in fetches], feed_dict=feeds)
     except tf.errors.OpError as error:
         raise TransformError(
-            f"fold_constants: evaluating {len(fetches)} constant tensor(s) failed: {_first_line(error)}"
+            f"fold_constants: evaluating {len(fetches)} constant tensor(s) failed: {first_line(error)}"
         ) from None
     values.update(zip(fetches, results))
     return values
@@ -431,14 +427,7 @@ def _rebuild(
             candidates[const.name] = const
 
     inputs = set(input_names)
-    needed = set(inputs)
-    pending = list(output_names)
-    while pending:
-        name = pending.pop()
-        if name in needed:
-            continue
-        needed.add(name)
-        pending.extend(parse_input(i)[1] for i in candidates[name].input)
+    needed = reachable_names(candidates, output_names, stop_at=inputs) | inputs
 
     ordered = []
     for node in nodes:
@@ -452,8 +441,3 @@ def _byte_size(value: np.ndarray) -> int:
     if value.dtype == object:
         return sum(len(item) for item in value.flat)
     return value.nbytes
-
-
-def _first_line(error: Exception) -> str:
-    message = getattr(error, "message", None) or str(error)
-    return message.strip().splitlines()[0] if message.strip() else type(error).__name__

@@ -7,11 +7,12 @@ from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2
 
 from ..context import TransformContext
 from ..errors import TransformError
-from ..function_library import UnconvertibleFunctionError, library_signatures, nested_to_flat_names
+from ..function_library import UnconvertibleFunctionError, nested_to_flat_names
 from ..graph_utils import (
     canonical_input_name,
     control_inputs,
     data_inputs,
+    library_signatures,
     new_graph_like,
     node_name_from_input,
     parse_input,

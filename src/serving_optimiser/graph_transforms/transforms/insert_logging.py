@@ -16,7 +16,13 @@ _SUFFIX = "__print__"
 _REF_OFFSET = 100  # DT_X_REF == DT_X + 100
 
 
-@register("insert_logging", params=("op", "prefix", "show_op", "show_name", "message", "first_n", "summarize"))
+@register(
+    "insert_logging",
+    params={
+        "op": "(repeatable; default: every op)", "prefix": "(repeatable; default: every name)", "show_op": "false",
+        "show_name": "false", "message": '""', "first_n": "-1", "summarize": "1024",
+    },
+)
 def insert_logging(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Log the consumed outputs of chosen nodes with a ``Print`` op.
 

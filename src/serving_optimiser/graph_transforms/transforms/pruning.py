@@ -14,12 +14,13 @@ from ..graph_utils import (
     node_map,
     node_name_from_input,
     parse_input,
+    reachable_names,
     sort_by_execution_order,
 )
 from ..registry import register
 
 
-@register("remove_nodes", params=("op", "max_inputs"), on_functions=True)
+@register("remove_nodes", params={"op": "(required, repeatable)", "max_inputs": "1"}, on_functions=True)
 def remove_nodes(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Bypass nodes of the given op types.
 
@@ -125,7 +126,13 @@ def _parse_type(text: str) -> int:
         raise TransformError(f"strip_unused_nodes: unknown type '{text}' (expected e.g. float, int32)") from None
 
 
-@register("strip_unused_nodes", params=("type", "shape", "name", "type_for_name", "shape_for_name"))
+@register(
+    "strip_unused_nodes",
+    params={
+        "type": "float", "shape": '"" (a scalar)', "name": "(repeatable)", "type_for_name": "(one per name)",
+        "shape_for_name": "(one per name)",
+    },
+)
 def strip_unused_nodes(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Remove every node the outputs don't need, and turn non-Placeholder inputs into Placeholders.
 
@@ -156,19 +163,10 @@ def strip_unused_nodes(graph_def: graph_pb2.GraphDef, context: TransformContext)
     nodes = node_map(graph_def)
     input_nodes = {node_name_from_input(n) for n in context.input_names}
     required = set(context.output_names) | {node_name_from_input(n) for n in context.output_names} | input_nodes
-    pending = [node_name_from_input(n) for n in context.output_names]
-    visited: set[str] = set()
-    while pending:
-        name = pending.pop()
-        if name in visited:
-            continue
-        visited.add(name)
-        if name not in nodes:
-            raise TransformError(f"strip_unused_nodes: input node {name} not found in graph")
-        required.add(name)
-        if name in input_nodes:
-            continue
-        pending.extend(node_name_from_input(i) for i in nodes[name].input)
+    missing: list[str] = []
+    required |= reachable_names(nodes, context.output_names, stop_at=input_nodes, missing=missing)
+    if missing:
+        raise TransformError(f"strip_unused_nodes: input node {missing[0]} not found in graph")
 
     kept = []
     for node in graph_def.node:

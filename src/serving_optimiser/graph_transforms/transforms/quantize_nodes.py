@@ -11,36 +11,36 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2
-from tensorflow.python.framework import op_def_registry
+from tensorflow.core.framework import graph_pb2, node_def_pb2
 
 from ..context import TransformContext
 from ..errors import TransformError
 from ..graph_utils import (
     NodeMatch,
     OpTypePattern,
+    arg_types,
     find_invalid_inputs,
+    lookup_op_def,
     make_node,
     parse_input,
     replace_matching_op_types,
 )
 from ..registry import get_transform, register
+from ._const_builders import content_const, float_scalar
 from ._eightbit import (
     FLOAT,
     INT32,
     QINT32,
     QUINT8,
-    _attr,
-    _dequantize,
-    _float_scalar,
-    _three_outputs,
+    dequantize_node,
     fake_quants_to_requantize,
     hoist_fake_quants,
     merge_adjacent_requantizes,
+    node_attr,
     quantize_placeholders,
     remove_redundant_quantizations,
+    three_outputs,
 )
-from .weights import content_const
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,13 @@ def _check_valid(graph_def: graph_pb2.GraphDef, stage: str) -> graph_pb2.GraphDe
     return graph_def
 
 
-@register("quantize_nodes", params=("input_min", "input_max", "fallback_min", "fallback_max", "ignore_op"))
+@register(
+    "quantize_nodes",
+    params={
+        "input_min": "(none; with input_max)", "input_max": "(none)", "fallback_min": "(none; with fallback_max)",
+        "fallback_max": "(none)", "ignore_op": "(repeatable)",
+    },
+)
 def quantize_nodes(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Replace float ops by their eight-bit Quantized* versions, in the C++ tool's seven stages.
 
@@ -177,41 +183,33 @@ def quantize_nodes(graph_def: graph_pb2.GraphDef, context: TransformContext) -> 
 # ---------------------------------------------------------------------------------------------
 
 
-def _arg_types(node: node_def_pb2.NodeDef, op_def, args) -> list[int]:
-    """Dtypes of a node's input or output args, resolving type/number attrs (or defaults)."""
-    defaults = {attr.name: attr.default_value for attr in op_def.attr}
-
-    def attr(key: str):
-        return node.attr[key] if key in node.attr else defaults.get(key, attr_value_pb2.AttrValue())
-
-    types: list[int] = []
-    for arg in args:
-        if arg.type_list_attr:
-            types.extend(attr(arg.type_list_attr).list.type)
-            continue
-        dtype = arg.type or attr(arg.type_attr).type
-        types.extend([dtype] * (attr(arg.number_attr).i if arg.number_attr else 1))
-    return types
+def _arg_types(node: node_def_pb2.NodeDef, op_def, args) -> list[int] | None:
+    """Dtypes of a node's input or output args; None when an attr needed to know them is missing."""
+    try:
+        return [dtype for _, types in arg_types(node, op_def, args) for dtype in types]
+    except TransformError:
+        return None
 
 
 def _stays_float(node: node_def_pb2.NodeDef, info: QuantizedOpInfo) -> bool:
     """Whether a matched node must be left alone (see the quantize_nodes docstring)."""
     if any(i.startswith("^") for i in node.input):
         return True
-    op_def = op_def_registry.get(node.op)
+    op_def = lookup_op_def(node.op)
     input_types = _arg_types(node, op_def, op_def.input_arg)
-    if len(input_types) != len(node.input):
+    output_types = _arg_types(node, op_def, op_def.output_arg)
+    if input_types is None or output_types is None or len(input_types) != len(node.input):
         return True
     if any(t != FLOAT for i, t in enumerate(input_types) if i not in info.unquantized_inputs):
         return True
-    if any(t != FLOAT for t in _arg_types(node, op_def, op_def.output_arg)):
+    if any(t != FLOAT for t in output_types):
         return True
     # The quantized kernels know only NHWC, unit dilations and SAME/VALID padding.
-    if _attr(node, "data_format").s not in (b"", b"NHWC"):
+    if node_attr(node, "data_format").s not in (b"", b"NHWC"):
         return True
     if node.op == "Conv2D":
-        dilations = list(_attr(node, "dilations").list.i)
-        if any(d != 1 for d in dilations) or _attr(node, "padding").s == b"EXPLICIT":
+        dilations = list(node_attr(node, "dilations").list.i)
+        if any(d != 1 for d in dilations) or node_attr(node, "padding").s == b"EXPLICIT":
             return True
     return False
 
@@ -274,7 +272,7 @@ def quantize_ops(graph_def, op_infos: dict[str, QuantizedOpInfo], fallback_range
         for key in info.attrs_to_copy:
             if key in float_node.attr:
                 main.attr[key].CopyFrom(float_node.attr[key])
-        defaults = {attr.name: attr.default_value for attr in op_def_registry.get(float_node.op).attr}
+        defaults = {attr.name: attr.default_value for attr in lookup_op_def(float_node.op).attr}
         for key in info.extra_attrs:
             if key in float_node.attr and float_node.attr[key] != defaults.get(key):
                 main.attr[key].CopyFrom(float_node.attr[key])
@@ -284,19 +282,19 @@ def quantize_ops(graph_def, op_infos: dict[str, QuantizedOpInfo], fallback_range
         eight_bit = main.name
         if info.output_32_bit:
             if fallback_range is not None:
-                range_nodes = [_float_scalar(f"{main.name}/fallback_min", fallback_range[0]),
-                               _float_scalar(f"{main.name}/fallback_max", fallback_range[1])]
+                range_nodes = [float_scalar(f"{main.name}/fallback_min", fallback_range[0]),
+                               float_scalar(f"{main.name}/fallback_max", fallback_range[1])]
                 range_inputs = [range_nodes[0].name, range_nodes[1].name]
             else:
                 range_nodes = [make_node("RequantizationRange", f"{main.name}/requant_range",
-                                         _three_outputs(main.name), {"Tinput": QINT32})]
+                                         three_outputs(main.name), {"Tinput": QINT32})]
                 range_inputs = [f"{main.name}/requant_range:0", f"{main.name}/requant_range:1"]
             requantize = make_node("Requantize", f"{main.name}/requantize",
-                                   [*_three_outputs(main.name), *range_inputs],
+                                   [*three_outputs(main.name), *range_inputs],
                                    {"Tinput": QINT32, "out_type": QUINT8})
             new_nodes += [*range_nodes, requantize]
             eight_bit = requantize.name
-        new_nodes.append(_dequantize(float_node.name, eight_bit))
+        new_nodes.append(dequantize_node(float_node.name, eight_bit))
         return new_nodes
 
     return replace_matching_op_types(graph_def, OpTypePattern("|".join(op_infos)), quantize)[0]

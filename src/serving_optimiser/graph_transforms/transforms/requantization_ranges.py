@@ -13,7 +13,7 @@ from ..context import TransformContext
 from ..errors import TransformError
 from ..graph_utils import new_graph_like, rename_node_inputs
 from ..registry import register
-from ._eightbit import _float_scalar
+from ._const_builders import float_scalar
 
 _PRINT_SUFFIX = "__print__"
 _REQUANT_PREFIX = "__requant_min_max:"
@@ -64,7 +64,10 @@ def _percentile_range(mins: list[float], maxes: list[float], min_percentile: flo
     return sorted(mins)[low], sorted(maxes)[high]
 
 
-@register("freeze_requantization_ranges", params=("min_max_log_file", "min_percentile", "max_percentile"))
+@register(
+    "freeze_requantization_ranges",
+    params={"min_max_log_file": "(required)", "min_percentile": "5", "max_percentile": "5"},
+)
 def freeze_requantization_ranges(
     graph_def: graph_pb2.GraphDef, context: TransformContext
 ) -> graph_pb2.GraphDef:
@@ -120,8 +123,8 @@ def freeze_requantization_ranges(
                 "expected a RequantizationRange"
             )
         low, high = _percentile_range(*by_node[node.name], min_percentile, max_percentile)
-        nodes += [_float_scalar(f"{node.name}/frozen_min", low),
-                  _float_scalar(f"{node.name}/frozen_max", high)]
+        nodes += [float_scalar(f"{node.name}/frozen_min", low),
+                  float_scalar(f"{node.name}/frozen_max", high)]
         renames[f"{node.name}:0"] = f"{node.name}/frozen_min:0"
         renames[f"{node.name}:1"] = f"{node.name}/frozen_max:0"
     result = rename_node_inputs(new_graph_like(graph_def, nodes), renames)

@@ -32,7 +32,7 @@ _ZERO_THRESHOLD = 1.0e-5
 _DROP_WITH_ONE_INPUT = frozenset({"Assign", "Reshape", "Equal", "Mean", "ScalarSummary"})
 
 
-@register("sparsify_gather", params=("input_checkpoint", "group_init_node"))
+@register("sparsify_gather", params={"input_checkpoint": "(none)", "group_init_node": "group_deps"})
 def sparsify_gather(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Replace Gathers from sparse [N, 1] float weights by HashTable lookups.
 

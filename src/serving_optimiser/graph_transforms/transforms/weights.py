@@ -11,13 +11,15 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from tensorflow.core.framework import graph_pb2, node_def_pb2, tensor_pb2, types_pb2
+from tensorflow.core.framework import graph_pb2, node_def_pb2, types_pb2
 from tensorflow.python.framework import tensor_util
 
 from ..context import TransformContext
 from ..errors import TransformError
-from ..graph_utils import control_inputs, make_node, new_graph_like
+from ..graph_utils import make_node, new_graph_like
+from ..op_sets import VARIABLE_OPS
 from ..registry import register
+from ._const_builders import content_const
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +30,6 @@ FLT_MIN = np.float32(np.finfo(np.float32).tiny)
 # round_weights only touches Consts with at least this many elements (hard-coded upstream):
 # small constants tend to be accuracy-sensitive and shrink nothing worth having.
 ROUND_WEIGHTS_MIN_ELEMENTS = 16
-
-# Ops that hold state a frozen graph no longer has.
-VARIABLE_OPS = frozenset(
-    {"Variable", "VariableV2", "VarHandleOp", "_VarHandlesOp", "TemporaryVariable", "AutoReloadVariable"}
-)
 
 # Per-channel scales are rounded up to this many significant bits, so that every level
 # (q - zero_point) * scale is an exact float32 and the kernel decodes zero to exactly 0.0.
@@ -49,30 +46,6 @@ def _round_half_away(values: np.ndarray) -> np.ndarray:
     truncated = np.trunc(values)
     # values - trunc(values) is exact, so comparing it with 0.5 decides ties exactly.
     return truncated + np.where(np.abs(values - truncated) >= 0.5, np.sign(values), 0.0)
-
-
-def _tensor_proto(array: np.ndarray, dtype: int) -> tensor_pb2.TensorProto:
-    """A TensorProto holding ``array``'s bytes in ``tensor_content``, as C++ AsProtoTensorContent."""
-    proto = tensor_pb2.TensorProto(dtype=dtype)
-    proto.tensor_shape.SetInParent()  # scalars too carry an (empty) shape
-    for size in array.shape:
-        proto.tensor_shape.dim.add(size=size)
-    proto.tensor_content = np.ascontiguousarray(array).tobytes()
-    return proto
-
-
-def content_const(
-    name: str, array: np.ndarray, dtype: int, template: node_def_pb2.NodeDef | None = None
-) -> node_def_pb2.NodeDef:
-    """A Const with dtype and a ``tensor_content`` value, encoded byte for byte as the C++ tool's.
-
-    With a ``template`` node, the Const keeps its device and control inputs.
-    """
-    inputs = control_inputs(template) if template is not None else []
-    node = make_node("Const", name, inputs, device=template.device if template is not None else "")
-    node.attr["dtype"].type = dtype
-    node.attr["value"].tensor.CopyFrom(_tensor_proto(np.asarray(array), dtype))
-    return node
 
 
 def _float_const_values(node: node_def_pb2.NodeDef, transform: str) -> np.ndarray | None:
@@ -131,7 +104,7 @@ def _weight_values(node, minimum_size: int, transform: str):
     return values
 
 
-@register("round_weights", params=("num_steps",), on_functions=True)
+@register("round_weights", params={"num_steps": "256"}, on_functions=True)
 def round_weights(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Round every large float Const to ``num_steps`` evenly spaced levels, keeping it float.
 
@@ -242,7 +215,7 @@ def _check_no_variables(graph_def: graph_pb2.GraphDef) -> None:
             )
 
 
-@register("quantize_weights", params=("minimum_size", "per_channel"), on_functions=True)
+@register("quantize_weights", params={"minimum_size": "1024", "per_channel": "false"}, on_functions=True)
 def quantize_weights(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Store every large float Const as eight-bit codes plus a range, decoded at run time.
 

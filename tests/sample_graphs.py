@@ -2,7 +2,9 @@
 graph, and a Keras MobileNetV2 frozen the TF 2 way.
 
 Both are built from scratch (seeded, no downloads), so the differential tests and
-``scripts/bench_transforms.py`` work on the same graphs without importing each other.
+``scripts/bench_transforms.py`` work on the same graphs without importing each other. They live
+under tests/ because they are test and benchmark fixtures, not part of the runtime package; the
+benchmark scripts put tests/ on ``sys.path`` to import them.
 """
 
 from __future__ import annotations
