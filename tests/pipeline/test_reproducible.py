@@ -58,10 +58,10 @@ def test_trained_weights_are_the_same_on_every_kind_of_machine(workspace, settin
         pytest.skip("this CPU has no AVX-512 to cap oneDNN at")
     out = workspace / f"{setting}.npz"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **environment}
-    result = subprocess.run(
-        [*prefix, sys.executable, str(ROOT / "scripts" / "train.py"), "--train", str(workspace / "prepared" / "train.csv"),
-         "--out", str(out), "--out-live", str(workspace / f"live-{setting}"), "--params", str(workspace / "params.yaml")],
-        env=env, capture_output=True, text=True,
-    )
+    command = [
+        sys.executable, str(ROOT / "scripts" / "train.py"), "--train", str(workspace / "prepared" / "train.csv"),
+        "--out", str(out), "--out-live", str(workspace / f"live-{setting}"), "--params", str(workspace / "params.yaml"),
+    ]
+    result = subprocess.run([*prefix, *command], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert hashlib.md5(out.read_bytes()).hexdigest() == EXPECTED_MD5
