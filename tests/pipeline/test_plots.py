@@ -68,8 +68,10 @@ def _chart(kind: str = "scatter", **changes) -> Chart:
 
 def test_read_rows_json_and_tsv(tmp_path):
     (tmp_path / "rows.json").write_text('[{"model": "a", "size": 1}]')
+    (tmp_path / "keyed.json").write_text('{"a": {"size": 1}, "b": {"size": 2}}')
     (tmp_path / "loss.tsv").write_text("step\tloss\n0\t2.5\n1\t1.5\n")
     assert read_rows(tmp_path / "rows.json") == [{"model": "a", "size": 1}]
+    assert read_rows(tmp_path / "keyed.json") == [{"model": "a", "size": 1}, {"model": "b", "size": 2}]
     assert read_rows(tmp_path / "loss.tsv") == [{"step": 0.0, "loss": 2.5}, {"step": 1.0, "loss": 1.5}]
 
 
@@ -78,7 +80,7 @@ def test_read_rows_json_and_tsv(tmp_path):
     [
         ("missing.json", None, "missing.json: plot data not found"),
         ("broken.json", "[{", "broken.json: not valid JSON"),
-        ("dict.json", '{"a": {"size": 1}}', "dict.json: expected a JSON list of row objects"),
+        ("dict.json", '{"a": 1}', "dict.json: expected a JSON list of row objects"),
         ("bad.tsv", "step\tloss\n0\tnan-ish\n", "bad.tsv: line 2, column 'loss': 'nan-ish' is not a number"),
         ("rows.yaml", "- a: 1\n", "rows.yaml: plot data must be .json, .tsv or .csv"),
     ],

@@ -36,10 +36,11 @@ Row = dict[str, Any]
 class Chart:
     """One chart: rows of ``file``, ``y`` against ``x``, coloured and labelled by ``by``.
 
-    ``file`` is a JSON list of row objects or a TSV/CSV with a header (dvclive's step/value
-    files), relative to the repo root. ``by`` names the field that says which model a row is
-    (None for a single series such as the training curves). Scales are Vega-Lite scale types
-    ("linear", "log"); formats are d3-format strings for the axes ("~s" prints 3.2M).
+    ``file`` is a JSON list of row objects, a JSON object of them keyed by model, or a TSV/CSV
+    with a header (dvclive's step/value files), relative to the repo root. ``by`` names the
+    field that says which model a row is (None for a single series such as the training curves).
+    Scales are Vega-Lite scale types ("linear", "log"); formats are d3-format strings for the axes
+    ("~s" prints 3.2M).
     """
 
     name: str
@@ -141,7 +142,8 @@ def _number(text: str, path: Path, line: int, column: str) -> float:
 
 
 def read_rows(path: str | os.PathLike) -> list[Row]:
-    """Rows of a JSON list of objects, or of a TSV/CSV whose columns are all numeric."""
+    """Rows of a JSON list of objects (or object of objects keyed by model), or of a TSV/CSV whose
+    columns are all numeric."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: plot data not found (run the pipeline first: make all)")
@@ -150,8 +152,12 @@ def read_rows(path: str | os.PathLike) -> list[Row]:
             rows = json.loads(path.read_text())
         except json.JSONDecodeError as error:
             raise UserError(f"{path}: not valid JSON ({error})") from None
+        # Also {model: {field: value}} (evaluate.json's shape): each entry becomes a row whose
+        # "model" is its key, so a chart can point at either file.
+        if isinstance(rows, dict) and rows and all(isinstance(row, dict) for row in rows.values()):
+            rows = [{"model": name} | row for name, row in rows.items()]
         if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
-            raise UserError(f"{path}: expected a JSON list of row objects")
+            raise UserError(f"{path}: expected a JSON list of row objects or an object of them keyed by model")
         return rows
     if path.suffix in (".tsv", ".csv"):
         with path.open(newline="") as stream:
