@@ -56,8 +56,8 @@ metrics-diff: setup ## Metrics and params against BASE (default main) as markdow
 	dvc metrics diff $(BASE) --all --md
 	dvc params diff $(BASE) --md
 
-plots: setup ## Render dvc plots to dvc_plots/index.html
-	dvc plots show
+plots: setup ## Offline charts: docs/plots/index.html (Vega inlined), docs/plots/*.svg|png, build/dvc-plots-template.html
+	python scripts/plots.py
 
 clean: ## Remove the virtualenv and caches (not DVC outputs)
 	rm -rf $(VENV) .pytest_cache .ruff_cache
