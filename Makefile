@@ -7,7 +7,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 3
 export DVC_NO_ANALYTICS := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup all repro test lint bench bench-transforms bench-saved-model push pull metrics metrics-diff plots clean
+.PHONY: help setup all repro test lint bench bench-transforms bench-saved-model push pull metrics metrics-diff plots plots-diff clean
 
 help: ## Show this menu
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -55,6 +55,10 @@ metrics: setup ## Show the current metrics (all of them: dvc metrics show)
 metrics-diff: setup ## Metrics and params against BASE (default main) as markdown
 	dvc metrics diff $(BASE) --all --md
 	dvc params diff $(BASE) --md
+
+plots-diff: setup ## Plots of the workspace against BASE (default main), offline, in dvc_plots/index.html
+	python scripts/plots.py --template-only
+	dvc plots diff $(BASE) --html-template build/dvc-plots-template.html
 
 plots: setup ## Offline charts: docs/plots/index.html (Vega inlined), docs/plots/*.svg|png, build/dvc-plots-template.html
 	python scripts/plots.py

@@ -26,14 +26,14 @@ needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason=SKIP_REASON)
 # A name that would end the <script> element if the page did not escape it.
 AWKWARD = "odd</script><b>name"
 ROWS = [
-    {"model": "exported", "size_total_bytes": 3_196_386, "latency_batch_ratio": 1.0,
-     "batch_class_agreement": 1.0, "latency_single_ms_p50": 0.68},
-    {"model": "lossless", "size_total_bytes": 3_175_065, "latency_batch_ratio": 0.99,
-     "batch_class_agreement": 1.0, "latency_single_ms_p50": 0.66},
-    {"model": "notebook", "size_total_bytes": 811_807, "latency_batch_ratio": 0.98,
-     "batch_class_agreement": 0.9996, "latency_single_ms_p50": 0.67},
-    {"model": AWKWARD, "size_total_bytes": 811_807, "latency_batch_ratio": 0.97,
-     "batch_class_agreement": 0.9995, "latency_single_ms_p50": 0.70},
+    {"model": "exported", "size_bytes": 3_196_386, "batch_ratio": 1.0,
+     "agreement": 1.0, "batch1_p50_ms": 0.68},
+    {"model": "lossless", "size_bytes": 3_175_065, "batch_ratio": 0.99,
+     "agreement": 1.0, "batch1_p50_ms": 0.66},
+    {"model": "notebook", "size_bytes": 811_807, "batch_ratio": 0.98,
+     "agreement": 0.9996, "batch1_p50_ms": 0.67},
+    {"model": AWKWARD, "size_bytes": 811_807, "batch_ratio": 0.97,
+     "agreement": 0.9995, "batch1_p50_ms": 0.70},
 ]
 MODELS = [row["model"] for row in ROWS]
 STEPS = 12
@@ -190,7 +190,7 @@ def test_failed_run_keeps_previous_outputs(written, tmp_path):
     broken = tmp_path / "broken"
     write_fixture(broken)
     (broken / "metrics" / "plots.json").write_text(json.dumps([{"model": "a"}]))
-    with pytest.raises(UserError, match="has no field 'size_total_bytes'"):
+    with pytest.raises(UserError, match="has no field 'size_bytes'"):
         write_plots(DEFAULT_CHARTS, broken, html_path=out / "index.html", image_dir=out)
     assert (out / "size_vs_latency.svg").read_bytes() == before
 
@@ -251,9 +251,9 @@ def _dvc(cwd: Path, *args: str) -> str:
 DVC_PLOTS = """plots:
   - size_vs_agreement:
       template: scatter
-      x: size_total_bytes
+      x: size_bytes
       y:
-        metrics/plots.json: batch_class_agreement
+        metrics/plots.json: agreement
   - training_loss:
       template: linear
       x: step

@@ -12,7 +12,7 @@ from tensorflow.core.framework import graph_pb2
 
 from .. import booleans
 from ..errors import UserError
-from . import registry
+from . import catalogue, registry
 from .context import TransformContext
 from .errors import TransformError
 from .graph_utils import find_invalid_inputs, fix_colocation_attrs, node_name_from_input
@@ -38,23 +38,8 @@ def _as_name_list(names: str | Sequence[str], what: str) -> list[str]:
 
 def check_transforms(parsed: list[ParsedTransform]) -> None:
     """Fail before anything runs if a name is unknown or a transform gets an argument it lacks."""
-    names = registry.registered_names()
-    unknown = [t.name for t in parsed if t.name not in names]
-    if unknown:
-        raise TransformError(registry.unknown_transforms_message(unknown))
-    for transform in parsed:
-        accepted = registry.get_transform(transform.name).params + registry.COMMON_PARAMS
-        extra = [key for key in transform.params if key not in accepted]
-        if extra:
-            expected = ", ".join(accepted)
-            raise TransformError(
-                f"{transform.name}: unknown argument '{extra[0]}' (it takes: {expected})"
-            )
-        values = transform.params.get("ignore_errors", [])
-        if len(values) > 1 or any(booleans.parse_bool(v) is None for v in values):
-            raise TransformError(
-                f"{transform.name}: ignore_errors should be {booleans.EXPECTED}, found {','.join(values)}"
-            )
+    accepted = {name: registry.get_transform(name).params for name in registry.registered_names()}
+    catalogue.check_transforms(parsed, accepted)
 
 
 def parse_and_check(transforms: str | Sequence[str]) -> list[ParsedTransform]:

@@ -6,3 +6,7 @@ from ..errors import UserError
 
 class TransformError(UserError):
     """A transform, its arguments or the graph it was given is wrong; the message says which."""
+
+
+class GraphFileError(TransformError):
+    """A graph file is missing, unreadable, or does not hold a GraphDef."""

@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from google.protobuf import message, text_format, unknown_fields
-from tensorflow.core.framework import graph_pb2
 
 from ..atomic import atomic_file
 from ..errors import first_line
-from .errors import TransformError
+from .errors import GraphFileError
+
+if TYPE_CHECKING:
+    from tensorflow.core.framework import graph_pb2
+
+__all__ = ["GraphFileError", "load_graph_def", "save_graph_def"]
 
 TEXT_SUFFIXES = (".pbtxt",)
-
-
-class GraphFileError(TransformError):
-    """A graph file is missing, unreadable, or does not hold a GraphDef."""
 
 
 def is_text_path(path: str | os.PathLike) -> bool:
@@ -56,6 +57,8 @@ def load_graph_def(path: str | os.PathLike) -> graph_pb2.GraphDef:
         raise GraphFileError(f"graph file '{display}' is a directory, not a GraphDef file") from None
     except OSError as error:
         raise GraphFileError(f"cannot read graph file '{display}': {error.strerror}") from None
+    from tensorflow.core.framework import graph_pb2
+
     graph_def = graph_pb2.GraphDef()
     if is_text_path(file_path):
         try:

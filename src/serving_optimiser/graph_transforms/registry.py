@@ -7,7 +7,6 @@ itself applies them through its context's typed getters.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import pkgutil
 from collections.abc import Callable, Mapping
@@ -15,13 +14,12 @@ from dataclasses import dataclass
 
 from tensorflow.core.framework import graph_pb2
 
+from . import catalogue
 from .context import TransformContext
 from .errors import TransformError
 
 TransformFunction = Callable[[graph_pb2.GraphDef, TransformContext], graph_pb2.GraphDef]
 
-# Every transform takes ignore_errors; the engine handles it.
-COMMON_PARAMS = ("ignore_errors",)
 
 
 @dataclass(frozen=True)
@@ -102,8 +100,4 @@ def transform_listing() -> str:
 
 
 def unknown_transforms_message(names: list[str]) -> str:
-    parts = []
-    for name in names:
-        close = difflib.get_close_matches(name, _REGISTRY, n=1)
-        parts.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-    return f"unknown transform {', '.join(parts)}; known transforms: {', '.join(sorted(_REGISTRY))}"
+    return catalogue.unknown_transforms_message(names, list(_REGISTRY))

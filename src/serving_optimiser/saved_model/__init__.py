@@ -10,30 +10,32 @@ original, and refuse models that reach the file system, the network or Python.
     convert_to_saved_model(frozen.with_graph_def(graph_def), "optimised/1")
 """
 
-from .compare import compare_outputs, compare_saved_models, generate_inputs, load_sample_inputs, min_class_agreement
-from .convert import convert_to_saved_model, write_saved_model
-from .errors import SavedModelError
-from .freeze import freeze_saved_model
-from .model import FrozenModel, SignatureInfo, TensorInfo
-from .optimise import AgreementError, optimise_saved_model
-from .safety import DENYLIST, UnsafeOp, scan_for_unsafe_ops
+import importlib
 
-__all__ = [
-    "DENYLIST",
-    "AgreementError",
-    "FrozenModel",
-    "SavedModelError",
-    "SignatureInfo",
-    "TensorInfo",
-    "UnsafeOp",
-    "compare_outputs",
-    "compare_saved_models",
-    "convert_to_saved_model",
-    "freeze_saved_model",
-    "generate_inputs",
-    "load_sample_inputs",
-    "min_class_agreement",
-    "optimise_saved_model",
-    "scan_for_unsafe_ops",
-    "write_saved_model",
-]
+# Imported on first use (PEP 562), so importing the errors or the reader costs no TensorFlow import.
+_EXPORTS = {
+    "DENYLIST": ".safety",
+    "AgreementError": ".optimise",
+    "FrozenModel": ".model",
+    "SavedModelError": ".errors",
+    "SignatureInfo": ".model",
+    "TensorInfo": ".model",
+    "UnsafeOp": ".safety",
+    "compare_outputs": ".compare",
+    "compare_saved_models": ".compare",
+    "convert_to_saved_model": ".convert",
+    "freeze_saved_model": ".freeze",
+    "generate_inputs": ".compare",
+    "load_sample_inputs": ".compare",
+    "min_class_agreement": ".compare",
+    "optimise_saved_model": ".optimise",
+    "scan_for_unsafe_ops": ".safety",
+    "write_saved_model": ".convert",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+if TYPE_CHECKING:
+    from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
 from ..errors import first_line
 from .errors import SavedModelError
@@ -20,8 +22,9 @@ MAX_PROTO_BYTES = 2**31 - 1
 INTERNAL_SIGNATURE_PREFIX = "__"
 
 
-def read_saved_model(directory: str | os.PathLike) -> saved_model_pb2.SavedModel:
-    """Parse ``<directory>/saved_model.pb`` (or ``.pbtxt``)."""
+def saved_model_file(directory: str | os.PathLike) -> Path:
+    """The SavedModel protobuf file of ``directory`` (``saved_model.pb`` or ``.pbtxt``), checked
+    without importing TensorFlow, so a tool can reject a wrong path at once."""
     directory = Path(directory)
     if not directory.exists():
         raise SavedModelError(f"{directory}: no such directory")
@@ -34,9 +37,17 @@ def read_saved_model(directory: str | os.PathLike) -> saved_model_pb2.SavedModel
     size = path.stat().st_size
     if size > MAX_PROTO_BYTES:
         raise SavedModelError(f"{path}: {size} bytes, over protobuf's 2 GiB limit")
+    return path
+
+
+def read_saved_model(directory: str | os.PathLike) -> saved_model_pb2.SavedModel:
+    """Parse ``<directory>/saved_model.pb`` (or ``.pbtxt``)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    path = saved_model_file(directory)
     saved_model = saved_model_pb2.SavedModel()
     try:
-        if path is binary:
+        if path.suffix == ".pb":
             saved_model.ParseFromString(path.read_bytes())
         else:
             from google.protobuf import text_format
