@@ -7,10 +7,10 @@ export TF_CPP_MIN_LOG_LEVEL ?= 3
 export DVC_NO_ANALYTICS := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup all repro test lint bench bench-transforms bench-saved-model push pull metrics metrics-diff plots plots-diff clean
+.PHONY: help setup all repro test lint bench bench-transforms bench-saved-model bench-int8 push pull metrics metrics-diff plots plots-diff clean
 
 help: ## Show this menu
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ bench-transforms: setup ## Time the notebook's transform list on frozen Iris and
 
 bench-saved-model: setup ## Time optimise_saved_model on a Keras MobileNetV2 SavedModel
 	python scripts/bench_optimise_saved_model.py
+
+bench-int8: setup ## int8 MatMuls vs float, quantize_weights, quantize_nodes: per layer and whole Iris model
+	python scripts/bench_int8.py
 
 push: setup ## Push DVC-tracked artefacts to the default remote
 	dvc push

@@ -1,0 +1,215 @@
+"""Benchmark: int8 compute against float, per layer and for the whole Iris model, side by side.
+
+Per layer: one 100000x512 @ 512x512 MatMul + bias + ReLU, as a GraphDef run in a v1 Session.
+Whole model: the notebook's Iris DNN (4 inputs -> 4 x 512 ReLU -> 3 logits, fitted weights from
+``sample_graphs.fit_iris_weights``), exported, frozen, optimised with each transform list,
+converted (dequantize_once) and loaded with ``tf.saved_model.load``; the ``predict`` signature
+on 100,000 rows and batch-1. All candidates are timed in the same process, in interleaved
+rounds (seeded random order); a ratio is the median of per-round ratios to float.
+
+    python scripts/bench_int8.py [--rounds 7] [--single-calls 200]
+
+Set ONEDNN_MAX_CPU_ISA=AVX2 to emulate a CPU without AVX-512 VNNI.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from serving_optimiser.cli.common import quiet_tensorflow
+
+PREPARE = ["remove_nodes(op=Identity)", "fold_constants(ignore_errors=true)"]
+FINISH = ["strip_unused_nodes", "sort_by_execution_order"]
+# Whole-model candidates: (name, transforms); {ranges} is replaced by the calibration file.
+MODEL_VARIANTS = [
+    ("float", PREPARE + FINISH),
+    ("quantize_weights", [*PREPARE, "quantize_weights", *FINISH]),
+    ("quantize_nodes", [*PREPARE, "quantize_nodes", *FINISH]),
+    ("quantize_matmuls", [*PREPARE, "quantize_matmuls", *FINISH]),
+    ("quantize_matmuls_calibrated", [*PREPARE, "quantize_matmuls(ranges_file={ranges})", *FINISH]),
+]
+
+
+def cpu_description() -> dict:
+    import tensorflow as tf
+
+    info = {"python": platform.python_version(), "tensorflow": tf.__version__, "logical_cpus": os.cpu_count()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        if line.startswith("model name") and "model" not in info:
+            info["model"] = line.split(":", 1)[1].strip()
+        if line.startswith("flags") and "flags" not in info:
+            flags = line.split(":", 1)[1].split()
+            info["flags"] = sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "avx_vnni"))
+    info["threads"] = {
+        "intra_op": tf.config.threading.get_intra_op_parallelism_threads() or "TF default",
+        "inter_op": tf.config.threading.get_inter_op_parallelism_threads() or "TF default",
+    }
+    info["env"] = {k: os.environ.get(k, "(unset)") for k in ("TF_ENABLE_ONEDNN_OPTS", "ONEDNN_MAX_CPU_ISA")}
+    return info
+
+
+def ratios(times: dict[str, list[float]], reference: str = "float") -> dict[str, float]:
+    return {name: statistics.median(a / b for a, b in zip(t, times[reference])) for name, t in times.items()}
+
+
+def interleaved(candidates: dict, rounds: int, seed: int) -> dict[str, list[float]]:
+    """candidate name -> per-round seconds of ``call()``; every round runs all, in random order."""
+    rng = np.random.default_rng(seed)
+    names = list(candidates)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(rounds):
+        for index in rng.permutation(len(names)):
+            start = time.perf_counter()
+            candidates[names[index]]()
+            times[names[index]].append(time.perf_counter() - start)
+    return times
+
+
+def layer_benchmark(rounds: int) -> None:
+    import tensorflow as tf
+
+    from serving_optimiser.graph_transforms import TransformGraph
+    from serving_optimiser.graph_transforms.transforms.quantize_matmuls import calibrate_ranges
+
+    rng = np.random.default_rng(0)
+    rows, width = 100_000, 512
+    kernel = rng.uniform(-0.1, 0.1, (width, width)).astype(np.float32)
+    bias = rng.normal(0.0, 0.05, width).astype(np.float32)
+    activations = np.maximum(rng.normal(0.5, 1.0, (rows, width)), 0.0).astype(np.float32)
+    graph = tf.Graph()
+    with graph.as_default():
+        inputs = tf.compat.v1.placeholder(tf.float32, [None, width], name="activations")
+        relu = tf.nn.relu(inputs, name="previous_relu")  # as inside the model: the input is a ReLU's output
+        tf.nn.relu(tf.nn.bias_add(tf.matmul(relu, tf.constant(kernel)), tf.constant(bias)), name="out")
+    float_graph = graph.as_graph_def()
+    with tempfile.TemporaryDirectory() as scratch:
+        ranges_path = Path(scratch) / "ranges.json"
+        ranges_path.write_text(json.dumps(calibrate_ranges(float_graph, [{"activations": activations[:10_000]}])))
+        lists = {
+            "float": [],
+            "quantize_weights": ["quantize_weights"],
+            "quantize_nodes": ["quantize_nodes", "strip_unused_nodes"],
+            "quantize_matmuls": ["quantize_matmuls"],
+            "quantize_matmuls_calibrated": [f"quantize_matmuls(ranges_file={ranges_path})"],
+        }
+        graphs = {name: TransformGraph(float_graph, ["activations"], ["out"], t) for name, t in lists.items()}
+    sessions, results = {}, {}
+    config = tf.compat.v1.ConfigProto()
+    for name, graph_def in graphs.items():
+        graph = tf.Graph()
+        with graph.as_default():
+            tf.graph_util.import_graph_def(graph_def, name="")
+        session = tf.compat.v1.Session(graph=graph, config=config)
+        results[name] = session.run("out:0", {"activations:0": activations})  # warm-up, and the numerics
+        sessions[name] = session
+    calls = {name: (lambda s=s: s.run("out:0", {"activations:0": activations})) for name, s in sessions.items()}
+    times = interleaved(calls, rounds, seed=1)
+    print(f"\nPer layer: [{rows}, {width}] @ [{width}, {width}] + bias + ReLU, {rounds} interleaved rounds")
+    print(f"  {'candidate':30s} {'median s':>9s} {'x float':>8s} {'max |err|':>10s}")
+    layer_ratios = ratios(times)
+    for name in graphs:
+        error = float(np.abs(results[name] - results["float"]).max())
+        print(f"  {name:30s} {statistics.median(times[name]):9.3f} {layer_ratios[name]:8.3f} {error:10.4f}")
+    for session in sessions.values():
+        session.close()
+
+
+def model_benchmark(rounds: int, single_calls: int) -> None:
+    import tensorflow as tf
+
+    from serving_optimiser.graph_transforms import TransformError, TransformGraph, sample_graphs
+    from serving_optimiser.graph_transforms.transforms.quantize_matmuls import calibrate_ranges
+    from serving_optimiser.pipeline.evaluate import gzip_size
+    from serving_optimiser.pipeline.export import export_saved_model
+    from serving_optimiser.saved_model import SavedModelError, convert_to_saved_model, freeze_saved_model
+
+    weights = sample_graphs.fit_iris_weights(seed=0)
+    features, _ = sample_graphs.iris_samples(100_000, seed=7)
+    calibration, _ = sample_graphs.iris_samples(2048, seed=3)  # stands in for the train split
+    single = {name: tf.constant(values[:1]) for name, values in features.items()}
+    batch = {name: tf.constant(values) for name, values in features.items()}
+    models, outputs, sizes = {}, {}, {}
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        export_saved_model(weights, scratch / "exported")
+        frozen = freeze_saved_model(scratch / "exported")
+        inputs, output_names = frozen.input_node_names(), frozen.output_node_names()
+        prepared = TransformGraph(frozen.graph_def, inputs, output_names, PREPARE)
+        ranges = calibrate_ranges(prepared, [{name: calibration[name] for name in sample_graphs.IRIS_FEATURES}])
+        (scratch / "ranges.json").write_text(json.dumps(ranges))
+        for name, transforms in MODEL_VARIANTS:
+            transforms = [t.format(ranges=scratch / "ranges.json") for t in transforms]
+            try:
+                optimised = TransformGraph(frozen.graph_def, inputs, output_names, transforms)
+                convert_to_saved_model(frozen.with_graph_def(optimised), scratch / name)
+                loaded = tf.saved_model.load(str(scratch / name))
+            except (TransformError, SavedModelError, tf.errors.OpError, ValueError) as error:
+                # A candidate that fails is reported, not fatal.
+                print(f"{name}: failed: {type(error).__name__}: {str(error).splitlines()[0]}")
+                continue
+            models[name] = loaded
+            sizes[name] = (sum(p.stat().st_size for p in (scratch / name).rglob("*") if p.is_file()),
+                           gzip_size(scratch / name))
+        signatures = {name: model.signatures["predict"] for name, model in models.items()}
+        for name, signature in signatures.items():
+            signature(**single)
+            outputs[name] = {k: v.numpy() for k, v in signature(**batch).items()}
+
+        def call(signature, tensors, times=1):
+            for _ in range(times):
+                for value in signature(**tensors).values():
+                    value.numpy()
+
+        batch_times = interleaved({n: (lambda s=s: call(s, batch)) for n, s in signatures.items()}, rounds, 2)
+        per_round = max(1, single_calls // rounds)
+        single_times = interleaved(
+            {n: (lambda s=s: call(s, single, per_round)) for n, s in signatures.items()}, rounds, 3
+        )
+    batch_ratios, single_ratios = ratios(batch_times), ratios(single_times)
+    reference = outputs["float"]
+    print(f"\nWhole model (Iris DNN 4 -> 4 x 512 -> 3, SavedModel, predict signature), {rounds} interleaved rounds")
+    print(f"  {'candidate':30s} {'100k s':>7s} {'x float':>8s} {'batch-1 ms':>10s} {'x float':>8s} "
+          f"{'size B':>9s} {'x float':>8s} {'gzip x':>7s} {'agree':>8s} {'max|dp|':>8s}")
+    for name in signatures:
+        agreement = float(np.mean(outputs[name]["class_ids"] == reference["class_ids"]))
+        max_diff = float(np.abs(outputs[name]["probabilities"] - reference["probabilities"]).max())
+        size, gz = sizes[name]
+        print(f"  {name:30s} {statistics.median(batch_times[name]):7.3f} {batch_ratios[name]:8.3f} "
+              f"{statistics.median(single_times[name]) / per_round * 1000:10.3f} {single_ratios[name]:8.3f} "
+              f"{size:9d} {size / sizes['float'][0]:8.3f} {gz / sizes['float'][1]:7.3f} "
+              f"{agreement * 100:7.3f}% {max_diff:8.4f}")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
+    parser.add_argument("--single-calls", type=int, default=210, help="batch-1 calls per candidate in all")
+    parser.add_argument("--skip-layer", action="store_true", help="only the whole-model benchmark")
+    args = parser.parse_args(argv)
+    quiet_tensorflow()
+    from serving_optimiser.graph_transforms.transforms.quantize_matmuls import int8_kernels_available
+
+    print("CPU:", json.dumps(cpu_description()))
+    if not int8_kernels_available():
+        print("this TensorFlow has no working int8 MatMul kernel (oneDNN off or a non-x86 build): nothing to time")
+        return 1
+    if not args.skip_layer:
+        layer_benchmark(args.rounds)
+    model_benchmark(args.rounds, args.single_calls)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
