@@ -1,7 +1,9 @@
 """Stage evaluate@MODEL: accuracy, fidelity against the exported model, sizes and graph counts of
 one model, with pinned kernels so every figure is the same on any machine. For the exported model
 itself (MODEL=exported) it also writes the reference outputs every variant is compared to.
-Fails, naming the model, when a variant is under the gate (params.yaml: evaluate)."""
+Fails, naming the model, when a variant is under the gate (params.yaml: evaluate). A variant
+whose ops only oneDNN implements (quantize_matmuls) is evaluated with oneDNN's rewrites on, still
+capped at AVX2, so its figures too are the same on any x86-64 machine."""
 
 import argparse
 from pathlib import Path
@@ -26,7 +28,9 @@ def main(argv: list[str]) -> None:
 
     import json
 
+    from serving_optimiser import runtime
     from serving_optimiser.errors import UserError
+    from serving_optimiser.graph_transforms.catalogue import needs_onednn
     from serving_optimiser.pipeline import evaluate
     from serving_optimiser.pipeline.data import features_and_labels, read_iris_csv, sample_around
     from serving_optimiser.pipeline.io import atomic_file, write_json
@@ -40,8 +44,10 @@ def main(argv: list[str]) -> None:
     for flag in needed:
         if getattr(args, flag) is None:
             parser.error(f"{args.model} needs --{flag.replace('_', '-')}")
-    if not is_reference and args.model not in section(params, "optimise", args.params):
+    variants = section(params, "optimise", args.params)
+    if not is_reference and args.model not in variants:
         raise UserError(f"{args.params}: no variant '{args.model}' in the 'optimise' section")
+    runtime.pin_kernels(onednn=not is_reference and needs_onednn(variants[args.model]))
 
     frame = read_iris_csv(args.eval, vocabulary)
     features, labels = features_and_labels(frame, vocabulary)
@@ -66,4 +72,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("evaluate", main)
+    run_stage("evaluate", main, pinned=False)  # main pins, once it knows the variant

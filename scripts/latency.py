@@ -19,7 +19,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
 
+    import os
+
     from serving_optimiser.errors import UserError
+    from serving_optimiser.graph_transforms.catalogue import needs_onednn
     from serving_optimiser.pipeline import evaluate, latency
     from serving_optimiser.pipeline.data import features_and_labels, read_iris_csv, sample_around
     from serving_optimiser.pipeline.io import write_json
@@ -29,8 +32,13 @@ def main(argv: list[str]) -> None:
     vocabulary = require_list(section(params, "data", args.params), "label_vocabulary", str, "data", args.params)
     evaluate_params = evaluate.EvaluateParams.from_section(section(params, "evaluate", args.params))
     latency_params = latency.LatencyParams.from_section(section(params, "latency", args.params))
-    if args.model not in section(params, "optimise", args.params):
+    variants = section(params, "optimise", args.params)
+    if args.model not in variants:
         raise UserError(f"{args.params}: no variant '{args.model}' in the 'optimise' section")
+    if needs_onednn(variants[args.model]):
+        # TensorFlow turns oneDNN's rewrites on by default only on CPUs with AVX-512 VNNI and
+        # newer; the variant's int8 ops have no kernel without them.
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
     frame = read_iris_csv(args.eval, vocabulary)
     features, _ = features_and_labels(frame, vocabulary)
@@ -48,12 +56,16 @@ def main(argv: list[str]) -> None:
     for name, directory in ((evaluate.REFERENCE, args.exported), (args.model, args.saved_model)):
         call, load_seconds = latency.timed_load(loader(directory), latency_params.load_repeats)
         models.append(latency.TimedModel(name, call, load_seconds))
+    # Fidelity as this machine's kernels compute it (the evaluate stage's is pinned, the same
+    # everywhere); they differ where a variant's kernels round differently per ISA (int8).
+    agreement, max_dp = evaluate.fidelity(models[0].call(batch), models[1].call(batch))
     measured = latency.measure_latency(
         models, batch, single, latency_params.repeats, latency_params.single_row_calls, latency_params.seed
     )
     figures = {name: evaluate.rounded(values) for name, values in measured.items()}
     mine = figures[args.model]
-    write_json(args.out_details, {"machine": latency.machine_info(), "measured": figures})
+    here = {"agreement_this_machine": round(agreement, 6), "max_dp_this_machine": round(max_dp, 6)}
+    write_json(args.out_details, {"machine": latency.machine_info(), "measured": figures, "fidelity": here})
     # Short names and 3 decimals keep `dvc metrics show` within 120 columns (README has the legend).
     write_json(args.out_metrics, {"t100k_x": round(mine["batch_ratio"], 3), "t1_x": round(mine["batch1_p50_ratio"], 3)})
     print(

@@ -123,15 +123,20 @@ def quiet_tensorflow() -> None:
     _install_hook()
 
 
-def pin_kernels() -> None:
+def pin_kernels(onednn: bool = False) -> None:
     """Pin oneDNN's kernels and TensorFlow's thread counts for this process (and the environment
     of its children) so float results are the same on any x86-64 CPU with AVX2.
+
+    ``onednn`` keeps oneDNN's graph rewrites on, still capped at AVX2: a model holding int8 ops
+    that only oneDNN implements (``quantize_matmuls``) has no kernel without them.
 
     Overrides whatever the environment says: a stage that writes a deterministic artefact must
     not depend on the caller's shell. In a process that already imported TensorFlow (a test
     calling a stage in-process) it only reaches child processes.
     """
     os.environ.update(PINNED_ENVIRONMENT)
+    if onednn:
+        os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
     _hook_state["pinned"] = True
     _install_hook()
 

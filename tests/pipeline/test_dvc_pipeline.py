@@ -19,7 +19,7 @@ TINY_PARAMS = {
     "evaluate": {"batch_rows": 5000, "min_class_agreement": 0.95},
     "latency": {"repeats": 5, "single_row_calls": 25, "load_repeats": 1},
 }
-VARIANTS = ("notebook", "lossless", "per_channel", "per_tensor")
+VARIANTS = ("notebook", "lossless", "per_channel", "per_tensor", "int8")
 
 
 def _env() -> dict:

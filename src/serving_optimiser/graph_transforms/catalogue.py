@@ -19,6 +19,8 @@ from .parser import ParsedTransform
 
 # Every transform takes ignore_errors; the engine handles it.
 COMMON_PARAMS = ("ignore_errors",)
+# Transforms whose output runs only on oneDNN's kernels (x86 builds, oneDNN's rewrites on).
+NEEDS_ONEDNN = frozenset({"quantize_matmuls"})
 _TRANSFORMS_DIR = Path(__file__).parent / "transforms"
 
 
@@ -70,3 +72,11 @@ def check_transforms(parsed: Sequence[ParsedTransform], accepted: Mapping[str, S
             raise TransformError(
                 f"{transform.name}: ignore_errors should be {booleans.EXPECTED}, found {','.join(values)}"
             )
+
+
+def needs_onednn(transforms: Sequence[str]) -> bool:
+    """Whether a transform list's result runs only with oneDNN's rewrites on; read without
+    importing TensorFlow, so a stage can pin its kernels before TensorFlow loads."""
+    from .parser import parse_transforms
+
+    return any(t.name in NEEDS_ONEDNN for t in parse_transforms(" ".join(transforms)))
