@@ -88,7 +88,12 @@ def format_report(report: dict) -> str:
         width = max(len(name) for name in outputs)
         for name, result in sorted(outputs.items()):
             diff = "-" if result["max_abs_diff"] is None else f"{result['max_abs_diff']:.3g}"
-            same = "equal" if result["equal"] else "differs"
+            if result["equal"]:
+                same = "identical"
+            elif result.get("within_rounding"):
+                same = f"identical within float rounding (max |diff| {diff})"
+            else:
+                same = "differs"
             lines.append(
                 f"  {name:<{width}}  class agreement {_percent(result['class_agreement']):>8}  "
                 f"max |diff| {diff:>9}  {same}"
