@@ -1,5 +1,4 @@
-import os
+from serving_optimiser.runtime import quiet_tensorflow
 
-# Quiet TensorFlow's C++ logs before any test imports it.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# No TensorFlow start-up lines in the test output, on any CPU: before any test imports it.
+quiet_tensorflow()

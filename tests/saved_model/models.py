@@ -29,6 +29,10 @@ QUANTISING = (
     "round_weights(num_steps=256) quantize_weights strip_unused_nodes sort_by_execution_order"
 )
 
+# Two levels per weight tensor: it changes the classes of many rows on any CPU, so the agreement
+# gate is tested on a loss no kernel difference can hide (QUANTISING's flips are border cases).
+DESTRUCTIVE = "round_weights(num_steps=2) quantize_weights(minimum_size=1)"
+
 
 def ridge_head(features: np.ndarray, labels: np.ndarray, classes: int, margin: float = 8.0):
     """A logits layer fitted in closed form (ridge regression onto ``margin`` x one-hot), so the

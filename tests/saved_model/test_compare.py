@@ -23,27 +23,27 @@ from serving_optimiser.saved_model import (
         (
             np.array([[0.1, 0.9], [0.8, 0.2], [0.6, 0.4], [0.3, 0.7]], np.float32),
             np.array([[0.1, 0.9], [0.8, 0.2], [0.4, 0.6], [0.3, 0.7]], np.float32),
-            {"class_agreement": 0.75, "max_abs_diff": 0.2, "equal": False},
+            {"class_agreement": 0.75, "max_abs_diff": 0.2, "equal": False, "within_rounding": False},
         ),
         (
             np.array([[2], [0], [1]], np.int64),
             np.array([[2], [0], [1]], np.int64),
-            {"class_agreement": 1.0, "max_abs_diff": 0.0, "equal": True},
+            {"class_agreement": 1.0, "max_abs_diff": 0.0, "equal": True, "within_rounding": True},
         ),
         (
             np.array([[b"setosa"], [b"virginica"]], object),
             np.array([[b"setosa"], [b"versicolor"]], object),
-            {"class_agreement": 0.5, "max_abs_diff": None, "equal": False},
+            {"class_agreement": 0.5, "max_abs_diff": None, "equal": False, "within_rounding": False},
         ),
         (
             np.array([1.5, 2.5], np.float32),
             np.array([1.5, 2.0], np.float32),
-            {"class_agreement": None, "max_abs_diff": 0.5, "equal": False},
+            {"class_agreement": None, "max_abs_diff": 0.5, "equal": False, "within_rounding": False},
         ),
         (
             np.array([[np.nan, 1.0]], np.float32),
             np.array([[np.nan, 1.0]], np.float32),
-            {"class_agreement": 1.0, "max_abs_diff": 0.0, "equal": True},
+            {"class_agreement": 1.0, "max_abs_diff": 0.0, "equal": True, "within_rounding": True},
         ),
     ],
     ids=["probabilities_one_row_flips", "class_ids_equal", "class_names_half_agree", "regression_values", "nan_same"],
@@ -53,6 +53,7 @@ def test_compare_outputs(original, converted, expected):
     assert result.keys() == expected.keys()
     assert result["class_agreement"] == expected["class_agreement"]
     assert result["equal"] == expected["equal"]
+    assert result["within_rounding"] == expected["within_rounding"]
     if expected["max_abs_diff"] is None:
         assert result["max_abs_diff"] is None
     else:
@@ -132,3 +133,18 @@ def test_unreadable_sample_inputs_file(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(SavedModelError, match=r"bad.npz: cannot read sample inputs"):
         load_sample_inputs(tmp_path / "bad.npz", [SIGNATURE])
+
+
+@pytest.mark.parametrize(
+    ("converted", "within"),
+    [
+        (np.array([[-9.79255485, 0.89355946], [-11.1277361, 5.0]]), True),  # AVX-512 vs AVX2 oneDNN, as measured
+        (np.array([[-9.79, 0.89355946], [-11.1277361, 5.0]]), False),  # an 8-bit weight's error
+        (np.array([[-9.79255581, np.nan], [-11.1277370, 5.0]]), False),
+    ],
+    ids=["kernel_rounding", "quantisation_error", "nan_appears"],
+)
+def test_within_rounding_separates_kernel_rounding_from_real_change(converted, within):
+    original = np.array([[-9.79255581, 0.89354992], [-11.1277370, 5.0]])
+    result = compare_outputs(original, converted)
+    assert result["within_rounding"] is within and result["equal"] is False

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from graph_helpers import op_counts
+from numerics import assert_same_function
 from saved_model.models import IRIS_CLASSES, QUANTISING, iris_inputs, module_inputs
 from tensorflow.python.tools import saved_model_cli
 
@@ -84,7 +85,7 @@ def test_tf2_model_keeps_keys_dtypes_shapes_and_method_names(multi_signature_mod
     for key in converted:
         ours, theirs = call(tmp_path / "out", key, feeds[key]), call(multi_signature_module, key, feeds[key])
         for name in theirs:
-            np.testing.assert_array_equal(ours[name], theirs[name], err_msg=f"{key}/{name}")
+            assert_same_function(ours[name], theirs[name], err_msg=f"{key}/{name}")
 
 
 def test_converted_table_answers_in_tf2_and_in_a_session(frozen_iris, tmp_path):
@@ -114,7 +115,7 @@ def test_dequantize_once_caches_float_weights_in_local_variables(quantised_iris,
     for load in (call, call_in_session):
         once, every_call = load(tmp_path / "once", "predict", feeds), load(tmp_path / "every_call", "predict", feeds)
         for name in once:
-            np.testing.assert_array_equal(once[name], every_call[name], err_msg=f"{load.__name__}: {name}")
+            assert_same_function(once[name], every_call[name], err_msg=f"{load.__name__}: {name}")
 
 
 def test_dequantized_variable_init_runs_when_tf_saved_model_load_loads(quantised_iris, tmp_path):

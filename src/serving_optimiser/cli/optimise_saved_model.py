@@ -138,6 +138,21 @@ def _no_propagation(logger: logging.Logger):
         logger.propagate = previous
 
 
+def _check_before_tensorflow(args: argparse.Namespace) -> None:
+    """Reject a wrong input directory or transform list before TensorFlow is imported (~5 s)."""
+    from ..graph_transforms.catalogue import check_transforms
+    from ..graph_transforms.errors import TransformError
+    from ..graph_transforms.parser import parse_transforms
+    from ..saved_model.errors import SavedModelError
+    from ..saved_model.reader import saved_model_file
+
+    saved_model_file(args.in_dir)
+    try:
+        check_transforms(parse_transforms(args.transforms))
+    except TransformError as error:
+        raise SavedModelError(f"transforms: {error}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     quiet_tensorflow()
@@ -145,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         nonlocal exit_code
+        _check_before_tensorflow(args)
         from ..saved_model import AgreementError, optimise_saved_model
 
         package_logger = logging.getLogger("serving_optimiser")

@@ -33,13 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     quiet_tensorflow()
 
     def body() -> None:
-        from ..graph_transforms import TransformError
+        from ..graph_transforms.errors import TransformError
         from ..graph_transforms.graph_io import load_graph_def
-        from ..graph_transforms.summary import summarize_graph
 
         if not args.in_graph:
             raise TransformError("--in_graph is required")
-        text = summarize_graph(load_graph_def(args.in_graph), args.in_graph, args.print_structure)
+        graph_def = load_graph_def(args.in_graph)  # a missing file is reported before TensorFlow loads
+        from ..graph_transforms.summary import summarize_graph
+
+        text = summarize_graph(graph_def, args.in_graph, args.print_structure)
         sys.stdout.write(text)
 
     return run_tool(PROG, body)

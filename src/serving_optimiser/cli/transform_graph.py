@@ -66,17 +66,26 @@ def _names(text: str) -> list[str]:
 def transform_graph_file(
     in_graph: str, out_graph: str, inputs: str, outputs: str, transforms: str, output_as_text: bool = False
 ) -> None:
-    """Read ``in_graph``, apply ``transforms``, write ``out_graph``. Raises TransformError."""
-    from ..graph_transforms import TransformError, TransformGraph, parse_and_check
+    """Read ``in_graph``, apply ``transforms``, write ``out_graph``. Raises TransformError.
+
+    The transform list and the input file are checked before TensorFlow is imported (~5 s), so
+    a typo is reported at once.
+    """
+    from ..graph_transforms.catalogue import check_transforms
+    from ..graph_transforms.errors import TransformError
     from ..graph_transforms.graph_io import load_graph_def, save_graph_def
+    from ..graph_transforms.parser import parse_transforms
 
     for flag, value in (("in_graph", in_graph), ("out_graph", out_graph)):
         if not value:
             raise TransformError(f"--{flag} is required")
-    parsed = parse_and_check(transforms)
+    parsed = parse_transforms(transforms)
     if not parsed:
         raise TransformError("--transforms is empty: you must specify at least one transform")
-    graph_def = load_graph_def(in_graph)
+    check_transforms(parsed)
+    graph_def = load_graph_def(in_graph)  # reads the file before it imports TensorFlow
+    from ..graph_transforms import TransformGraph
+
     result = TransformGraph(graph_def, _names(inputs), _names(outputs), transforms)
     save_graph_def(result, out_graph, as_text=True if output_as_text else None)
 

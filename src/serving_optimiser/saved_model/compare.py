@@ -2,10 +2,12 @@
 next to the original's (``loaded.signatures[key](**inputs)``), and every output gets its class
 agreement, max |difference|, exact equality, and equality within float rounding.
 
-Within float rounding means ``|Δ| <= 1e-5 + 1e-5·|value|`` elementwise (non-float outputs must
-be equal): the same function computed by other kernels. oneDNN's AVX-512 kernels sum in another
-order than its AVX2 ones, so a frozen or losslessly optimised model can differ from its original
-in the last bits on one CPU and not on another (logits of ~10 by up to 9e-5 were seen).
+Within float rounding means ``|Δ| <= 1e-5 + 1e-4·max|output|`` elementwise (non-float outputs
+must be equal): the same function computed by other kernels. oneDNN's AVX-512 kernels sum in
+another order than its AVX2 ones, so a frozen or losslessly optimised model can differ from its
+original in the last bits on one CPU and not on another: logits up to ~11 by up to 9e-5 were seen,
+the error of sums of 512 products, so it scales with the output's magnitude, not each value's.
+8-bit weights move the same logits by ~1e-2, a hundred times more.
 
 Class agreement is the fraction of rows whose class is the same: argmax over the last axis for
 float outputs with at least two columns (scores, logits, probabilities), the whole row for
@@ -30,8 +32,8 @@ from .safety import refuse_unsafe_ops, scan_for_unsafe_ops
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 64
-ROUNDING_RTOL = 1e-5
 ROUNDING_ATOL = 1e-5
+ROUNDING_RTOL = 1e-4  # of the output's largest magnitude
 
 
 def within_rounding(original: np.ndarray, converted: np.ndarray) -> bool:
@@ -40,7 +42,14 @@ def within_rounding(original: np.ndarray, converted: np.ndarray) -> bool:
     if a.shape != b.shape:
         return False
     if a.dtype.kind in "fc" or b.dtype.kind in "fc":
-        return bool(np.allclose(b, a, rtol=ROUNDING_RTOL, atol=ROUNDING_ATOL, equal_nan=True))
+        a, b = a.astype(np.float64), b.astype(np.float64)
+        if not np.array_equal(np.isnan(a), np.isnan(b)):
+            return False
+        finite = np.isfinite(a)
+        if not np.array_equal(a[~finite & ~np.isnan(a)], b[~finite & ~np.isnan(b)]):
+            return False
+        scale = float(np.max(np.abs(a[finite]))) if finite.any() else 0.0
+        return bool(np.all(np.abs(a[finite] - b[finite]) <= ROUNDING_ATOL + ROUNDING_RTOL * scale))
     return bool(np.array_equal(a, b))
 
 

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
+    from .model import SignatureInfo, TensorInfo
+
 from ..errors import first_line
 from .errors import SavedModelError
-from .model import SignatureInfo, TensorInfo
 
 # Protobuf cannot parse a message of 2 GiB or more; refuse before reading such a file.
 MAX_PROTO_BYTES = 2**31 - 1
@@ -131,6 +132,8 @@ def tensor_info_from_proto(proto, where: str) -> TensorInfo:
     """A dense TensorInfo proto as our TensorInfo (sparse and composite inputs are refused)."""
     from tensorflow.python.framework import dtypes
 
+    from .model import TensorInfo
+
     encoding = proto.WhichOneof("encoding")
     if encoding != "name":
         raise SavedModelError(f"{where} is a {encoding} tensor; only dense tensors can be frozen")
@@ -147,6 +150,8 @@ def tensor_info_from_proto(proto, where: str) -> TensorInfo:
 
 def signature_info_from_proto(key: str, signature_def) -> SignatureInfo:
     """Keys, dtypes, shapes and method name of a SignatureDef, with its own tensor names."""
+    from .model import SignatureInfo
+
     inputs = {
         name: tensor_info_from_proto(proto, f"signature '{key}' input '{name}'")
         for name, proto in sorted(signature_def.inputs.items())
