@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_directory
+from ..errors import UserError
 from ..pipeline.data import FEATURE_NAMES
 from .params import PeerSpec
 from .predictor import load_predictor
@@ -25,6 +26,8 @@ def calibration_subset(features: Mapping[str, np.ndarray], rows: int) -> dict[st
 
 def model_bytes(spec: PeerSpec, exported: str | Path, calibration: Mapping[str, np.ndarray] | None = None) -> bytes:
     """The artefact's bytes for ``spec`` (``calibration``: the rows int8_full calibrates on)."""
+    if not (Path(exported) / "saved_model.pb").is_file():
+        raise UserError(f"{exported}: not a SavedModel (no saved_model.pb; run the export stage first)")
     if spec.format == "litert":
         from .litert import litert_model_bytes
 

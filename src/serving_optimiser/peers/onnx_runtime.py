@@ -39,8 +39,11 @@ def onnx_model_bytes(exported: str | Path, quantization: str, opset: int, signat
     if quantization not in QUANTIZATIONS:
         raise UserError(f"ONNX quantization '{quantization}' is not one of {', '.join(QUANTIZATIONS)}")
     with native_output_silenced():
-        from tf2onnx import convert, tf_loader
+        from tf2onnx import convert, tf_loader, utils
 
+        # tf2onnx numbers the names it makes from a module-level counter; restart it so a second
+        # conversion in one process names (and so serialises) its nodes as a fresh process does.
+        utils.INTERNAL_NAME = 1
         graph_def, inputs, outputs, renames = tf_loader.from_saved_model(
             str(exported), None, None, tag=["serve"], signatures=[signature], return_tensors_to_rename=True
         )
@@ -126,6 +129,7 @@ class OnnxPredictor(Predictor):
             raise UserError(f"{artefact}: an ONNX artefact needs the label vocabulary to map class ids to classes")
         with native_output_silenced():
             import onnxruntime as ort
+            from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
@@ -135,8 +139,14 @@ class OnnxPredictor(Predictor):
             start = time.perf_counter()
             try:
                 session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            except (RuntimeError, ValueError) as error:
-                # ORT's load errors (InvalidProtobuf, Fail, ...) subclass RuntimeError.
+            except (
+                ort_errors.InvalidProtobuf,
+                ort_errors.InvalidGraph,
+                ort_errors.Fail,
+                ort_errors.NoSuchFile,
+                ort_errors.InvalidArgument,
+                ort_errors.NotImplemented,
+            ) as error:
                 raise UserError(f"{artefact}: not a valid ONNX model ({_first_line(error)})") from None
             seconds = time.perf_counter() - start
         inputs = {node.name for node in session.get_inputs()}

@@ -58,8 +58,7 @@ class PeerSpec:
             allowed.add("opset")
             opset = require(entry, "opset", int, where, path)
             if not 13 <= opset <= 18:
-                # tf2onnx 1.17 knows opsets up to 18; 13 is the first with the ops this model needs
-                # in their current form (Unsqueeze taking axes as an input).
+                # The range tf2onnx 1.17 supports and tests; it refuses 19 and above outright.
                 raise UserError(f"{path}: '{where}.opset' must be between 13 and 18, got {opset}")
         unknown = sorted(set(entry) - allowed)
         if unknown:
