@@ -50,12 +50,7 @@ def main(argv: list[str]) -> None:
 
     import numpy as np
 
-    from serving_optimiser.errors import UserError
-    from serving_optimiser.peers import load_predictor
     from serving_optimiser.peers._quiet import native_output_silenced
-    from serving_optimiser.pipeline.data import read_iris_csv, sample_around
-    from serving_optimiser.pipeline.evaluate import gzip_size
-    from serving_optimiser.pipeline.params import load_params, require_list, section
 
     with native_output_silenced():
         import tensorflow as tf
@@ -63,6 +58,12 @@ def main(argv: list[str]) -> None:
         # Thread pools are fixed when TensorFlow first runs an op: set them before loading anything.
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
+
+    from serving_optimiser.errors import UserError
+    from serving_optimiser.peers import load_predictor
+    from serving_optimiser.pipeline.data import read_iris_csv, sample_around
+    from serving_optimiser.pipeline.evaluate import gzip_size
+    from serving_optimiser.pipeline.params import load_params, require_list, section
 
     vocabulary = require_list(section(load_params(args.params), "data", args.params), "label_vocabulary", str, "data")
     peers_dir = Path(args.peers_dir)
