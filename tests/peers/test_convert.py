@@ -16,6 +16,9 @@ from serving_optimiser.peers.convert import calibration_subset, convert_peer, mo
 from serving_optimiser.pipeline.data import FEATURE_NAMES, LABEL_VOCABULARY
 from serving_optimiser.pipeline.export import export_saved_model
 
+# The module shares the session's trained model and artefacts: keep it on one xdist worker.
+pytestmark = pytest.mark.xdist_group("peers")
+
 QUANTISED = [name for name, spec in SPECS.items() if spec.quantization != "none"]
 FLOAT = [name for name, spec in SPECS.items() if spec.quantization == "none"]
 

@@ -16,6 +16,9 @@ from pipeline_helpers import ROOT
 from serving_optimiser.pipeline.data import LABEL_VOCABULARY
 from serving_optimiser.pipeline.stage import run_stage
 
+# The module shares the session's trained model and artefacts: keep it on one xdist worker.
+pytestmark = pytest.mark.xdist_group("peers")
+
 SCRIPT = ROOT / "scripts" / "convert_peer.py"
 
 

@@ -12,6 +12,9 @@ from serving_optimiser.peers.onnx_runtime import OnnxPredictor
 from serving_optimiser.peers.predictor import TFPredictor, feature_arrays
 from serving_optimiser.pipeline.data import FEATURE_NAMES, LABEL_VOCABULARY
 
+# The module shares the session's trained model and artefacts: keep it on one xdist worker.
+pytestmark = pytest.mark.xdist_group("peers")
+
 ARTEFACT = "models/peers/litert_fp32/model.tflite"
 
 
