@@ -1,0 +1,166 @@
+"""ONNX peers: the exported SavedModel through tf2onnx (fp32) and onnxruntime's
+``quantize_dynamic`` (int8 weights, activations quantized per call), served by an ONNX Runtime
+session.
+
+The ONNX model keeps ``class_ids``, ``logits`` and ``probabilities`` but not ``classes``: ONNX
+Runtime hands string tensors back as Python ``str`` objects, so matching TensorFlow's bytes would
+re-encode every row on every call; mapping ``class_ids`` through the label vocabulary gives the
+same bytes at the cost of one numpy take.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Self
+
+import numpy as np
+
+from ..errors import UserError
+from ..pipeline.data import FEATURE_NAMES
+from ._quiet import native_output_silenced
+from .predictor import DEFAULT_THREADS, Predictor, _first_line, feature_arrays, vocabulary_array
+
+QUANTIZATIONS = ("none", "int8_dynamic")
+NUMERIC_OUTPUTS = ("class_ids", "logits", "probabilities")
+
+
+def onnx_model_bytes(exported: str | Path, quantization: str, opset: int, signature: str = "predict") -> bytes:
+    """The ``.onnx`` protobuf of ``exported``'s ``signature``, inputs and outputs named as the signature's.
+
+    - ``none``: tf2onnx's float32 conversion of the frozen signature.
+    - ``int8_dynamic``: that model through ``onnxruntime.quantization.quantize_dynamic`` with
+      signed int8 weights, one scale per tensor (its defaults): MatMul becomes
+      DynamicQuantizeLinear + MatMulInteger, whatever the weight's size.
+    """
+    if quantization not in QUANTIZATIONS:
+        raise UserError(f"ONNX quantization '{quantization}' is not one of {', '.join(QUANTIZATIONS)}")
+    with native_output_silenced():
+        from tf2onnx import convert, tf_loader, utils
+
+        # tf2onnx numbers the names it makes from a module-level counter; restart it so a second
+        # conversion in one process names (and so serialises) its nodes as a fresh process does.
+        utils.INTERNAL_NAME = 1
+        graph_def, inputs, outputs, renames = tf_loader.from_saved_model(
+            str(exported), None, None, tag=["serve"], signatures=[signature], return_tensors_to_rename=True
+        )
+        kept = [tensor for tensor in outputs if renames.get(tensor) in NUMERIC_OUTPUTS]
+        if len(kept) != len(NUMERIC_OUTPUTS):
+            raise UserError(
+                f"{exported}: signature '{signature}' lacks outputs {', '.join(NUMERIC_OUTPUTS)} "
+                f"(has {', '.join(sorted(map(str, renames.values())))})"
+            )
+        try:
+            model, _ = convert.from_graph_def(
+                graph_def, name=signature, input_names=inputs, output_names=kept, opset=opset, tensors_to_rename=renames
+            )
+        except (ValueError, NotImplementedError, RuntimeError) as error:
+            raise UserError(f"{exported}: tf2onnx conversion (opset {opset}) failed: {_first_line(error)}") from None
+        _stable_initializer_names(model)
+        if quantization == "none":
+            return model.SerializeToString()
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        with tempfile.TemporaryDirectory(prefix="onnx-int8-") as scratch:
+            target = Path(scratch) / "model.onnx"
+            quantize_dynamic(model, target, weight_type=QuantType.QInt8, per_channel=False)
+            return target.read_bytes()
+
+
+def _stable_initializer_names(model) -> None:
+    """Rename the graph's initializers to ``<base>__<k>`` by order of first use, in place.
+
+    tf2onnx merges identical constants and keeps whichever one a set yields first, so the
+    survivor's counter suffix (``const_axes__12`` or ``__16``) follows PYTHONHASHSEED and the same
+    conversion gives different bytes in different processes. Node order and every other name are
+    stable; the model has no subgraphs (If/Loop bodies) whose inputs would need renaming too.
+    """
+    graph = model.graph
+    initializers = {tensor.name for tensor in graph.initializer}
+    first_use = []
+    for node in graph.node:
+        first_use += [name for name in node.input if name in initializers and name not in first_use]
+    first_use += [tensor.name for tensor in graph.initializer if tensor.name not in first_use]
+    taken = {name for node in graph.node for name in (*node.input, *node.output)} - initializers
+    taken |= {value.name for value in (*graph.input, *graph.output)}
+    counts: dict[str, int] = {}
+    renames = {}
+    for name in first_use:
+        base = re.sub(r"__\d+$", "", name)
+        counts[base] = counts.get(base, -1) + 1
+        renames[name] = f"{base}__{counts[base]}"
+        if renames[name] in taken:
+            raise RuntimeError(f"ONNX initializer rename {name!r} -> {renames[name]!r} collides with a tensor name")
+    for tensor in graph.initializer:
+        tensor.name = renames[tensor.name]
+    for node in graph.node:
+        node.input[:] = [renames.get(name, name) for name in node.input]
+    for value in graph.value_info:
+        value.name = renames.get(value.name, value.name)
+
+
+class OnnxPredictor(Predictor):
+    """A ``.onnx`` model through an ONNX Runtime CPU session: ``threads`` intra-op threads, one
+    inter-op thread, sequential execution, all graph optimisations. ``classes`` comes from
+    ``class_ids`` and ``label_vocabulary`` (required)."""
+
+    format = "onnx"
+
+    def __init__(self, artefact: str, session, vocabulary: np.ndarray, load_seconds: float) -> None:
+        super().__init__(artefact, load_seconds)
+        self._session = session
+        self._vocabulary = vocabulary
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        threads: int = DEFAULT_THREADS,
+        label_vocabulary: Sequence[str] | None = None,
+        signature: str = "predict",
+        name: str | None = None,
+    ) -> Self:
+        artefact = name or str(path)
+        if not label_vocabulary:
+            raise UserError(f"{artefact}: an ONNX artefact needs the label vocabulary to map class ids to classes")
+        with native_output_silenced():
+            import onnxruntime as ort
+            from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            options.log_severity_level = 3
+            start = time.perf_counter()
+            try:
+                session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            except (
+                ort_errors.InvalidProtobuf,
+                ort_errors.InvalidGraph,
+                ort_errors.Fail,
+                ort_errors.NoSuchFile,
+                ort_errors.InvalidArgument,
+                ort_errors.NotImplemented,
+            ) as error:
+                raise UserError(f"{artefact}: not a valid ONNX model ({_first_line(error)})") from None
+            seconds = time.perf_counter() - start
+        inputs = {node.name for node in session.get_inputs()}
+        outputs = {node.name for node in session.get_outputs()}
+        missing = [f"input {n}" for n in FEATURE_NAMES if n not in inputs]
+        missing += [f"output {n}" for n in NUMERIC_OUTPUTS if n not in outputs]
+        if missing:
+            raise UserError(f"{artefact}: no {', '.join(missing)} in the ONNX graph")
+        return cls(artefact, session, vocabulary_array(label_vocabulary), seconds)
+
+    def __call__(self, features: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        arrays = feature_arrays(self.artefact, features)
+        values = self._session.run(NUMERIC_OUTPUTS, dict(zip(FEATURE_NAMES, arrays)))
+        outputs = dict(zip(NUMERIC_OUTPUTS, values))
+        # An out-of-range id is left for validate_outputs to name rather than failing the take here.
+        outputs["classes"] = self._vocabulary.take(outputs["class_ids"], mode="clip")
+        return outputs

@@ -1,0 +1,99 @@
+"""scripts/convert_peer.py: a fresh process converts quietly (nothing on stderr, one line on
+stdout) to the same bytes as a conversion in this process; bad params fail with one line on
+stderr, a non-zero exit, and nothing written."""
+
+import copy
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from peers_helpers import SECTION, SPECS
+from pipeline_helpers import ROOT
+
+from serving_optimiser.pipeline.data import LABEL_VOCABULARY
+from serving_optimiser.pipeline.stage import run_stage
+
+# The module shares the session's trained model and artefacts: keep it on one xdist worker.
+pytestmark = pytest.mark.xdist_group("peers")
+
+SCRIPT = ROOT / "scripts" / "convert_peer.py"
+
+
+def write_inputs(tmp_path, peer_split, change=lambda params: None):
+    params = {"data": {"label_vocabulary": list(LABEL_VOCABULARY)}, "peers": copy.deepcopy(SECTION)}
+    change(params)
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(params))
+    train = tmp_path / "train.csv"
+    peer_split[0].to_csv(train, index=False)
+    return params_path, train
+
+
+@pytest.mark.parametrize("name", ["litert_int8_full", "onnx_int8_dynamic"])
+def test_fresh_process_converts_quietly_to_the_same_bytes(name, tmp_path, peer_split, peer_export, peer_artefacts):
+    params, train = write_inputs(tmp_path, peer_split)
+    out = tmp_path / "peers"
+    env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+    # Another hash seed than this process's: tf2onnx's constant merging follows set order.
+    env["PYTHONHASHSEED"] = "12345"
+    argv = [name, "--exported", str(peer_export), "--train", str(train), "--out-dir", str(out), "--params", str(params)]
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    written = out / name / SPECS[name].filename
+    spec = SPECS[name]
+    assert result.stdout.splitlines() == [
+        f"convert_peer: {name} ({spec.format}, {spec.quantization}) -> {written} ({written.stat().st_size} bytes)"
+    ]
+    assert written.read_bytes() == peer_artefacts[name].read_bytes()
+    assert sorted(path.name for path in out.iterdir()) == [name]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("stage_convert_peer", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "expected"),
+    [
+        ("onnx_fp16", lambda p: None, "no peer 'onnx_fp16' in 'peers.variants'"),
+        ("litert_fp32", lambda p: p.pop("peers"), "missing section 'peers'"),
+        (
+            "litert_fp32",
+            lambda p: p["peers"]["variants"]["litert_fp32"].update(quantization="int4"),
+            "'peers.variants.litert_fp32.quantization' for litert must be one of",
+        ),
+        ("litert_fp32", lambda p: p["data"].update(label_vocabulary=[]), "'data.label_vocabulary' must not be empty"),
+    ],
+    ids=["unknown-peer", "no-section", "bad-quantization", "no-vocabulary"],
+)
+def test_bad_params_fail_with_one_line(name, change, expected, tmp_path, peer_split, capsys):
+    params, train = write_inputs(tmp_path, peer_split, change)
+    out = tmp_path / "peers"
+    argv = [name, "--exported", str(tmp_path / "none"), "--train", str(train), "--out-dir", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage("convert_peer", load_script().main, [*argv, "--params", str(params)])
+    assert exit_info.value.code == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("convert_peer: error: ") and expected in lines[0], lines
+    assert not out.exists()
+
+
+def test_missing_exported_model_fails_with_one_line(tmp_path, peer_split, capsys):
+    params, train = write_inputs(tmp_path, peer_split)
+    out = tmp_path / "peers"
+    argv = ["litert_fp32", "--exported", str(tmp_path / "none"), "--train", str(train), "--out-dir", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage("convert_peer", load_script().main, [*argv, "--params", str(params)])
+    assert exit_info.value.code == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"convert_peer: error: {tmp_path / 'none'}: "), lines
+    assert not out.exists()
