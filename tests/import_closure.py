@@ -1,6 +1,7 @@
 """The package files a stage script imports, directly or through other package modules, found by
 reading the source with ``ast`` (nothing is imported). Imports inside functions count: the
-scripts import lazily, after parsing their arguments."""
+scripts import lazily, after parsing their arguments; so do the modules a package's ``_EXPORTS``
+table imports on first use."""
 
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ def _imported_modules(path: Path, src: Path) -> set[str]:
     package_parts = path.relative_to(src).parts[:-1] if path.is_relative_to(src) else ()
     modules: set[str] = set()
     for node in ast.walk(tree):
+        # A package that imports on first use (PEP 562) names its modules in _EXPORTS.
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_EXPORTS" for t in node.targets):
+            if isinstance(node.value, ast.Dict):
+                for value in node.value.values:
+                    if isinstance(value, ast.Constant) and value.value.startswith("."):
+                        modules.add(".".join((*package_parts, value.value.lstrip("."))))
         if isinstance(node, ast.Import):
             modules.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

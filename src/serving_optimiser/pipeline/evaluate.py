@@ -54,6 +54,46 @@ class EvaluateParams:
         )
 
 
+@dataclass(frozen=True)
+class ModelEntry:
+    """Where a model's name comes from in params.yaml, and how it must run."""
+
+    name: str
+    kind: str  # "exported", "variant" (an optimise list) or "peer" (a LiteRT / ONNX artefact)
+    needs_onednn: bool  # its ops run only on oneDNN's kernels (quantize_matmuls)
+    threads: int  # the peer runtimes' threads (TensorFlow's are process-wide)
+
+    @property
+    def is_reference(self) -> bool:
+        return self.kind == REFERENCE
+
+    @classmethod
+    def find(cls, params: dict, name: str, path: str | Path = "params.yaml") -> ModelEntry:
+        """Read without importing TensorFlow, so a stage can pin its kernels before it loads."""
+        from ..graph_transforms.catalogue import needs_onednn
+
+        peers = peers_section(params, path)
+        threads = peers.threads if peers else 2
+        if name == REFERENCE:
+            return cls(name, REFERENCE, False, threads)
+        variants = params.get("optimise") or {}
+        if name in variants:
+            return cls(name, "variant", needs_onednn(variants[name]), threads)
+        if peers and name in peers.variants:
+            return cls(name, "peer", False, threads)
+        known = sorted([*variants, *(peers.variants if peers else ())])
+        raise UserError(f"{path}: no model '{name}' in 'optimise' or 'peers.variants' (has {', '.join(known)})")
+
+
+def peers_section(params: dict, path: str | Path = "params.yaml"):
+    """The ``peers`` section, checked, or None when params.yaml has none."""
+    if "peers" not in params:
+        return None
+    from ..peers.params import PeersParams
+
+    return PeersParams.from_section(params["peers"], path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sizes and graph counts (no TensorFlow runtime needed)
 # ---------------------------------------------------------------------------------------------
@@ -112,40 +152,18 @@ def signature_dump(directory: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Running a SavedModel
+# Running a model (a SavedModel, or a LiteRT / ONNX peer) through one predictor interface
 # ---------------------------------------------------------------------------------------------
 
 
-def load_signature(directory: Path, signature_key: str):
-    import tensorflow as tf
+def load_model(name: str, path: Path, vocabulary: list[str], signature: str, threads: int):
+    """A predictor for ``path`` (see :mod:`serving_optimiser.peers.predictor`), named ``name`` in
+    its errors."""
+    from ..peers import load_predictor
 
-    if not (directory / "saved_model.pb").is_file():
-        raise UserError(f"{directory}: SavedModel not found (run the stage that builds it first)")
-    loaded = tf.saved_model.load(str(directory), tags=["serve"])
-    if signature_key not in loaded.signatures:
-        raise UserError(f"{directory}: no signature '{signature_key}' (has {', '.join(sorted(loaded.signatures))})")
-    return loaded, loaded.signatures[signature_key]
-
-
-def run_signature(signature, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    import tensorflow as tf
-
-    outputs = signature(**{name: tf.constant(values) for name, values in features.items()})
-    return {key: value.numpy() for key, value in outputs.items()}
-
-
-def check_outputs(name: str, outputs: dict[str, np.ndarray], rows: int, n_classes: int) -> None:
-    """A broken conversion fails here, naming the model: NaN/Inf, or a wrong shape."""
-    for key in ("logits", "probabilities"):
-        if key not in outputs:
-            raise UserError(f"{name}: output '{key}' missing (has {', '.join(sorted(outputs))})")
-        values = outputs[key]
-        if values.shape != (rows, n_classes):
-            raise UserError(f"{name}: output '{key}' has shape {values.shape}, expected {(rows, n_classes)}")
-        if not np.all(np.isfinite(values)):
-            raise UserError(f"{name}: output '{key}' holds NaN or Inf")
-    if "class_ids" not in outputs or outputs["class_ids"].reshape(-1).shape != (rows,):
-        raise UserError(f"{name}: output 'class_ids' missing or not one id per row")
+    if not path.exists():
+        raise UserError(f"{name}: {path} not found (run the stage that builds it first)")
+    return load_predictor(path, threads=threads, label_vocabulary=vocabulary, signature=signature, name=name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,26 +247,28 @@ class Evaluation:
     outputs: dict[str, dict[str, np.ndarray]]  # per data set ("eval", "batch")
 
 
-def evaluate_saved_model(
+def evaluate_model(
     name: str,
-    directory: Path,
+    path: Path,
     data: dict[str, dict[str, np.ndarray]],
     labels: np.ndarray,
     vocabulary: list[str],
     params: EvaluateParams,
+    threads: int,
     optimised_graph: Path | None = None,
 ) -> Evaluation:
-    """Run ``name`` on every data set and describe it; fidelity is added by :func:`compare`."""
-    _, signature = load_signature(directory, params.signature)
-    outputs = {}
-    for data_set, features in data.items():
-        rows = len(next(iter(features.values())))
-        outputs[data_set] = run_signature(signature, features)
-        check_outputs(name, outputs[data_set], rows, len(vocabulary))
-    size = model_size(directory)
+    """Run ``name`` on every data set and describe it; fidelity is added by :func:`compare`.
+
+    A broken conversion fails here, naming the model: NaN or Inf in an output, a wrong shape or
+    dtype, class ids that are not the argmax of the logits.
+    """
+    predictor = load_model(name, path, vocabulary, params.signature, threads)
+    outputs = {data_set: predictor.checked(features, vocabulary) for data_set, features in data.items()}
+    size = model_size(path)
     figures = {"size_bytes": size["size_bytes"], "gzip_bytes": size["size_gzip_bytes"]}
     figures.update(accuracy_figures(outputs["eval"], labels))
-    figures.update(saved_model_counts(directory))
+    if (path / "saved_model.pb").is_file():
+        figures.update(saved_model_counts(path))
     figures["sample_predictions"] = sample_predictions(outputs["eval"], vocabulary, params.sample_rows)
     if optimised_graph is not None:
         from ..saved_model import FrozenModel
