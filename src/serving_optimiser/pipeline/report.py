@@ -34,7 +34,9 @@ def gather(models: list[str], details_dir: Path, latency_details_dir: Path) -> d
         # The exported model is timed beside every variant: report its median over those runs.
         for key in ("batch_ms", "batch1_p50_ms", "batch1_p99_ms", "load_s", "first_call_ms"):
             records[REFERENCE][key] = sorted(t[key] for t in exported_timings)[len(exported_timings) // 2]
-        records[REFERENCE]["machine"] = records[models[0]]["machine"]
+        # The machine line: a model timed with TensorFlow's own oneDNN setting if there is one.
+        machines = [records[name]["machine"] for name in models]
+        records[REFERENCE]["machine"] = next((m for m in machines if m["onednn_opts"] == "default"), machines[0])
     return records
 
 
