@@ -20,6 +20,7 @@ TINY_PARAMS = {
     "latency": {"repeats": 5, "single_row_calls": 25, "load_repeats": 1},
 }
 VARIANTS = ("notebook", "lossless", "per_channel", "per_tensor", "int8")
+PEERS = ("litert_fp32", "litert_fp16", "litert_int8_dynamic", "litert_int8_full", "onnx_fp32", "onnx_int8_dynamic")
 
 
 def _env() -> dict:
@@ -76,7 +77,12 @@ def repo(tmp_path_factory):
 def test_repro_runs_every_stage_and_writes_metrics(repo):
     repo, _, output = repo
     per_variant = {f"{stage}@{v}" for stage in ("optimise", "convert", "evaluate", "latency") for v in VARIANTS}
-    assert ran_stages(output) == {"prepare", "train", "export", "freeze", "reference", "report"} | per_variant
+    per_peer = {f"{stage}@{p}" for stage in ("convert_peer", "evaluate_peer", "latency_peer") for p in PEERS}
+    shared = {"prepare", "train", "export", "freeze", "reference", "report"}
+    assert ran_stages(output) == shared | per_variant | per_peer
+    for peer in PEERS:
+        figures = json.loads((repo / "reports" / "models" / f"{peer}.json").read_text())
+        assert figures["agreement"] >= 0.95 and figures["size_bytes"] > 0, peer
     exported = json.loads((repo / "reports" / "models" / "exported.json").read_text())
     assert exported["eval_accuracy"] >= 0.8
     lossless = json.loads((repo / "reports" / "models" / "lossless.json").read_text())
