@@ -49,8 +49,8 @@ bench-int8: setup ## int8 MatMuls vs float, quantize_weights, quantize_nodes: pe
 push: setup ## Push DVC-tracked artefacts to the default remote
 	dvc push
 
-pull: setup ## Pull DVC-tracked artefacts from the default remote (no retraining)
-	dvc pull
+pull: setup ## Pull the committed artefacts from the default remote (no retraining), or say why not
+	@python scripts/pull.py
 
 metrics: setup ## Show the current metrics (all of them: dvc metrics show)
 	@python scripts/show_results.py
