@@ -166,3 +166,24 @@ def test_push_then_pull_into_a_second_clone(repo):
             assert (repo / path).read_bytes() == (clone / path).read_bytes(), path
     assert "up to date" in run(clone, "dvc", "status")
     assert ran_stages(run(clone, "dvc", "repro")) == set()
+
+
+def test_pull_says_in_one_line_why_it_cannot(repo):
+    repo, base, _ = repo
+    clone = base / "clone-without-remote"
+    run(base, "git", "clone", "-q", str(repo), str(clone))
+
+    def pull() -> list[str]:
+        result = subprocess.run(
+            [sys.executable, "scripts/pull.py"], cwd=clone, env=_env(), capture_output=True, text=True
+        )
+        assert result.returncode == 1
+        return result.stderr.splitlines()
+
+    run(clone, "dvc", "remote", "modify", "local", "url", str(base / "nowhere"))
+    lines = pull()
+    assert len(lines) == 1 and "does not exist on this machine" in lines[0] and "`make all`" in lines[0], lines
+    (base / "empty-remote").mkdir()
+    run(clone, "dvc", "remote", "modify", "local", "url", str(base / "empty-remote"))
+    lines = pull()
+    assert len(lines) == 1 and "missing there" in lines[0] and "`make all`" in lines[0], lines
