@@ -20,13 +20,15 @@ def main(argv: list[str]) -> None:
     from serving_optimiser.peers.convert import convert_peer
     from serving_optimiser.peers.params import PeersParams
     from serving_optimiser.pipeline.data import features_and_labels, read_iris_csv
-    from serving_optimiser.pipeline.params import load_params, require_list, section
+    from serving_optimiser.pipeline.params import check_stage_keys, load_params, require_list, section
 
     if args.out.name != args.name:
         raise UserError(f"--out {args.out}: the directory must be named after the peer '{args.name}'")
     params = load_params(args.params)
     vocabulary = require_list(section(params, "data", args.params), "label_vocabulary", str, "data", args.params)
-    spec = PeersParams.from_section(section(params, "peers", args.params), args.params).variant(args.name, args.params)
+    peers = PeersParams.from_section(section(params, "peers", args.params), args.params)
+    check_stage_keys(peers.variants, "peers.variants", args.params)
+    spec = peers.variant(args.name, args.params)
     features, _ = features_and_labels(read_iris_csv(args.train, vocabulary), vocabulary)
     written = convert_peer(spec, args.exported, args.out.parent, features, vocabulary)
     size = written.stat().st_size

@@ -14,16 +14,23 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
 
     from serving_optimiser.errors import UserError
-    from serving_optimiser.graph_transforms import TransformError, TransformGraph, parse_and_check
-    from serving_optimiser.pipeline.params import load_params, require_list, section
-    from serving_optimiser.saved_model import FrozenModel
+    from serving_optimiser.graph_transforms.catalogue import check_transforms
+    from serving_optimiser.graph_transforms.errors import TransformError
+    from serving_optimiser.graph_transforms.parser import parse_transforms
+    from serving_optimiser.pipeline.params import check_stage_keys, load_params, require_list, section
 
     variants = section(load_params(args.params), "optimise", args.params)
+    check_stage_keys(variants, "optimise", args.params)
     transforms = require_list(variants, args.variant, str, "optimise", args.params)
-    try:
-        parse_and_check(transforms)
+    if not transforms:
+        raise UserError(f"{args.params}: 'optimise.{args.variant}' is an empty transform list")
+    try:  # before TensorFlow loads: a typo in params.yaml is reported at once
+        check_transforms(parse_transforms(" ".join(transforms)))
     except TransformError as error:
         raise UserError(f"{args.params}: 'optimise.{args.variant}': {error}") from None
+    from serving_optimiser.graph_transforms import TransformGraph
+    from serving_optimiser.saved_model import FrozenModel
+
     frozen = FrozenModel.load(args.frozen)
     optimised = TransformGraph(frozen.graph_def, frozen.input_node_names(), frozen.output_node_names(), transforms)
     frozen.with_graph_def(optimised).save(args.out)

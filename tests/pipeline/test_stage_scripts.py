@@ -50,8 +50,13 @@ def single_error_line(stderr: str) -> str:
         (lambda p: p["optimise"].update(notebook=["fold_constants(ignore_errors=true"]), "never closed"),
         (lambda p: p["optimise"].update(notebook="quantize_weights"), "'optimise.notebook' must be list"),
         (lambda p: p["optimise"].pop("notebook"), "missing key 'optimise.notebook'"),
+        (lambda p: p["optimise"].update(notebook=[]), "'optimise.notebook' is an empty transform list"),
+        (
+            lambda p: p["optimise"].update({"my variant": ["fold_constants"]}),
+            "'optimise.my variant' is not a valid variant name",
+        ),
     ],
-    ids=["unknown-transform", "bad-argument", "malformed-string", "wrong-type", "missing-key"],
+    ids=["unknown-transform", "bad-argument", "malformed-string", "wrong-type", "missing-key", "empty", "bad-name"],
 )
 def test_optimise_rejects_bad_transform_lists(tmp_path, capsys, change, expected):
     params = write_params(tmp_path, change)

@@ -3,6 +3,7 @@ line naming the key, instead of a KeyError deep inside a stage."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +73,16 @@ def require_list(values: dict[str, Any], key: str, item_kind: type, where: str, 
         if isinstance(item, bool) or not isinstance(item, item_kind):
             raise UserError(f"{path}: '{where}.{key}[{index}]' must be {item_kind.__name__}, got {item!r}")
     return value
+
+
+_STAGE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def check_stage_keys(values: dict[str, Any], where: str, path: str | Path = DEFAULT_PARAMS_FILE) -> None:
+    """Keys that name DVC stages (``optimise@KEY``) and directories: letters, digits, _ and -."""
+    for key in values:
+        if not isinstance(key, str) or not _STAGE_KEY.fullmatch(key):
+            raise UserError(
+                f"{path}: '{where}.{key}' is not a valid variant name (letters, digits, _ and - only: "
+                f"it names DVC stages and directories)"
+            )
