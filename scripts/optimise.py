@@ -22,8 +22,6 @@ def main(argv: list[str]) -> None:
     variants = section(load_params(args.params), "optimise", args.params)
     check_stage_keys(variants, "optimise", args.params)
     transforms = require_list(variants, args.variant, str, "optimise", args.params)
-    if not transforms:
-        raise UserError(f"{args.params}: 'optimise.{args.variant}' is an empty transform list")
     try:  # before TensorFlow loads: a typo in params.yaml is reported at once
         check_transforms(parse_transforms(" ".join(transforms)))
     except TransformError as error:

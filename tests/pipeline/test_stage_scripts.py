@@ -50,7 +50,7 @@ def single_error_line(stderr: str) -> str:
         (lambda p: p["optimise"].update(notebook=["fold_constants(ignore_errors=true"]), "never closed"),
         (lambda p: p["optimise"].update(notebook="quantize_weights"), "'optimise.notebook' must be list"),
         (lambda p: p["optimise"].pop("notebook"), "missing key 'optimise.notebook'"),
-        (lambda p: p["optimise"].update(notebook=[]), "'optimise.notebook' is an empty transform list"),
+        (lambda p: p["optimise"].update(notebook=[]), "'optimise.notebook' must not be empty"),
         (
             lambda p: p["optimise"].update({"my variant": ["fold_constants"]}),
             "'optimise.my variant' is not a valid variant name",
