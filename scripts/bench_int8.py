@@ -24,7 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from serving_optimiser.cli.common import quiet_tensorflow
+from serving_optimiser.runtime import quiet_tensorflow
+
+# The sample graphs are test fixtures, not part of the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 PREPARE = ["remove_nodes(op=Identity)", "fold_constants(ignore_errors=true)"]
 FINISH = ["strip_unused_nodes", "sort_by_execution_order"]
@@ -127,9 +130,10 @@ def layer_benchmark(rounds: int) -> None:
 
 
 def model_benchmark(rounds: int, single_calls: int) -> None:
+    import sample_graphs
     import tensorflow as tf
 
-    from serving_optimiser.graph_transforms import TransformError, TransformGraph, sample_graphs
+    from serving_optimiser.graph_transforms import TransformError, TransformGraph
     from serving_optimiser.graph_transforms.transforms.quantize_matmuls import calibrate_ranges
     from serving_optimiser.pipeline.evaluate import gzip_size
     from serving_optimiser.pipeline.export import export_saved_model

@@ -33,9 +33,9 @@ def main(argv: list[str]) -> None:
     latency_params = latency.LatencyParams.from_section(section(params, "latency", args.params))
     model = evaluate.ModelEntry.find(params, args.model, args.params)
     if model.needs_onednn:
-        # TensorFlow turns oneDNN's rewrites on by default only on CPUs with AVX-512 VNNI and
-        # newer; the variant's int8 ops have no kernel without them.
-        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+        # The variant's int8 ops have no kernel without oneDNN's rewrites, which TensorFlow turns
+        # on by default only on CPUs with AVX-512 VNNI and newer (machine_info records it).
+        os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
 
     frame = read_iris_csv(args.eval, vocabulary)
     features, _ = features_and_labels(frame, vocabulary)

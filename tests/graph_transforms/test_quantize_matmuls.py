@@ -7,11 +7,12 @@ import logging
 
 import numpy as np
 import pytest
+import sample_graphs
 import tensorflow as tf
 from graph_helpers import build, nodes_by_name, op_counts, run_graph
 from tensorflow.core.framework import types_pb2
 
-from serving_optimiser.graph_transforms import TransformError, TransformGraph, sample_graphs
+from serving_optimiser.graph_transforms import TransformError, TransformGraph
 from serving_optimiser.graph_transforms.transforms.quantize_matmuls import (
     QUANTIZED_OP,
     calibrate_ranges,

@@ -39,7 +39,8 @@ def test_fresh_process_converts_quietly_to_the_same_bytes(name, tmp_path, peer_s
     env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
     # Another hash seed than this process's: tf2onnx's constant merging follows set order.
     env["PYTHONHASHSEED"] = "12345"
-    argv = [name, "--exported", str(peer_export), "--train", str(train), "--out-dir", str(out), "--params", str(params)]
+    argv = [name, "--exported", str(peer_export), "--train", str(train), "--out", str(out / name)]
+    argv += ["--params", str(params)]
     result = subprocess.run(
         [sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, env=env, timeout=300, check=False
     )
@@ -78,7 +79,7 @@ def load_script():
 def test_bad_params_fail_with_one_line(name, change, expected, tmp_path, peer_split, capsys):
     params, train = write_inputs(tmp_path, peer_split, change)
     out = tmp_path / "peers"
-    argv = [name, "--exported", str(tmp_path / "none"), "--train", str(train), "--out-dir", str(out)]
+    argv = [name, "--exported", str(tmp_path / "none"), "--train", str(train), "--out", str(out / name)]
     with pytest.raises(SystemExit) as exit_info:
         run_stage("convert_peer", load_script().main, [*argv, "--params", str(params)])
     assert exit_info.value.code == 1
@@ -90,7 +91,8 @@ def test_bad_params_fail_with_one_line(name, change, expected, tmp_path, peer_sp
 def test_missing_exported_model_fails_with_one_line(tmp_path, peer_split, capsys):
     params, train = write_inputs(tmp_path, peer_split)
     out = tmp_path / "peers"
-    argv = ["litert_fp32", "--exported", str(tmp_path / "none"), "--train", str(train), "--out-dir", str(out)]
+    argv = ["litert_fp32", "--exported", str(tmp_path / "none"), "--train", str(train)]
+    argv += ["--out", str(out / "litert_fp32")]
     with pytest.raises(SystemExit) as exit_info:
         run_stage("convert_peer", load_script().main, [*argv, "--params", str(params)])
     assert exit_info.value.code == 1
