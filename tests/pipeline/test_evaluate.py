@@ -143,7 +143,8 @@ def test_report_gathers_every_model(tmp_path, reference):
     assert list(records) == ["exported", "small"]
     report.write_report(records, tmp_path / "plots.json", tmp_path / "models.csv", tmp_path / "summary.md")
     summary = (tmp_path / "summary.md").read_text()
-    assert "- smallest on disk: **small**" in summary and "- fastest at 100,000 rows: **small** (0.5)" in summary
+    assert "- smallest on disk: **small** (0.1 KB)" in summary
+    assert "- fastest at 100,000 rows: **small** (0.500 × the export's time)" in summary
     assert "- most faithful (max |Δp| against the export): **small**" in summary
     assert machine["cpu"] in summary
     table = report.results_table(records).splitlines()

@@ -187,12 +187,18 @@ def accuracy_figures(outputs: dict[str, np.ndarray], labels: np.ndarray) -> dict
     return {"eval_accuracy": round(float(np.mean(correct)), 6), "eval_rows_correct": int(np.sum(correct))}
 
 
+def sample_rows(rows: int, count: int) -> np.ndarray:
+    """Evenly spaced eval rows: the split is ordered by class, so these show every class."""
+    return np.unique(np.linspace(0, rows - 1, num=min(count, rows)).round().astype(int))
+
+
 def sample_predictions(outputs: dict[str, np.ndarray], vocabulary: list[str], rows: int) -> list[dict]:
-    """The notebook's printed prediction, for the first eval rows: class and probabilities."""
-    ids = class_ids(outputs)[:rows]
+    """The notebook's printed prediction, for a few eval rows: row, class and probabilities."""
+    ids = class_ids(outputs)
     return [
-        {"class": vocabulary[int(i)], "probabilities": [round(float(p), 4) for p in probabilities]}
-        for i, probabilities in zip(ids, outputs["probabilities"][:rows])
+        {"row": int(row), "class": vocabulary[int(ids[row])],
+         "probabilities": [round(float(p), 4) for p in outputs["probabilities"][row]]}
+        for row in sample_rows(len(ids), rows)
     ]
 
 

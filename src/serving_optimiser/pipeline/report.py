@@ -50,14 +50,23 @@ OBJECTIVES = (
 )
 
 
-def winners(records: dict[str, dict]) -> list[tuple[str, str, float]]:
+def _figure(key: str, value: float) -> str:
+    if key.endswith("_bytes"):
+        return f"{value / 1024:.1f} KB"
+    if key.endswith("ratio"):
+        return f"{value:.3f} × the export's time"
+    return f"{value:.2g}"
+
+
+def winners(records: dict[str, dict]) -> list[tuple[str, str, str, float]]:
+    """(objective, key, best model, its figure) per objective."""
     result = []
     for objective, key, smaller in OBJECTIVES:
         # The export is the yardstick of speed and fidelity, not a contender.
         contenders = {name: r for name, r in records.items() if name != REFERENCE or key.endswith("_bytes")}
         candidates = {name: r[key] for name, r in contenders.items()}
         best = (min if smaller else max)(candidates, key=candidates.get)
-        result.append((objective, best, candidates[best]))
+        result.append((objective, key, best, candidates[best]))
     return result
 
 
@@ -87,15 +96,15 @@ def machine_line(machine: dict) -> str:
 
 
 def predictions_table(records: dict[str, dict]) -> str:
-    names = list(records)
-    rows = len(records[REFERENCE]["sample_predictions"])
-    lines = ["| eval row | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
-    for row in range(rows):
-        cells = []
-        for name in names:
-            prediction = records[name]["sample_predictions"][row]
-            cells.append(f"{prediction['class']} ({', '.join(f'{p:.3f}' for p in prediction['probabilities'])})")
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    """One row per model, one column per sample eval row: class (probabilities)."""
+    samples = records[REFERENCE]["sample_predictions"]
+    header = "| model | " + " | ".join(f"eval row {sample['row']}" for sample in samples) + " |"
+    lines = [header, "|" + "---|" * (len(samples) + 1)]
+    for name, record in records.items():
+        cells = [
+            f"{p['class']} ({', '.join(f'{v:.3f}' for v in p['probabilities'])})" for p in record["sample_predictions"]
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -105,8 +114,9 @@ def summary_markdown(records: dict[str, dict]) -> str:
     if machine:
         parts += [f"Timings measured on: {machine_line(machine)}.", ""]
     parts += ["## Best per objective", ""]
-    parts += [f"- {objective}: **{name}** ({value:.4g})" for objective, name, value in winners(records)]
-    parts += ["", "## Sample predictions (first eval rows: class, probabilities)", "", predictions_table(records), ""]
+    parts += [f"- {objective}: **{name}** ({_figure(key, value)})" for objective, key, name, value in winners(records)]
+    parts += ["", "## Sample predictions (eval rows spread over the classes: class, probabilities)", ""]
+    parts += [predictions_table(records), ""]
     return "\n".join(parts)
 
 
