@@ -240,7 +240,9 @@ def chart_spec(chart: Chart, rows: Sequence[Row], models: Sequence[str] = ()) ->
     colour: dict[str, Any] | None = None
     if chart.by is not None:
         domain = list(models) or sorted({row[chart.by] for row in rows})
-        colour = {"field": chart.by, "type": "nominal", "title": chart.by, "scale": {"domain": domain, "scheme": "tableau20"}}
+        # 20 colours: the shipped run has 12 models, more than the default palette's 10.
+        scale = {"domain": domain, "scheme": "tableau20"}
+        colour = {"field": chart.by, "type": "nominal", "title": chart.by, "scale": scale}
     y = _axis(chart.y, chart.y_title, chart.y_scale, chart.y_format, zero=chart.kind == "bar")
     tooltip = [{"field": name, "type": "nominal" if name == chart.by else "quantitative"}
                for name in dict.fromkeys(n for n in (chart.by, chart.x, chart.y) if n)]
