@@ -29,10 +29,11 @@ def main(argv: list[str]) -> None:
     import json
 
     from serving_optimiser import runtime
+    from serving_optimiser.atomic import atomic_file
     from serving_optimiser.errors import UserError
     from serving_optimiser.pipeline import evaluate
     from serving_optimiser.pipeline.data import features_and_labels, read_iris_csv, sample_around
-    from serving_optimiser.pipeline.io import atomic_file, write_json
+    from serving_optimiser.pipeline.io import write_json
     from serving_optimiser.pipeline.params import load_params, require_list, section
 
     params = load_params(args.params)

@@ -13,8 +13,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
 
+    from serving_optimiser.atomic import atomic_directory
     from serving_optimiser.pipeline.data import read_iris_csv, stratified_split
-    from serving_optimiser.pipeline.io import atomic_directory
     from serving_optimiser.pipeline.params import load_params, require, require_list, section
 
     params = load_params(args.params)

@@ -134,7 +134,8 @@ def test_scatter_colours_and_labels_by_model_with_one_domain(tmp_path):
     specs = build_specs(DEFAULT_CHARTS, write_fixture(tmp_path))
     scatter = specs["size_vs_latency"]
     assert scatter["encoding"]["color"] == {
-        "field": "model", "type": "nominal", "title": "model", "scale": {"domain": sorted(MODELS), "scheme": "tableau20"}}
+        "field": "model", "type": "nominal", "title": "model",
+        "scale": {"domain": sorted(MODELS), "scheme": "tableau20"}}
     text_layers = [layer for layer in scatter["layer"] if layer["mark"]["type"] == "text"]
     assert text_layers and all(layer["encoding"]["text"]["field"] == "model" for layer in text_layers)
     # Every row is in exactly one label layer.

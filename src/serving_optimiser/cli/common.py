@@ -4,10 +4,9 @@ progress logging to stderr, and user errors as one line on stderr with a non-zer
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
-from .. import booleans, runner, runtime
+from .. import booleans, runner
 
 EXIT_ERROR = runner.EXIT_ERROR
 EXIT_USAGE = runner.EXIT_USAGE
@@ -58,17 +57,6 @@ def parse_bool(text: str) -> bool:
     if value is None:
         raise argparse.ArgumentTypeError(f"expected {booleans.EXPECTED}, got '{text}'")
     return value
-
-
-def quiet_tensorflow() -> None:
-    """Kept for callers of the old name: :func:`serving_optimiser.runtime.quiet_tensorflow`."""
-    runtime.quiet_tensorflow()
-
-
-@contextmanager
-def progress_logging(prog: str) -> Iterator[None]:
-    """Progress lines already go to stderr: :func:`serving_optimiser.runner.run` sends them."""
-    yield
 
 
 def run_tool(prog: str, body: Callable[[], None]) -> int:

@@ -28,7 +28,7 @@ import json
 import logging
 import sys
 
-from .common import ToolArgumentParser, progress_logging, quiet_tensorflow, run_tool
+from .common import ToolArgumentParser, run_tool
 
 PROG = "optimise_saved_model"
 EXIT_DISAGREES = 3
@@ -155,7 +155,6 @@ def _check_before_tensorflow(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    quiet_tensorflow()
     exit_code = 0
 
     def body() -> None:
@@ -164,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         from ..saved_model import AgreementError, optimise_saved_model
 
         package_logger = logging.getLogger("serving_optimiser")
-        with progress_logging(PROG), _no_propagation(package_logger):
+        with _no_propagation(package_logger):
             try:
                 report = optimise_saved_model(
                     args.in_dir,

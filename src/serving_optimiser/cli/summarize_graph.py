@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import ToolArgumentParser, parse_bool, quiet_tensorflow, run_tool
+from .common import ToolArgumentParser, parse_bool, run_tool
 
 PROG = "summarize_graph"
 
@@ -30,7 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    quiet_tensorflow()
 
     def body() -> None:
         from ..graph_transforms.errors import TransformError

@@ -21,7 +21,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import ToolArgumentParser, parse_bool, progress_logging, quiet_tensorflow, run_tool
+from .. import runtime
+from .common import ToolArgumentParser, parse_bool, run_tool
 
 PROG = "transform_graph"
 
@@ -33,7 +34,7 @@ class _ListTransforms(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        quiet_tensorflow()  # the registry imports TensorFlow
+        runtime.quiet_tensorflow()  # the registry imports TensorFlow
         from ..graph_transforms.registry import transform_listing
 
         sys.stdout.write(transform_listing())
@@ -92,13 +93,11 @@ def transform_graph_file(
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    quiet_tensorflow()
 
     def body() -> None:
-        with progress_logging(PROG):
-            transform_graph_file(
-                args.in_graph, args.out_graph, args.inputs, args.outputs, args.transforms, args.output_as_text
-            )
+        transform_graph_file(
+            args.in_graph, args.out_graph, args.inputs, args.outputs, args.transforms, args.output_as_text
+        )
 
     return run_tool(PROG, body)
 

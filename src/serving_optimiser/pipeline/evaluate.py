@@ -224,7 +224,7 @@ def rounded(metrics: dict) -> dict:
 
 def save_outputs(path: Path, outputs: dict[str, dict[str, np.ndarray]]) -> None:
     """The reference model's outputs per data set, for every variant's evaluation to compare to."""
-    from .io import atomic_file
+    from ..atomic import atomic_file
 
     arrays = {f"{data}/{key}": values[key] for data, values in outputs.items() for key in COMPARED_OUTPUTS}
     with atomic_file(path, "wb") as stream:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_directory
 from .data import FEATURE_NAMES, LABEL_VOCABULARY
-from .io import atomic_directory
 
 SIGNATURE_KEYS = ("predict", "serving_default")
 OUTPUT_TENSORS = {

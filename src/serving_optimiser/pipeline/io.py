@@ -1,13 +1,11 @@
-"""Output helpers of the stages: atomic files and directories, and JSON metrics files."""
+"""JSON metrics and report files of the stages, written atomically."""
 
 from __future__ import annotations
 
 import json
 import os
 
-from ..atomic import atomic_directory, atomic_file
-
-__all__ = ["atomic_directory", "atomic_file", "write_json"]
+from ..atomic import atomic_file
 
 
 def write_json(target: str | os.PathLike, data) -> None:

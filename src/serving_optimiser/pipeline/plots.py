@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..atomic import atomic_file
 from ..errors import UserError
-from .io import atomic_file
 
 # vl-convert ships several Vega-Lite releases; the newest it bundles (with Vega 6) avoids the
 # "spec uses Vega v5, current version is v6" warning that an older Vega-Lite gives in the page.

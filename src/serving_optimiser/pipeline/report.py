@@ -8,9 +8,10 @@ import io
 import json
 from pathlib import Path
 
+from ..atomic import atomic_file
 from ..errors import UserError
 from .evaluate import REFERENCE
-from .io import atomic_file, write_json
+from .io import write_json
 
 
 def _read(path: Path) -> dict:

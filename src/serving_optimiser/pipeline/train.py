@@ -141,7 +141,7 @@ def dense_weights(model) -> list[tuple[np.ndarray, np.ndarray]]:
 
 def save_weights(weights: list[tuple[np.ndarray, np.ndarray]], path: str | Path) -> None:
     """Save the inference weights as an .npz (no optimiser slots)."""
-    from .io import atomic_file
+    from ..atomic import atomic_file
 
     arrays = {}
     for index, (kernel, bias) in enumerate(weights):
