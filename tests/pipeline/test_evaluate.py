@@ -152,3 +152,25 @@ def test_report_gathers_every_model(tmp_path, reference):
     plots = json.loads((tmp_path / "plots.json").read_text())
     assert [row["model"] for row in plots] == ["exported", "small"] and plots[1]["batch_ratio"] == 0.5
     assert (tmp_path / "models.csv").read_text().splitlines()[0].startswith("model,size_bytes,")
+
+
+def test_signature_dump_is_the_same_text_in_every_process(tiny_export):
+    """What saved_model_cli prints, with its op set sorted: Python prints sets in hash order."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path; from serving_optimiser.pipeline.evaluate import signature_dump; "
+        "sys.stdout.write(signature_dump(Path(sys.argv[1])))"
+    )
+    texts = {
+        subprocess.run(
+            [sys.executable, "-c", code, str(tiny_export)], capture_output=True, text=True, check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout
+        for seed in ("1", "2")
+    }
+    assert len(texts) == 1
+    text = texts.pop()
+    assert "signature_def['predict']" in text and "contains the following ops: {'ArgMax', " in text

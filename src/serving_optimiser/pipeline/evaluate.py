@@ -147,8 +147,15 @@ def signature_dump(directory: Path) -> str:
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
         saved_model_cli._show_all(str(directory))
-    # Drop the trailing spaces some lines carry, so the committed text diffs cleanly.
-    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines()) + "\n"
+    # Drop the trailing spaces some lines carry, and print the op set sorted (Python prints a set
+    # in hash order, which changes from process to process), so the committed text is stable.
+    lines = []
+    for line in buffer.getvalue().splitlines():
+        head, brace, ops = line.partition("contains the following ops: {")
+        if brace and ops.endswith("}"):
+            line = head + brace + ", ".join(sorted(op.strip() for op in ops[:-1].split(","))) + "}"
+        lines.append(line.rstrip())
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
