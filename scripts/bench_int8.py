@@ -14,8 +14,6 @@ Set ONEDNN_MAX_CPU_ISA=AVX2 to emulate a CPU without AVX-512 VNNI.
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,28 +37,6 @@ MODEL_VARIANTS = [
     ("quantize_matmuls", [*PREPARE, "quantize_matmuls", *FINISH]),
     ("quantize_matmuls_calibrated", [*PREPARE, "quantize_matmuls(ranges_file={ranges})", *FINISH]),
 ]
-
-
-def cpu_description() -> dict:
-    import tensorflow as tf
-
-    info = {"python": platform.python_version(), "tensorflow": tf.__version__, "logical_cpus": os.cpu_count()}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        if line.startswith("model name") and "model" not in info:
-            info["model"] = line.split(":", 1)[1].strip()
-        if line.startswith("flags") and "flags" not in info:
-            flags = line.split(":", 1)[1].split()
-            info["flags"] = sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "avx_vnni"))
-    info["threads"] = {
-        "intra_op": tf.config.threading.get_intra_op_parallelism_threads() or "TF default",
-        "inter_op": tf.config.threading.get_inter_op_parallelism_threads() or "TF default",
-    }
-    info["env"] = {k: os.environ.get(k, "(unset)") for k in ("TF_ENABLE_ONEDNN_OPTS", "ONEDNN_MAX_CPU_ISA")}
-    return info
 
 
 def ratios(times: dict[str, list[float]], reference: str = "float") -> dict[str, float]:
@@ -204,8 +180,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     quiet_tensorflow()
     from serving_optimiser.graph_transforms.transforms.quantize_matmuls import int8_kernels_available
+    from serving_optimiser.pipeline.latency import machine_info
 
-    print("CPU:", json.dumps(cpu_description()))
+    print("CPU:", json.dumps(machine_info()))
     if not int8_kernels_available():
         print("this TensorFlow has no working int8 MatMul kernel (oneDNN off or a non-x86 build): nothing to time")
         return 1

@@ -9,22 +9,12 @@ the SavedModel timed in the same round, as evaluate does.
 """
 
 import argparse
-import platform
+import json
 import sys
 import time
 from pathlib import Path
 
 from serving_optimiser.pipeline.stage import run_stage
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def timed(predictor, features) -> float:
@@ -63,6 +53,7 @@ def main(argv: list[str]) -> None:
     from serving_optimiser.peers import load_predictor
     from serving_optimiser.pipeline.data import read_iris_csv, sample_around
     from serving_optimiser.pipeline.evaluate import gzip_size
+    from serving_optimiser.pipeline.latency import machine_info
     from serving_optimiser.pipeline.params import load_params, require_list, section
 
     vocabulary = require_list(section(load_params(args.params), "data", args.params), "label_vocabulary", str, "data")
@@ -99,7 +90,7 @@ def main(argv: list[str]) -> None:
 
     reference = outputs["tf_exported"]
     rounds = f"{args.rounds} rounds, {calls * args.rounds} batch-1 calls"
-    print(f"CPU: {cpu_name()}; {args.threads} threads per model; {rounds}")
+    print(f"CPU: {json.dumps(machine_info())}; {args.threads} peer runtime threads; {rounds}")
     header = (
         f"{'artefact':<20} {'bytes':>10} {'gzip':>10} {'load s':>7} {'100k ms':>8} {'ratio':>6} "
         f"{'b1 p50 ms':>9} {'b1 p99 ms':>9} {'ratio':>6} {'agree':>8} {'max|dp|':>9}"

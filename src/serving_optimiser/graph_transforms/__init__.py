@@ -4,7 +4,7 @@ in Python on TensorFlow's GraphDef protos.
     from serving_optimiser.graph_transforms import TransformGraph
 """
 
-import importlib
+from .._lazy import lazy_exports
 
 # Imported on first use (PEP 562): the engine imports TensorFlow (~5 s), and the command-line tools
 # check their arguments with the parser and the catalogue before that.
@@ -19,8 +19,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -118,26 +118,16 @@ def measure_latency(
     return result
 
 
-def cpu_flags() -> set[str]:
+def _cpuinfo_field(name: str) -> str | None:
+    """The first ``name : value`` line of /proc/cpuinfo (None where there is no such file)."""
     try:
         with open("/proc/cpuinfo") as stream:
             for line in stream:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as stream:
-            for line in stream:
-                if line.startswith("model name"):
+                if line.split(":", 1)[0].strip() == name:
                     return line.split(":", 1)[1].strip()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return None
+    return None
 
 
 def machine_info() -> dict:
@@ -145,9 +135,9 @@ def machine_info() -> dict:
     how TensorFlow ran (version, oneDNN setting, threads)."""
     from ..runtime import kernel_settings
 
-    flags = cpu_flags()
+    flags = set((_cpuinfo_field("flags") or "").split())
     return {
-        "cpu": cpu_model(),
+        "cpu": _cpuinfo_field("model name") or platform.processor() or platform.machine(),
         "isa": [flag for flag in ISA_FLAGS if flag in flags],
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         **kernel_settings(),

@@ -10,7 +10,7 @@ original, and refuse models that reach the file system, the network or Python.
     convert_to_saved_model(frozen.with_graph_def(graph_def), "optimised/1")
 """
 
-import importlib
+from .._lazy import lazy_exports
 
 # Imported on first use (PEP 562), so importing the errors or the reader costs no TensorFlow import.
 _EXPORTS = {
@@ -34,8 +34,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
