@@ -2,7 +2,6 @@
 artefacts through a local DVC remote. Real git, real DVC, real TensorFlow."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -10,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pipeline_helpers import ROOT
+from dvc_helpers import copy_sources, dvc_env, ran_stages
+from dvc_helpers import run as run_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dvc")]
 
@@ -23,28 +23,8 @@ VARIANTS = ("notebook", "lossless", "per_channel", "per_tensor", "int8")
 PEERS = ("litert_fp32", "litert_fp16", "litert_int8_dynamic", "litert_int8_full", "onnx_fp32", "onnx_int8_dynamic")
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.update(
-        GIT_AUTHOR_NAME="test",
-        GIT_AUTHOR_EMAIL="test@example.com",
-        GIT_COMMITTER_NAME="test",
-        GIT_COMMITTER_EMAIL="test@example.com",
-        DVC_NO_ANALYTICS="1",
-        TF_CPP_MIN_LOG_LEVEL="3",
-    )
-    return env
-
-
 def run(cwd: Path, *command: str) -> str:
-    result = subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
-
-
-def ran_stages(output: str) -> set[str]:
-    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
+    return run_command(cwd, dvc_env(), *command)
 
 
 def set_params(repo: Path, changes: dict) -> None:
@@ -59,12 +39,7 @@ def set_params(repo: Path, changes: dict) -> None:
 def repo(tmp_path_factory):
     base = tmp_path_factory.mktemp("dvc")
     repo = base / "repo"
-    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for name in tracked:
-        if name in ("dvc.lock",) or name.startswith(("metrics/", "dvclive/")) or not (ROOT / name).exists():
-            continue
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, repo / name)
+    copy_sources(repo)
     set_params(repo, TINY_PARAMS)
     run(repo, "git", "init", "-q", "-b", "main")
     run(repo, "dvc", "remote", "modify", "local", "url", str(base / "remote"))
@@ -135,7 +110,7 @@ def test_a_broken_variant_fails_its_evaluate_stage_naming_it(repo):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         result = subprocess.run(
-            ["dvc", "repro", "evaluate@broken"], cwd=repo, env=_env(), capture_output=True, text=True
+            ["dvc", "repro", "evaluate@broken"], cwd=repo, env=dvc_env(), capture_output=True, text=True
         )
         assert result.returncode != 0
         errors = [line for line in result.stderr.splitlines() if line.startswith("evaluate: ")]
@@ -170,12 +145,14 @@ def test_push_then_pull_into_a_second_clone(repo):
 
 def test_pull_says_in_one_line_why_it_cannot(repo):
     repo, base, _ = repo
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", "the run the clone will try to pull", "--allow-empty")
     clone = base / "clone-without-remote"
     run(base, "git", "clone", "-q", str(repo), str(clone))
 
     def pull() -> list[str]:
         result = subprocess.run(
-            [sys.executable, "scripts/pull.py"], cwd=clone, env=_env(), capture_output=True, text=True
+            [sys.executable, "scripts/pull.py"], cwd=clone, env=dvc_env(), capture_output=True, text=True
         )
         assert result.returncode == 1
         return result.stderr.splitlines()
@@ -186,4 +163,4 @@ def test_pull_says_in_one_line_why_it_cannot(repo):
     (base / "empty-remote").mkdir()
     run(clone, "dvc", "remote", "modify", "local", "url", str(base / "empty-remote"))
     lines = pull()
-    assert len(lines) == 1 and "missing there" in lines[0] and "`make all`" in lines[0], lines
+    assert len(lines) == 1 and "missing there" in lines[0] and "`make all`" in lines[0], "\n".join(lines)

@@ -3,15 +3,11 @@ S3-compatible server (moto) on 127.0.0.1, a second clone pulls them, and nothing
 remote commands are the README's S3 instructions, word for word."""
 
 import logging
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from pipeline_helpers import ROOT
+from dvc_helpers import copy_sources, dvc_env, ran_stages, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dvc")]
 
@@ -52,15 +48,7 @@ def s3_endpoint():
 
 
 def _env(home: Path) -> dict:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.update(
-        GIT_AUTHOR_NAME="test",
-        GIT_AUTHOR_EMAIL="test@example.com",
-        GIT_COMMITTER_NAME="test",
-        GIT_COMMITTER_EMAIL="test@example.com",
-        DVC_NO_ANALYTICS="1",
-        TF_CPP_MIN_LOG_LEVEL="3",
+    return dvc_env(
         # No ~/.aws file is read, so a developer's own profile can neither leak into nor break the test.
         AWS_ACCESS_KEY_ID=KEY_ID,
         AWS_SECRET_ACCESS_KEY=SECRET,
@@ -71,29 +59,11 @@ def _env(home: Path) -> dict:
         NO_PROXY="127.0.0.1,localhost",
         no_proxy="127.0.0.1,localhost",
     )
-    return env
-
-
-def _run(cwd: Path, env: dict, *command: str, expect: int = 0) -> str:
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
-    output = result.stdout + result.stderr
-    assert result.returncode == expect, f"{' '.join(command)} exited {result.returncode}:\n{output}"
-    return output
-
-
-def _ran_stages(output: str) -> set[str]:
-    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
 
 
 def _copy_repo(target: Path) -> None:
-    """The tracked sources without results (no dvc.lock, metrics or dvclive files from the real
-    run), tiny training params, and a dvc.yaml cut down to STAGES."""
-    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for name in tracked:
-        if name == "dvc.lock" or name.startswith(("metrics/", "dvclive/", "docs/")) or not (ROOT / name).exists():
-            continue
-        (target / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, target / name)
+    """The sources, tiny training params, and a dvc.yaml cut down to STAGES."""
+    copy_sources(target)
     pipeline = yaml.safe_load((target / "dvc.yaml").read_text())
     pipeline = {"stages": {name: pipeline["stages"][name] for name in STAGES}}
     (target / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
@@ -125,35 +95,35 @@ def test_push_to_s3_then_pull_into_a_second_clone(tmp_path, s3_endpoint):
 
     repo = tmp_path / "repo"
     _copy_repo(repo)
-    _run(repo, env, "git", "init", "-q", "-b", "main")
-    _run(repo, env, "git", "add", "-A")
-    _run(repo, env, "git", "commit", "-qm", "tiny params")
-    assert _ran_stages(_run(repo, env, "dvc", "repro")) == set(STAGES)
+    run(repo, env, "git", "init", "-q", "-b", "main")
+    run(repo, env, "git", "add", "-A")
+    run(repo, env, "git", "commit", "-qm", "tiny params")
+    assert ran_stages(run(repo, env, "dvc", "repro")) == set(STAGES)
 
     for command in README_REMOTE_COMMANDS:
-        _run(repo, env, *_filled(command, s3_endpoint))
-    _run(repo, env, "git", "add", "-A")
-    _run(repo, env, "git", "commit", "-qm", "lock and S3 remote")
+        run(repo, env, *_filled(command, s3_endpoint))
+    run(repo, env, "git", "add", "-A")
+    run(repo, env, "git", "commit", "-qm", "lock and S3 remote")
     assert "s3://" in (repo / ".dvc" / "config").read_text()
-    _run(repo, env, "dvc", "push")  # credentials from the environment
+    run(repo, env, "dvc", "push")  # credentials from the environment
     pushed = s3.list_objects_v2(Bucket=BUCKET, Prefix="serving-optimiser/").get("KeyCount", 0)
     assert pushed >= 3, f"only {pushed} objects reached the bucket"
 
     assert not (tmp_path / "serving-optimiser-dvc-remote").exists()  # the default local remote was not used
 
     clone = tmp_path / "clone"
-    _run(tmp_path, env, "git", "clone", "-q", str(repo), str(clone))
+    run(tmp_path, env, "git", "clone", "-q", str(repo), str(clone))
     # The fresh clone has no cache and its default remote is the bucket: stale until pulled.
-    _run(clone, env, "dvc", "status", "-q", expect=1)
+    run(clone, env, "dvc", "status", "-q", expect=1)
     # The clone pulls with credentials in .dvc/config.local and none in the environment.
     clone_env = {k: v for k, v in env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    assert "Unable to locate credentials" in _run(clone, clone_env, "dvc", "pull", expect=1)
+    assert "Unable to locate credentials" in run(clone, clone_env, "dvc", "pull", expect=1)
     for command in README_LOCAL_CREDENTIALS:
-        _run(clone, clone_env, *_filled(command, s3_endpoint))
-    assert _run(clone, clone_env, "git", "status", "--porcelain") == ""  # the keys stay out of git
-    _run(clone, clone_env, "dvc", "pull")
+        run(clone, clone_env, *_filled(command, s3_endpoint))
+    assert run(clone, clone_env, "git", "status", "--porcelain") == ""  # the keys stay out of git
+    run(clone, clone_env, "dvc", "pull")
 
     outs = ["data/prepared", "models/weights.npz"]
     assert _files(clone, outs) == _files(repo, outs) != {}
-    _run(clone, clone_env, "dvc", "status", "-q")  # exit 0: clean (plain `dvc status` exits 0 either way)
-    assert _ran_stages(_run(clone, clone_env, "dvc", "repro")) == set()
+    run(clone, clone_env, "dvc", "status", "-q")  # exit 0: clean (plain `dvc status` exits 0 either way)
+    assert ran_stages(run(clone, clone_env, "dvc", "repro")) == set()

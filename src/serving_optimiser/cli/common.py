@@ -1,16 +1,12 @@
-"""What the command-line tools share: old-style flags (``--in_graph=x``), quiet TensorFlow,
-progress logging to stderr, and user errors as one line on stderr with a non-zero exit."""
+"""What the command-line tools' parsers share: old-style flags (``--in_graph=x``), one-line usage
+errors, ``--version``, and ``--help`` ending with the tool's example and exit codes. Running them
+(quiet TensorFlow, progress on stderr, one-line errors) is :func:`serving_optimiser.runner.run`."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 
 from .. import booleans, runner
-
-EXIT_ERROR = runner.EXIT_ERROR
-EXIT_USAGE = runner.EXIT_USAGE
-
 
 PACKAGE = "serving-optimiser"
 
@@ -30,7 +26,7 @@ class ToolArgumentParser(argparse.ArgumentParser):
         self.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
 
     def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(runner.EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _after_first_paragraph(docstring: str | None) -> str | None:
@@ -57,9 +53,3 @@ def parse_bool(text: str) -> bool:
     if value is None:
         raise argparse.ArgumentTypeError(f"expected {booleans.EXPECTED}, got '{text}'")
     return value
-
-
-def run_tool(prog: str, body: Callable[[], None]) -> int:
-    """Run ``body`` through the shared runner: a user error becomes ``prog: error: <message>`` on
-    stderr and exit code 1; a bug keeps its traceback."""
-    return runner.run(prog, body)

@@ -28,7 +28,8 @@ import json
 import logging
 import sys
 
-from .common import ToolArgumentParser, run_tool
+from .. import runner
+from .common import ToolArgumentParser
 
 PROG = "optimise_saved_model"
 EXIT_DISAGREES = 3
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.min_agreement is not None and report.get("min_class_agreement") is None:
             print(f"{PROG}: note: no output has a class agreement; --min-agreement checked nothing", file=sys.stderr)
 
-    code = run_tool(PROG, body)
+    code = runner.run(PROG, body)
     return code or exit_code
 
 

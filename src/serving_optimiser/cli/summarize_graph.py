@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import ToolArgumentParser, parse_bool, run_tool
+from .. import runner
+from .common import ToolArgumentParser, parse_bool
 
 PROG = "summarize_graph"
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         text = summarize_graph(graph_def, args.in_graph, args.print_structure)
         sys.stdout.write(text)
 
-    return run_tool(PROG, body)
+    return runner.run(PROG, body)
 
 
 if __name__ == "__main__":

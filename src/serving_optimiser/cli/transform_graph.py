@@ -21,8 +21,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .. import runtime
-from .common import ToolArgumentParser, parse_bool, run_tool
+from .. import runner, runtime
+from .common import ToolArgumentParser, parse_bool
 
 PROG = "transform_graph"
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             args.in_graph, args.out_graph, args.inputs, args.outputs, args.transforms, args.output_as_text
         )
 
-    return run_tool(PROG, body)
+    return runner.run(PROG, body)
 
 
 if __name__ == "__main__":
