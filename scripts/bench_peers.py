@@ -40,7 +40,7 @@ def main(argv: list[str]) -> None:
 
     import numpy as np
 
-    from serving_optimiser.peers._quiet import native_output_silenced
+    from serving_optimiser.runtime import native_output_silenced
 
     with native_output_silenced():
         import tensorflow as tf

@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 
 # The kernels every stage that writes a deterministic artefact runs with.
@@ -43,8 +44,9 @@ class _TensorFlowImport(importlib.abc.MetaPathFinder):
     Quiet: TensorFlow's C++ start-up lines (absl's "All log messages before absl::InitializeLog()",
     oneDNN's "custom operations are on", the cpu_feature_guard notice) are written to file
     descriptor 2 while its shared libraries load, and ``TF_CPP_MIN_LOG_LEVEL`` does not reach all
-    of them on every CPU; so fd 2 is captured during the import, and replayed if it fails, so a
-    broken install still explains itself. Pinned: thread counts are set before any op runs.
+    of them on every CPU; so the import runs under :func:`native_output_silenced`, which attaches
+    what was printed to the exception if the import fails, so a broken install still explains
+    itself. Pinned: thread counts are set before any op runs.
     """
 
     def find_spec(self, name, path=None, target=None):
@@ -66,12 +68,8 @@ class _SettingsLoader(importlib.abc.Loader):
 
     def exec_module(self, module) -> None:
         if _hook_state["quiet"]:
-            with _captured_stderr() as replay:
-                try:
-                    self._loader.exec_module(module)
-                except BaseException:
-                    replay()
-                    raise
+            with native_output_silenced():
+                self._loader.exec_module(module)
             for noisy in ("tensorflow", "absl"):
                 logging.getLogger(noisy).setLevel(logging.ERROR)
         else:
@@ -87,27 +85,40 @@ def _install_hook() -> None:
 
 
 @contextlib.contextmanager
-def _captured_stderr() -> Iterator:
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
-        restored = False
+def native_output_silenced() -> Iterator[None]:
+    """Run the block with fds 1 and 2, Python warnings and log records below ERROR swallowed:
+    native code (TensorFlow's start-up, its converter, LiteRT's XNNPACK delegate, ONNX Runtime)
+    writes straight to the file descriptors, past ``TF_CPP_MIN_LOG_LEVEL`` and Python's logging.
 
-        def replay() -> None:
-            nonlocal restored
-            os.dup2(saved, 2)
-            restored = True
-            capture.seek(0)
-            sys.stderr.write(capture.read().decode(errors="replace"))
-            sys.stderr.flush()
-
+    If the block raises, what it printed is attached to the exception as a note (shown in a
+    traceback, never in a one-line user error), so a crash in a converter still explains itself.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    previous_disable = logging.root.manager.disable
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
         try:
-            yield replay
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                logging.disable(logging.WARNING)
+                yield
+        except BaseException as error:
+            sink.seek(0)
+            captured = sink.read().decode(errors="replace").strip()
+            if captured:
+                error.add_note(f"output while silenced:\n{captured[-4000:]}")
+            raise
         finally:
-            if not restored:
-                os.dup2(saved, 2)
-            os.close(saved)
+            logging.disable(previous_disable)
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
 
 
 def quiet_tensorflow() -> None:

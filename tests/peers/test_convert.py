@@ -11,10 +11,10 @@ from peers_helpers import SPECS, first_rows
 
 from serving_optimiser.errors import UserError
 from serving_optimiser.peers import OUTPUT_NAMES, load_predictor
-from serving_optimiser.peers._quiet import native_output_silenced
 from serving_optimiser.peers.convert import calibration_subset, convert_peer, model_bytes
 from serving_optimiser.pipeline.data import FEATURE_NAMES, LABEL_VOCABULARY
 from serving_optimiser.pipeline.export import export_saved_model
+from serving_optimiser.runtime import native_output_silenced
 
 # The module shares the session's trained model and artefacts: keep it on one xdist worker.
 pytestmark = pytest.mark.xdist_group("peers")

@@ -16,10 +16,10 @@ from typing import Self
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..pipeline.data import FEATURE_NAMES
-from ._quiet import native_output_silenced
-from .predictor import DEFAULT_THREADS, Predictor, _first_line, feature_arrays
+from ..runtime import native_output_silenced
+from .predictor import DEFAULT_THREADS, Predictor, feature_arrays
 
 QUANTIZATIONS = ("none", "float16", "int8_dynamic", "int8_full")
 
@@ -62,7 +62,7 @@ def litert_model_bytes(
         try:
             return bytes(converter.convert())
         except (ConverterError, ValueError, RuntimeError) as error:
-            raise UserError(f"{exported}: LiteRT conversion ({quantization}) failed: {_first_line(error)}") from None
+            raise UserError(f"{exported}: LiteRT conversion ({quantization}) failed: {first_line(error)}") from None
 
 
 def _calibration_rows(calibration: Mapping[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
@@ -130,7 +130,7 @@ class LiteRTPredictor(Predictor):
             try:
                 interpreter = Interpreter(model_content=self._content, num_threads=self._threads)
             except ValueError as error:
-                raise UserError(f"{self.artefact}: not a valid LiteRT model ({_first_line(error)})") from None
+                raise UserError(f"{self.artefact}: not a valid LiteRT model ({first_line(error)})") from None
             signatures = interpreter.get_signature_list()
             if self._signature not in signatures:
                 raise UserError(

@@ -19,10 +19,10 @@ from typing import Self
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..pipeline.data import FEATURE_NAMES
-from ._quiet import native_output_silenced
-from .predictor import DEFAULT_THREADS, Predictor, _first_line, feature_arrays, vocabulary_array
+from ..runtime import native_output_silenced
+from .predictor import DEFAULT_THREADS, Predictor, feature_arrays, vocabulary_array
 
 QUANTIZATIONS = ("none", "int8_dynamic")
 NUMERIC_OUTPUTS = ("class_ids", "logits", "probabilities")
@@ -58,7 +58,7 @@ def onnx_model_bytes(exported: str | Path, quantization: str, opset: int, signat
                 graph_def, name=signature, input_names=inputs, output_names=kept, opset=opset, tensors_to_rename=renames
             )
         except (ValueError, NotImplementedError, RuntimeError) as error:
-            raise UserError(f"{exported}: tf2onnx conversion (opset {opset}) failed: {_first_line(error)}") from None
+            raise UserError(f"{exported}: tf2onnx conversion (opset {opset}) failed: {first_line(error)}") from None
         _stable_initializer_names(model)
         if quantization == "none":
             return model.SerializeToString()
@@ -147,7 +147,7 @@ class OnnxPredictor(Predictor):
                 ort_errors.InvalidArgument,
                 ort_errors.NotImplemented,
             ) as error:
-                raise UserError(f"{artefact}: not a valid ONNX model ({_first_line(error)})") from None
+                raise UserError(f"{artefact}: not a valid ONNX model ({first_line(error)})") from None
             seconds = time.perf_counter() - start
         inputs = {node.name for node in session.get_inputs()}
         outputs = {node.name for node in session.get_outputs()}

@@ -17,9 +17,9 @@ from typing import ClassVar, Self
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..pipeline.data import FEATURE_NAMES
-from ._quiet import native_output_silenced
+from ..runtime import native_output_silenced
 
 OUTPUT_NAMES = ("class_ids", "classes", "logits", "probabilities")
 DEFAULT_THREADS = 2
@@ -173,7 +173,7 @@ class TFPredictor(Predictor):
             try:
                 loaded = tf.saved_model.load(str(path), tags=["serve"])
             except (OSError, ValueError, tf.errors.OpError) as error:
-                raise UserError(f"{artefact}: cannot load SavedModel ({_first_line(error)})") from None
+                raise UserError(f"{artefact}: cannot load SavedModel ({first_line(error)})") from None
             seconds = time.perf_counter() - start
         if signature not in loaded.signatures:
             raise UserError(f"{artefact}: no signature '{signature}' (has {', '.join(sorted(loaded.signatures))})")
@@ -183,11 +183,6 @@ class TFPredictor(Predictor):
         arrays = feature_arrays(self.artefact, features)
         outputs = self._signature(**{name: self._constant(a) for name, a in zip(FEATURE_NAMES, arrays)})
         return {name: value.numpy() for name, value in outputs.items()}
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def artefact_file(path: str | Path) -> tuple[str, Path]:
