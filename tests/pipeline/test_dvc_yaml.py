@@ -1,6 +1,7 @@
 """dvc.yaml cannot drift from the code: every stage depends on every package file its script
 imports (found with ``ast``), and every path a script writes is a declared output of its stage."""
 
+import re
 import shlex
 from pathlib import Path
 
@@ -62,3 +63,18 @@ def test_scripts_take_their_paths_from_dvc_yaml_only():
         for flag in {arg for arg in shlex.split(stage["cmd"]) if arg.startswith("--out")}:
             assert f'"{flag}", default' not in source, f"{script.name}: {flag} has a default path ({name})"
             assert f'"{flag}"' in source, f"{script.name}: no {flag} argument ({name})"
+
+
+def test_every_file_a_transform_list_reads_is_an_optimise_dep():
+    """A ranges_file named in params.yaml must be a dep, or a new calibration would not rerun optimise."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    named = {
+        argument.split("=", 1)[1].rstrip(")")
+        for transforms in params["optimise"].values()
+        for transform in transforms
+        for argument in re.split(r"[(,]\s*", transform)
+        if argument.startswith("ranges_file=")
+    }
+    assert named, "no variant calibrates: the int8 variant should name the calibrate stage's output"
+    assert named <= declared_paths(stages()["optimise"]["deps"])
+    assert named <= declared_paths(stages()["calibrate"]["outs"])
