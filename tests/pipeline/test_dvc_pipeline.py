@@ -19,7 +19,7 @@ TINY_PARAMS = {
     "evaluate": {"batch_rows": 5000, "min_class_agreement": 0.95},
     "latency": {"repeats": 5, "single_row_calls": 25, "load_repeats": 1},
 }
-VARIANTS = ("notebook", "lossless", "per_channel", "per_tensor", "int8")
+VARIANTS = ("notebook", "lossless", "per_channel", "per_tensor", "int8", "int8_dynamic")
 PEERS = ("litert_fp32", "litert_fp16", "litert_int8_dynamic", "litert_int8_full", "onnx_fp32", "onnx_int8_dynamic")
 
 
@@ -53,7 +53,7 @@ def test_repro_runs_every_stage_and_writes_metrics(repo):
     repo, _, output = repo
     per_variant = {f"{stage}@{v}" for stage in ("optimise", "convert", "evaluate", "latency") for v in VARIANTS}
     per_peer = {f"{stage}@{p}" for stage in ("convert_peer", "evaluate_peer", "latency_peer") for p in PEERS}
-    shared = {"prepare", "train", "export", "freeze", "reference", "report"}
+    shared = {"prepare", "train", "export", "freeze", "calibrate", "reference", "report"}
     assert ran_stages(output) == shared | per_variant | per_peer
     for peer in PEERS:
         figures = json.loads((repo / "reports" / "models" / f"{peer}.json").read_text())
