@@ -295,7 +295,10 @@ def read_ranges_file(path: str) -> dict[str, tuple[float, float]]:
     return ranges
 
 
-@register("quantize_matmuls", params={"minimum_dim": "32", "ranges_file": "(none: ranges measured per batch at run time)"})
+@register(
+    "quantize_matmuls",
+    params={"minimum_dim": "32", "ranges_file": "(none: ranges measured per batch at run time)"},
+)
 def quantize_matmuls(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Run float MatMul (+ constant bias) layers as int8 MatMuls, float in and float out.
 
