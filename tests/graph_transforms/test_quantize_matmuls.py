@@ -340,7 +340,7 @@ def test_refused_matmul_stays_float_with_one_log_line(make, reason, caplog):
     ("content", "message"),
     [(None, "cannot read ranges_file"), ("{not json", "is not JSON"), ('[1, 2]', "must hold an object"),
      ('{"product": [2, 1]}', "'product' needs [min, max] with min <= max"),
-     ('{"nowhere": [0, 1]}', "not MatMuls here: nowhere"), ("{}", "minimum_dim must be >= 1, got 0")],
+     ('{"nowhere": [0, 1]}', "not in the graph: nowhere"), ("{}", "minimum_dim must be >= 1, got 0")],
     ids=["missing_file", "not_json", "not_an_object", "min_above_max", "unknown_node", "minimum_dim_zero"],
 )
 def test_bad_ranges_file_is_a_one_line_error(content, message, tmp_path):

@@ -1,0 +1,233 @@
+"""What quantize_matmuls and quantize_convs share: weight codes, layer matching, the ranges file,
+its calibration, the kernel probe and the clean-up of float weights nobody reads any more."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+from tensorflow.core.framework import graph_pb2, node_def_pb2, types_pb2
+
+from ..errors import TransformError
+from ..graph_utils import const_value, control_inputs, new_graph_like, parse_input
+from .weights import content_const
+
+FLOAT, QINT8, QUINT8, INT32 = types_pb2.DT_FLOAT, types_pb2.DT_QINT8, types_pb2.DT_QUINT8, types_pb2.DT_INT32
+BIAS_OPS = ("BiasAdd", "Add", "AddV2")
+CONV_OPS = ("Conv2D", "DepthwiseConv2dNative")
+RELU_OPS = ("Relu", "Relu6")
+
+
+def float_scalar(name: str, value: float) -> node_def_pb2.NodeDef:
+    return content_const(name, np.float32(value), FLOAT)
+
+
+def quantize_weights_symmetric(values: np.ndarray, axis: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """qint8 codes in [-127, 127] and the range bound a (one per slice along ``axis``, or one in
+    all), for the kernel's range [-a, a].
+
+    -128 is never used so that the range is symmetric, which the kernels' SCALED weights need.
+    An all-zero slice gets a = 1 (any a decodes zeros exactly).
+    """
+    values = values.astype(np.float64)
+    if axis is None:
+        bound = np.asarray(np.abs(values).max() if values.size else 0.0)
+        scale = bound
+    else:
+        others = tuple(i for i in range(values.ndim) if i != axis)
+        bound = np.abs(values).max(axis=others)
+        scale = np.expand_dims(bound, others)
+    bound = np.where(bound > 0.0, bound, 1.0)
+    scale = np.where(scale > 0.0, scale, 1.0)
+    codes = np.clip(np.rint(values * (127.0 / scale)), -127, 127).astype(np.int8)
+    return codes, bound.astype(np.float64)
+
+
+@functools.cache
+def int8_kernels_available() -> bool:
+    """Whether this process runs QuantizedMatMulWithBiasAndDequantize (x86 oneDNN builds, oneDNN on).
+
+    With TF_ENABLE_ONEDNN_OPTS=0 TF 2.21 still registers the op but its kernel produces no
+    output ("Missing 0-th output" in a graph, empty tensors eagerly), so we run it once.
+    """
+    import tensorflow as tf
+
+    graph = tf.Graph()
+    with graph.as_default():
+        out = tf.raw_ops.QuantizedMatMulWithBiasAndDequantize(
+            a=tf.constant(np.ones((1, 1), np.uint8), tf.quint8), b=tf.constant(np.ones((1, 1), np.int8), tf.qint8),
+            bias=tf.zeros([1]), min_a=0.0, max_a=1.0, min_b=-1.0, max_b=1.0,
+            min_freezed_output=0.0, max_freezed_output=1.0, Toutput=tf.float32,
+        )
+    try:
+        with tf.compat.v1.Session(graph=graph) as session:
+            return session.run(out).shape == (1, 1)
+    except (tf.errors.OpError, ValueError):
+        return False
+
+
+def attr_type(node: node_def_pb2.NodeDef, key: str = "T") -> int:
+    return node.attr[key].type if key in node.attr else FLOAT
+
+
+def const_behind_identity(nodes: dict, input_string: str) -> node_def_pb2.NodeDef | None:
+    is_control, name, port = parse_input(input_string)
+    node = nodes.get(name)
+    while node is not None and node.op == "Identity" and len(node.input) == 1 and not is_control and port == 0:
+        is_control, name, port = parse_input(node.input[0])
+        node = nodes.get(name)
+    if node is None or is_control or port != 0 or node.op != "Const":
+        return None
+    return node
+
+
+def float_weights(nodes: dict, input_string: str, rank: int) -> tuple[np.ndarray | None, str | None]:
+    """(values, None) when ``input_string`` reads a finite float Const of ``rank``, else (None, why)."""
+    weights = const_behind_identity(nodes, input_string)
+    if weights is None:
+        return None, f"its weights '{input_string}' are not a Const"
+    values = np.asarray(const_value(weights))
+    if values.dtype != np.float32 or values.ndim != rank:
+        return None, f"its weights '{weights.name}' are not a {rank}-D float Const"
+    if not np.isfinite(values).all():
+        return None, f"its weights '{weights.name}' hold inf or NaN"
+    return values, None
+
+
+def bias_of(producer: node_def_pb2.NodeDef, nodes: dict, consumers: dict, channels: int):
+    """(bias-add node, bias values) when ``producer``'s only reader adds a constant [channels] vector."""
+    readers = consumers.get(producer.name, [])
+    if len(readers) != 1 or readers[0].op not in BIAS_OPS or control_inputs(readers[0]):
+        return None, None
+    adder = readers[0]
+    if attr_type(adder) != FLOAT or len(adder.input) != 2:
+        return None, None
+    if adder.op == "BiasAdd" and adder.attr["data_format"].s not in (b"", b"NHWC"):
+        return None, None
+    sides = [parse_input(i)[1] for i in adder.input]
+    if adder.op == "BiasAdd" and sides[0] != producer.name:
+        return None, None
+    if producer.name not in sides or sides[0] == sides[1]:
+        return None, None
+    other = adder.input[1] if sides[0] == producer.name else adder.input[0]
+    if parse_input(adder.input[0 if sides[0] == producer.name else 1])[2] != 0:
+        return None, None
+    bias = const_behind_identity(nodes, other)
+    if bias is None:
+        return None, None
+    values = np.asarray(const_value(bias))
+    # Shapes that broadcast to one value per output channel: [], [1], [channels], [1, channels].
+    if values.dtype != np.float32 or values.size not in (1, channels) or values.ndim > 2:
+        return None, None
+    if values.ndim == 2 and values.shape[0] != 1:
+        return None, None
+    return adder, np.broadcast_to(values.reshape(-1), (channels,)).astype(np.float32)
+
+
+def read_ranges_file(transform: str, path: str) -> dict[str, tuple[float, float]]:
+    """``{"<node name>": [min, max], ...}`` from a JSON file; errors name the file and entry."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = json.load(handle)
+    except OSError as error:
+        raise TransformError(f"{transform}: cannot read ranges_file '{path}': {error.strerror}") from None
+    except json.JSONDecodeError as error:
+        raise TransformError(f"{transform}: ranges_file '{path}' is not JSON: {error.msg}") from None
+    if not isinstance(raw, dict):
+        raise TransformError(f"{transform}: ranges_file '{path}' must hold an object of name: [min, max]")
+    ranges = {}
+    for name, pair in raw.items():
+        ok = isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, int | float) for v in pair)
+        if not ok or not pair[0] <= pair[1]:
+            raise TransformError(f"{transform}: ranges_file '{path}': '{name}' needs [min, max] with "
+                                 f"min <= max, found {pair!r}")
+        ranges[name] = (float(pair[0]), float(pair[1]))
+    return ranges
+
+
+def check_range_names(transform: str, ranges: Mapping, graph_def: graph_pb2.GraphDef, done_ops: Iterable[str]) -> None:
+    """A name the graph lacks is an error, unless the graph holds this transform's ops already
+    (the names are gone after a first run, and a rerun changes nothing)."""
+    present = {node.name for node in graph_def.node}
+    unknown = sorted(set(ranges) - present)
+    done = set(done_ops)
+    if unknown and not any(node.op in done for node in graph_def.node):
+        raise TransformError(f"{transform}: ranges_file names nodes that are not in the graph: {', '.join(unknown)}")
+
+
+def drop_unread_float_consts(
+    graph_def: graph_pb2.GraphDef, before: graph_pb2.GraphDef, output_names: Iterable[str]
+) -> graph_pb2.GraphDef:
+    """Remove float Consts (and Identities of them) that were read before and are not any more."""
+    was_read = {parse_input(i)[1] for node in before.node for i in node.input}
+    keep = {parse_input(name)[1] for name in output_names}
+    while True:
+        read = {parse_input(i)[1] for node in graph_def.node for i in node.input}
+        dead = {
+            node.name
+            for node in graph_def.node
+            if node.name in was_read and node.name not in read and node.name not in keep
+            and ((node.op == "Const" and attr_type(node, "dtype") == FLOAT) or node.op == "Identity")
+        }
+        if not dead:
+            return graph_def
+        graph_def = new_graph_like(graph_def, [node for node in graph_def.node if node.name not in dead])
+
+
+def _calibrated_tensors(graph_def: graph_pb2.GraphDef) -> dict[str, tuple[str, int]]:
+    """name in the ranges file -> (node, input index or -1 for its output).
+
+    A float MatMul, Conv2D or DepthwiseConv2dNative: the range of its input. After a conv, its
+    bias add and the Relu/Relu6 after that: the range of their outputs.
+    """
+    readers: dict[str, list[node_def_pb2.NodeDef]] = {}
+    for node in graph_def.node:
+        for input_string in node.input:
+            readers.setdefault(parse_input(input_string)[1], []).append(node)
+    tensors = {}
+    for node in graph_def.node:
+        if node.op not in ("MatMul", *CONV_OPS) or attr_type(node) != FLOAT:
+            continue
+        tensors[node.name] = (node.name, 0)
+        follower = node
+        while node.op in CONV_OPS and follower.op not in RELU_OPS:
+            next_nodes = readers.get(follower.name, [])
+            if len(next_nodes) != 1 or next_nodes[0].op not in (*BIAS_OPS, *RELU_OPS):
+                break
+            if follower.op in BIAS_OPS and next_nodes[0].op in BIAS_OPS:
+                break
+            follower = next_nodes[0]
+            tensors[follower.name] = (follower.name, -1)
+    return tensors
+
+
+def calibrate_ranges(
+    graph_def: graph_pb2.GraphDef, feeds: Iterable[Mapping[str, np.ndarray]]
+) -> dict[str, tuple[float, float]]:
+    """The ranges quantize_matmuls and quantize_convs read, over ``feeds`` (batches of {input
+    tensor: array}): each float MatMul's and conv's input range (under its name), and the output
+    range of each conv's bias add and Relu/Relu6 (under theirs).
+
+    Runs the float graph once per batch; the result, written as JSON, is a ``ranges_file``.
+    """
+    import tensorflow as tf
+
+    tensors = _calibrated_tensors(graph_def)
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.graph_util.import_graph_def(graph_def, name="")
+    fetches = {}
+    for name, (node, index) in tensors.items():
+        operation = graph.get_operation_by_name(node)
+        fetches[name] = operation.outputs[0] if index < 0 else operation.inputs[index]
+    low = {name: np.inf for name in tensors}
+    high = {name: -np.inf for name in tensors}
+    with tf.compat.v1.Session(graph=graph) as session:
+        for feed in feeds:
+            values = session.run(fetches, {(k if ":" in k else f"{k}:0"): v for k, v in feed.items()})
+            for name, array in values.items():
+                low[name] = min(low[name], float(array.min()))
+                high[name] = max(high[name], float(array.max()))
+    return {name: (low[name], high[name]) for name in tensors if np.isfinite(low[name])}
