@@ -163,3 +163,17 @@ def frozen_mobilenet_v2(seed: int = 0, alpha: float = 0.35, size: int = 96) -> g
         tf.TensorSpec([None, size, size, 3], tf.float32, name=MOBILENET_INPUT)
     )
     return convert_variables_to_constants_v2(concrete).graph.as_graph_def()
+
+
+def mobilenet_logits(graph_def: graph_pb2.GraphDef) -> str:
+    """The node the MobileNetV2 graph's Softmax reads (Keras numbers the scope per build)."""
+    (softmax,) = [node for node in graph_def.node if node.op == "Softmax"]
+    return softmax.input[0]
+
+
+def mobilenet_images(count: int, seed: int = 0, size: int = 96) -> np.ndarray:
+    """Smooth random images in [-1, 1] (8x8-pixel blocks of uniform noise): MobileNetV2's input
+    scale, with some of natural images' spatial correlation."""
+    blocks = np.random.default_rng(seed).uniform(-1.0, 1.0, (count, size // 8, size // 8, 3))
+    return np.repeat(np.repeat(blocks, 8, axis=1), 8, axis=2).astype(np.float32)
+

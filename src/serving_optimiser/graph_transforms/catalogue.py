@@ -20,7 +20,7 @@ from .parser import ParsedTransform
 # Every transform takes ignore_errors; the engine handles it.
 COMMON_PARAMS = ("ignore_errors",)
 # Transforms whose output runs only on oneDNN's kernels (x86 builds, oneDNN's rewrites on).
-NEEDS_ONEDNN = frozenset({"quantize_matmuls"})
+NEEDS_ONEDNN = frozenset({"quantize_matmuls", "quantize_convs"})
 _TRANSFORMS_DIR = Path(__file__).parent / "transforms"
 
 
