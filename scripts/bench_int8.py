@@ -1,10 +1,12 @@
-"""Benchmark: int8 compute against float, per layer and for the whole Iris model, side by side.
+"""Benchmark: int8 compute against float, per layer, for the whole Iris model and for MobileNetV2.
 
 Per layer: one 100000x512 @ 512x512 MatMul + bias + ReLU, as a GraphDef run in a v1 Session.
 Whole model: the notebook's Iris DNN (4 inputs -> 4 x 512 ReLU -> 3 logits, fitted weights from
 ``sample_graphs.fit_iris_weights``), exported, frozen, optimised with each transform list,
 converted (dequantize_once) and loaded with ``tf.saved_model.load``; the ``predict`` signature
-on 100,000 rows and batch-1. All candidates are timed in the same process, in interleaved
+on 100,000 rows and batch-1. MobileNetV2: the sample graphs at two widths, float against
+quantize_convs + quantize_matmuls with calibrated ranges, logits on one batch of smooth random
+images, top-1 and top-5 agreement. All candidates are timed in the same process, in interleaved
 rounds (seeded random order); a ratio is the median of per-round ratios to float.
 
     python scripts/bench_int8.py [--rounds 7] [--single-calls 200]
@@ -13,6 +15,7 @@ Set ONEDNN_MAX_CPU_ISA=AVX2 to emulate a CPU without AVX-512 VNNI.
 """
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -172,11 +175,63 @@ def model_benchmark(rounds: int, single_calls: int) -> None:
               f"{agreement * 100:7.3f}% {max_diff:8.4f}")
 
 
+# MobileNetV2 sample graphs: (alpha, image size, batch). Random weights and batch-norm statistics.
+MOBILENETS = [(0.35, 96, 64), (1.0, 224, 16)]
+
+
+def mobilenet_benchmark(rounds: int) -> None:
+    """Float against quantize_convs (+ quantize_matmuls for the classifier), calibrated on other images."""
+    import sample_graphs
+    import tensorflow as tf
+
+    from serving_optimiser.graph_transforms import TransformGraph
+    from serving_optimiser.graph_transforms.transforms.quantize_matmuls import calibrate_ranges
+
+    print(f"\nMobileNetV2 (frozen Keras, random weights, fold_batch_norms), {rounds} interleaved rounds; "
+          "ranges calibrated on 2 batches of other images")
+    print(f"  {'model':22s} {'batch':>5s} {'float ms':>9s} {'int8 ms':>8s} {'x float':>8s} {'top-1':>7s} "
+          f"{'top-5':>7s} {'max|dlogit|/max':>16s} {'int8 convs':>10s}")
+    for alpha, size, batch in MOBILENETS:
+        graph = sample_graphs.frozen_mobilenet_v2(seed=0, alpha=alpha, size=size)
+        inputs, outputs = [sample_graphs.MOBILENET_INPUT], [sample_graphs.MOBILENET_OUTPUT]
+        prepared = TransformGraph(graph, inputs, outputs, [*PREPARE, "fold_batch_norms", *FINISH])
+        logits = f"{sample_graphs.mobilenet_logits(prepared)}:0"
+        calibration = [{inputs[0]: sample_graphs.mobilenet_images(batch, seed, size)} for seed in (1, 2)]
+        images = sample_graphs.mobilenet_images(batch, 7, size)
+        with tempfile.TemporaryDirectory() as scratch:
+            ranges_path = Path(scratch) / "ranges.json"
+            ranges_path.write_text(json.dumps(calibrate_ranges(prepared, calibration)))
+            int8 = TransformGraph(prepared, inputs, outputs, [f"quantize_convs(ranges_file={ranges_path})",
+                                                              f"quantize_matmuls(ranges_file={ranges_path})"])
+        sessions, results = {}, {}
+        for name, graph_def in (("float", prepared), ("int8", int8)):
+            imported = tf.Graph()
+            with imported.as_default():
+                tf.graph_util.import_graph_def(graph_def, name="")
+            sessions[name] = tf.compat.v1.Session(graph=imported)
+            results[name] = sessions[name].run(logits, {f"{inputs[0]}:0": images})
+        feed = {f"{inputs[0]}:0": images}
+        calls = {n: functools.partial(s.run, logits, feed) for n, s in sessions.items()}
+        times = interleaved(calls, rounds, seed=4)
+        expected, actual = results["float"], results["int8"]
+        top5 = np.argsort(-expected, axis=1)[:, :5]
+        top5_hits = np.mean([row in top for row, top in zip(actual.argmax(1), top5)])
+        quantised = sum(n.op.startswith("QuantizedConv2D") or n.op.startswith("QuantizedDepthwise") for n in int8.node)
+        convs = sum(n.op in ("Conv2D", "DepthwiseConv2dNative") for n in prepared.node)
+        print(f"  {f'alpha {alpha}, {size}x{size}':22s} {batch:5d} {statistics.median(times['float']) * 1e3:9.1f} "
+              f"{statistics.median(times['int8']) * 1e3:8.1f} {ratios(times)['int8']:8.3f} "
+              f"{np.mean(expected.argmax(1) == actual.argmax(1)) * 100:6.1f}% {top5_hits * 100:6.1f}% "
+              f"{np.abs(actual - expected).max() / np.abs(expected).max():16.4f} {quantised:4d} of {convs}")
+        for session in sessions.values():
+            session.close()
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
     parser.add_argument("--single-calls", type=int, default=210, help="batch-1 calls per candidate in all")
-    parser.add_argument("--skip-layer", action="store_true", help="only the whole-model benchmark")
+    parser.add_argument("--skip-layer", action="store_true", help="no per-layer benchmark")
+    parser.add_argument("--skip-mobilenet", action="store_true", help="no MobileNetV2 (quantize_convs) benchmark")
     args = parser.parse_args(argv)
     quiet_tensorflow()
     from serving_optimiser.graph_transforms.transforms.quantize_matmuls import int8_kernels_available
@@ -189,6 +244,8 @@ def main(argv: list[str]) -> int:
     if not args.skip_layer:
         layer_benchmark(args.rounds)
     model_benchmark(args.rounds, args.single_calls)
+    if not args.skip_mobilenet:
+        mobilenet_benchmark(args.rounds)
     return 0
 
 

@@ -18,6 +18,14 @@ FLOAT, QINT8, QUINT8, INT32 = types_pb2.DT_FLOAT, types_pb2.DT_QINT8, types_pb2.
 BIAS_OPS = ("BiasAdd", "Add", "AddV2")
 CONV_OPS = ("Conv2D", "DepthwiseConv2dNative")
 RELU_OPS = ("Relu", "Relu6")
+# What quantize_matmuls and quantize_convs emit for a layer.
+INT8_LAYER_OPS = frozenset({
+    "QuantizedMatMulWithBiasAndDequantize",
+    "QuantizedMatMulWithBiasAndReluAndRequantize",
+    "QuantizedConv2DWithBiasAndReluAndRequantize",
+    "QuantizedConv2DWithBiasAndRequantize",
+    "QuantizedDepthwiseConv2DWithBiasAndReluAndRequantize",
+})
 
 
 def float_scalar(name: str, value: float) -> node_def_pb2.NodeDef:
@@ -147,14 +155,15 @@ def read_ranges_file(transform: str, path: str) -> dict[str, tuple[float, float]
     return ranges
 
 
-def check_range_names(transform: str, ranges: Mapping, graph_def: graph_pb2.GraphDef, done_ops: Iterable[str]) -> None:
-    """A name the graph lacks is an error, unless the graph holds this transform's ops already
-    (the names are gone after a first run, and a rerun changes nothing)."""
+def check_range_names(transform: str, ranges: Mapping, graph_def: graph_pb2.GraphDef) -> None:
+    """A name the graph lacks is an error, unless the graph holds int8 layers already (a ranges
+    file's names go when quantize_matmuls or quantize_convs rewrites their layers, and one file
+    serves both, in either order, and reruns)."""
     present = {node.name for node in graph_def.node}
     unknown = sorted(set(ranges) - present)
-    done = set(done_ops)
-    if unknown and not any(node.op in done for node in graph_def.node):
-        raise TransformError(f"{transform}: ranges_file names nodes that are not in the graph: {', '.join(unknown)}")
+    if unknown and not any(node.op in INT8_LAYER_OPS for node in graph_def.node):
+        shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+        raise TransformError(f"{transform}: ranges_file names nodes that are not in the graph: {shown}")
 
 
 def drop_unread_float_consts(

@@ -241,7 +241,7 @@ def quantize_convs(graph_def: graph_pb2.GraphDef, context: TransformContext) -> 
     if not ranges_path:
         raise TransformError("quantize_convs: needs ranges_file (conv ranges are calibrated, not measured per batch)")
     ranges = read_ranges_file("quantize_convs", ranges_path)
-    check_range_names("quantize_convs", ranges, graph_def, FUSED_OPS.values())
+    check_range_names("quantize_convs", ranges, graph_def)
     nodes, consumers = node_map(graph_def), consumers_map(graph_def)
     layers: dict[str, _Conv] = {}
     for node in graph_def.node:

@@ -265,7 +265,7 @@ def quantize_matmuls(graph_def: graph_pb2.GraphDef, context: TransformContext) -
         )
         if node.name not in ranges and ranges:
             log.info("quantize_matmuls: MatMul '%s' is not in ranges_file; its input range is per batch", node.name)
-    check_range_names("quantize_matmuls", ranges, graph_def, (QUANTIZED_OP, CHAINED_OP))
+    check_range_names("quantize_matmuls", ranges, graph_def)
     if not layers:
         return graph_def
     _chain(layers, consumers, context.output_names)
