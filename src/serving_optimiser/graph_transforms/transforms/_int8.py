@@ -166,6 +166,23 @@ def check_range_names(transform: str, ranges: Mapping, graph_def: graph_pb2.Grap
         raise TransformError(f"{transform}: ranges_file names nodes that are not in the graph: {shown}")
 
 
+def splice_layers(
+    graph_def: graph_pb2.GraphDef,
+    replaced: Mapping[str, list[node_def_pb2.NodeDef]],
+    removed: set[str],
+    output_names: Iterable[str],
+) -> graph_pb2.GraphDef:
+    """Each int8 layer's nodes where the node it replaces was, without the nodes it absorbed, and
+    without the float weights that nothing reads any more."""
+    nodes = []
+    for node in graph_def.node:
+        if node.name in replaced:
+            nodes.extend(replaced[node.name])
+        elif node.name not in removed:
+            nodes.append(node)
+    return drop_unread_float_consts(new_graph_like(graph_def, nodes), graph_def, output_names)
+
+
 def drop_unread_float_consts(
     graph_def: graph_pb2.GraphDef, before: graph_pb2.GraphDef, output_names: Iterable[str]
 ) -> graph_pb2.GraphDef:

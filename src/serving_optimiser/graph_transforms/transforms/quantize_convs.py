@@ -18,7 +18,7 @@ from tensorflow.core.framework import graph_pb2, node_def_pb2
 
 from ..context import TransformContext
 from ..errors import TransformError
-from ..graph_utils import consumers_map, control_inputs, make_node, new_graph_like, node_map, parse_input
+from ..graph_utils import consumers_map, control_inputs, make_node, node_map, parse_input
 from ..registry import register
 from ._int8 import (
     CONV_OPS,
@@ -29,12 +29,12 @@ from ._int8 import (
     attr_type,
     bias_of,
     check_range_names,
-    drop_unread_float_consts,
     float_scalar,
     float_weights,
     int8_kernels_available,
     quantize_weights_symmetric,
     read_ranges_file,
+    splice_layers,
 )
 from .weights import content_const
 
@@ -270,10 +270,4 @@ def quantize_convs(graph_def: graph_pb2.GraphDef, context: TransformContext) -> 
     if not int8_kernels_available():
         log.warning("quantize_convs: this TensorFlow has no working int8 kernels (oneDNN off or not an x86 "
                     "oneDNN build); the rewritten graph will only run where it has them")
-    result = []
-    for node in graph_def.node:
-        if node.name in replaced:
-            result.extend(replaced[node.name])
-        elif node.name not in removed:
-            result.append(node)
-    return drop_unread_float_consts(new_graph_like(graph_def, result), graph_def, context.output_names)
+    return splice_layers(graph_def, replaced, removed, context.output_names)

@@ -20,7 +20,7 @@ from tensorflow.core.framework import graph_pb2, node_def_pb2
 
 from ..context import TransformContext
 from ..errors import TransformError
-from ..graph_utils import consumers_map, control_inputs, make_node, new_graph_like, node_map, parse_input
+from ..graph_utils import consumers_map, control_inputs, make_node, node_map, parse_input
 from ..registry import register
 from ._int8 import (
     FLOAT,
@@ -32,12 +32,12 @@ from ._int8 import (
     bias_of,
     calibrate_ranges,
     check_range_names,
-    drop_unread_float_consts,
     float_scalar,
     float_weights,
     int8_kernels_available,
     quantize_weights_symmetric,
     read_ranges_file,
+    splice_layers,
 )
 from .weights import content_const
 
@@ -275,10 +275,4 @@ def quantize_matmuls(graph_def: graph_pb2.GraphDef, context: TransformContext) -
     if not int8_kernels_available():
         log.warning("quantize_matmuls: this TensorFlow has no working %s kernel (oneDNN off or not an x86 "
                     "oneDNN build); the rewritten graph will only run where it has one", QUANTIZED_OP)
-    new_nodes = []
-    for node in graph_def.node:
-        if node.name in replaced:
-            new_nodes.extend(replaced[node.name])
-        elif node.name not in removed:
-            new_nodes.append(node)
-    return drop_unread_float_consts(new_graph_like(graph_def, new_nodes), graph_def, context.output_names)
+    return splice_layers(graph_def, replaced, removed, context.output_names)
