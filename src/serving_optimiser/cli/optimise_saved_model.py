@@ -13,7 +13,16 @@ dimensions: 64 for the first, 1 for the others; floats ~ N(0, 1), integers in [0
 bools, strings "0".."9"). Each output gets its max |difference| and, for class-like outputs
 (float with 2+ columns: argmax; integer, bool, string: the whole row), its class agreement:
 the fraction of rows whose class is the same. Without --min-agreement nothing is checked:
-the figures are only reported.
+the figures are only reported. A signature call that does not return within --compare-timeout
+seconds stops the run with an error naming it.
+
+OUT_DIR gets TF Serving's warm-up records (assets.extra/tf_serving_warmup_requests, batch 1
+per signature by default, from --sample-inputs where given), replayed by the model server at
+load. When the transforms emit int8 ops that only oneDNN implements (quantize_matmuls,
+quantize_convs) and oneDNN is off in this process (TF_ENABLE_ONEDNN_OPTS=0, or unset on a CPU
+without AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX), the tool says so and writes nothing: set
+TF_ENABLE_ONEDNN_OPTS=1. Such a model checks its kernels in its init op, so it fails at load,
+naming the fix, wherever they are missing.
 
 Progress goes to stderr, the per-output comparison to stdout. Exit codes: 0 done; 1 error
 (one or two lines on stderr, OUT_DIR not created); 2 bad usage; 3 class agreement under
@@ -63,12 +72,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-dequantize-once", dest="dequantize_once", action="store_false",
                         help="keep Dequantize ops on the call path instead of caching their float values at load")
     parser.add_argument("--no-compare", dest="compare", action="store_false", help="skip the comparison")
+    parser.add_argument("--compare-timeout", type=_positive_float, default=300.0, metavar="SECONDS",
+                        help="stop with an error when a signature call takes longer (default: 300)")
+    parser.add_argument("--warmup-batch-sizes", type=_batch_sizes, default=[1], metavar="N,M",
+                        help="batch sizes of the TF Serving warm-up records written to "
+                        "assets.extra/tf_serving_warmup_requests for each signature (default: 1; 0: none)")
     parser.add_argument(
         "--frozen-dir", metavar="DIR", help="also write the frozen model (frozen_graph.pb, signatures.json)"
     )
     parser.add_argument("--report", metavar="FILE.json", help="also write the report as JSON")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     return parser
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _batch_sizes(text: str) -> list[int]:
+    if text.strip() == "0":
+        return []
+    try:
+        sizes = [int(item) for item in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(size < 1 for size in sizes):
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas (or 0), got {text!r}")
+    return sizes
 
 
 def _split(values: list[str] | None) -> list[str] | None:
@@ -112,6 +148,13 @@ def format_report(report: dict) -> str:
             f"nodes: {nodes['frozen']} frozen -> {nodes['optimised']} optimised; "
             f"{report.get('dequantized_once', 0)} weight(s) dequantized once at load"
         )
+    if report.get("onednn_only_ops"):
+        ops = ", ".join(f"{op} x{count}" for op, count in sorted(report["onednn_only_ops"].items()))
+        lines.append(f"int8 ops that need oneDNN: {ops}; serve with TF_ENABLE_ONEDNN_OPTS=1 where oneDNN is off by "
+                     "default (the model's init op checks, so it fails at load there, not at a request)")
+    if report.get("warmup_batch_sizes"):
+        sizes = ",".join(str(b) for b in report["warmup_batch_sizes"])
+        lines.append(f"warm-up records: assets.extra/tf_serving_warmup_requests, batch size(s) {sizes} per signature")
     timings = report.get("timings")
     if timings:
         lines.append("time: " + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in timings.items()))
@@ -179,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                     dequantize_once=args.dequantize_once,
                     frozen_dir=args.frozen_dir,
                     overwrite=args.overwrite,
+                    warmup_batch_sizes=args.warmup_batch_sizes,
+                    compare_timeout_s=args.compare_timeout,
                 )
             except AgreementError as error:
                 print(format_report(error.report))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -32,6 +33,9 @@ from .safety import refuse_unsafe_ops, scan_for_unsafe_ops
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 64
+# A call that takes longer is a model that does not return (a loop that never ends): minutes
+# beyond any signature of a model this tool can freeze, called on a few dozen rows.
+DEFAULT_TIMEOUT_S = 300.0
 ROUNDING_ATOL = 1e-5
 ROUNDING_RTOL = 1e-4  # of the output's largest magnitude
 
@@ -185,12 +189,14 @@ def compare_saved_models(
     allow_ops: Iterable[str] = (),
     batch_size: int = DEFAULT_BATCH_SIZE,
     seed: int = 0,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> dict[str, dict[str, dict]]:
     """Call every selected signature (default: all of the converted model's) of both models on
     the same inputs; ``{key: {output: {"class_agreement", "max_abs_diff", "equal"}}}``.
 
     ``inputs`` maps signature key -> input key -> array; signatures it omits get seeded inputs
-    generated from their dtypes and shapes. Both models are scanned for unsafe ops first.
+    generated from their dtypes and shapes. Both models are scanned for unsafe ops first. A call
+    that has not returned after ``timeout_s`` seconds is cancelled and reported as an error.
     """
     import tensorflow as tf
 
@@ -219,9 +225,9 @@ def compare_saved_models(
             raise SavedModelError(f"signature '{key}': no sample input for '{missing[0]}'")
         tensors = {name: _as_tensor(signature, name, feeds[name]) for name in signature.inputs}
         with tensorflow_errors(original_dir, f"calling signature '{key}'"):
-            expected = {k: v.numpy() for k, v in loaded_original.signatures[key](**tensors).items()}
+            expected = call_with_time_limit(loaded_original.signatures[key], tensors, timeout_s, original_dir, key)
         with tensorflow_errors(converted_dir, f"calling signature '{key}'"):
-            actual = {k: v.numpy() for k, v in loaded_converted.signatures[key](**tensors).items()}
+            actual = call_with_time_limit(loaded_converted.signatures[key], tensors, timeout_s, converted_dir, key)
         report[key] = {}
         for name in sorted(signature.outputs):
             try:
@@ -230,6 +236,38 @@ def compare_saved_models(
                 raise SavedModelError(f"signature '{key}' output '{name}': {error}") from None
         log.info("compared signature '%s' on %d rows", key, _rows(tensors))
     return report
+
+
+def call_with_time_limit(function, tensors: dict, timeout_s: float, where: str, key: str) -> dict[str, np.ndarray]:
+    """``function(**tensors)`` as numpy arrays, cancelled after ``timeout_s`` seconds.
+
+    The call runs in a worker thread under a TensorFlow cancellation manager, which stops a
+    running function between kernels (a While loop included) when the time is up.
+    """
+    from tensorflow.python.eager import cancellation
+
+    manager = cancellation.CancellationManager()
+    outcome: dict = {}
+
+    def call() -> None:
+        try:
+            with cancellation.CancellationManagerContext(manager):
+                outcome["result"] = {k: v.numpy() for k, v in function(**tensors).items()}
+        except BaseException as error:  # noqa: BLE001 - handed to the caller's thread, re-raised there
+            outcome["error"] = error
+
+    worker = threading.Thread(target=call, name=f"call {key}", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        manager.start_cancel()
+        worker.join(10.0)
+        raise SavedModelError(
+            f"{where}: signature '{key}' did not return within {timeout_s:g} s (a loop that never ends?)"
+        )
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def _rows(tensors: dict) -> int:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Mapping, Sequence
 
+import numpy as np
 from tensorflow.core.framework import graph_pb2, tensor_shape_pb2, types_pb2, variable_pb2
 from tensorflow.core.framework.attr_value_pb2 import AttrValue
 from tensorflow.core.protobuf import meta_graph_pb2
@@ -27,6 +29,8 @@ from ._files import check_output_directory
 from ._surgery import unique_name
 from .errors import SavedModelError, tensorflow_errors
 from .model import FrozenModel, SignatureInfo, TensorInfo
+from .onednn import add_self_check, describe_ops, onednn_only_ops
+from .warmup import DEFAULT_BATCH_SIZES, write_warmup_requests
 
 log = logging.getLogger(__name__)
 
@@ -34,22 +38,40 @@ MAIN_OP_NAME = "frozen_model_init"
 
 
 def convert_to_saved_model(
-    frozen: FrozenModel, out_dir: str | os.PathLike, dequantize_once: bool = True, overwrite: bool = False
-) -> None:
-    """Write ``frozen`` as a SavedModel at ``out_dir``, atomically (temporary directory + rename).
+    frozen: FrozenModel,
+    out_dir: str | os.PathLike,
+    dequantize_once: bool = True,
+    overwrite: bool = False,
+    warmup_batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    warmup_samples: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+) -> dict:
+    """Write ``frozen`` as a SavedModel at ``out_dir``, atomically (temporary directory + rename);
+    return what was done (see :func:`write_saved_model`).
 
     An existing non-empty ``out_dir`` is an error unless ``overwrite``.
     """
     with atomic_directory(check_output_directory(out_dir, overwrite)) as temporary:
-        write_saved_model(frozen, temporary, dequantize_once, label=str(out_dir))
+        return write_saved_model(
+            frozen, temporary, dequantize_once, label=str(out_dir),
+            warmup_batch_sizes=warmup_batch_sizes, warmup_samples=warmup_samples,
+        )
 
 
 def write_saved_model(
-    frozen: FrozenModel, directory: str | os.PathLike, dequantize_once: bool = True, label: str | None = None
+    frozen: FrozenModel,
+    directory: str | os.PathLike,
+    dequantize_once: bool = True,
+    label: str | None = None,
+    warmup_batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    warmup_samples: Mapping[str, Mapping[str, np.ndarray]] | None = None,
 ) -> dict:
     """Write the SavedModel into the (empty or missing) ``directory``; return what was done.
 
-    ``label`` names the output in error messages (default: ``directory``).
+    ``label`` names the output in error messages (default: ``directory``). A model holding
+    oneDNN-only int8 ops gets the load-time self-check of :mod:`.onednn` in its init op.
+    ``warmup_batch_sizes`` (empty: none) are the batch sizes of the TF Serving warm-up records
+    written for every signature (:mod:`.warmup`), from ``warmup_samples`` (signature -> input ->
+    rows) where given, else generated from the signature.
     """
     import tensorflow as tf
     from tensorflow.python.ops.resource_variable_ops import ResourceVariable
@@ -60,6 +82,11 @@ def write_saved_model(
     if dequantize_once:
         graph_def, renames, variable_defs = cache_dequantized_weights(graph_def, frozen.init_node_names)
     init_names = list(frozen.init_node_names) + [v.initializer_name for v in variable_defs]
+    int8_ops = onednn_only_ops(graph_def)
+    if int8_ops:
+        graph_def, self_check = add_self_check(graph_def)
+        init_names.append(self_check)
+        log.info("oneDNN-only ops (%s): the init op checks their kernels at load", describe_ops(int8_ops))
     graph_def, main_op = _add_main_op(graph_def, init_names)
     where = label or str(directory)
     v1 = tf.compat.v1
@@ -82,8 +109,15 @@ def write_saved_model(
                 strip_default_attrs=True,
             )
             builder.save()
+    if warmup_batch_sizes:
+        write_warmup_requests(directory, frozen.signatures.values(), warmup_batch_sizes, warmup_samples)
     log.info("converted to a SavedModel (%d weight(s) dequantized once at load)", len(variable_defs))
-    return {"dequantized_once": len(variable_defs), "main_op": main_op}
+    return {
+        "dequantized_once": len(variable_defs),
+        "main_op": main_op,
+        "onednn_only_ops": dict(sorted(int8_ops.items())),
+        "warmup_batch_sizes": list(warmup_batch_sizes or ()),
+    }
 
 
 def _tf_detail(error: Exception) -> str:

@@ -30,6 +30,28 @@ def tensorflow_errors(where: str, doing: str) -> Iterator[None]:
     except SavedModelError:
         raise
     except Exception as error:
-        kind, detail = type(error).__name__, first_line(error)
+        kind, detail = type(error).__name__, tensorflow_detail(error)
         described = kind if detail == kind else f"{kind}: {detail}"
         raise SavedModelError(f"{where}: {doing} failed: {described}") from error
+
+
+def tensorflow_detail(error: BaseException | str) -> str:
+    """The line of a TensorFlow error that says what went wrong, plus the fix where we know it.
+
+    A graph execution error opens with "Graph execution error:" and the stack of the node's
+    Python definition; what went wrong is its last line. A model whose int8 ops have no kernel
+    here fails at its self-check node (:mod:`.onednn`), whose name carries the fix.
+    """
+    from .onednn import FIX, SELF_CHECK_SCOPE
+
+    text = str(error).strip()
+    detail = first_line(error)
+    if detail.rstrip(":").endswith("Graph execution error"):
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        detail = lines[-1] if lines else detail
+    if SELF_CHECK_SCOPE in text or "Missing 0-th output" in text:
+        detail += (
+            f" (an op without a kernel in this process: int8 ops that only oneDNN implements need {FIX} "
+            "where oneDNN is off, the default on CPUs without AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX)"
+        )
+    return detail
