@@ -2,6 +2,7 @@
 
 import argparse
 
+from serving_optimiser.errors import UserError
 from serving_optimiser.pipeline.stage import run_stage
 
 
@@ -13,13 +14,17 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
 
-    from serving_optimiser.pipeline.params import load_params, require, section
+    from serving_optimiser.pipeline.params import load_params, require, require_list, section
     from serving_optimiser.saved_model import FrozenModel, convert_to_saved_model
 
     convert = section(load_params(args.params), "convert", args.params)
     dequantize_once = require(convert, "dequantize_once", bool, "convert", args.params)
+    warmup_batch_sizes = require_list(convert, "warmup_batch_sizes", int, "convert", args.params)
+    if any(size < 1 for size in warmup_batch_sizes):
+        raise UserError(f"{args.params}: 'convert.warmup_batch_sizes' must hold positive integers")
     convert_to_saved_model(
-        FrozenModel.load(args.optimised), args.out, dequantize_once=dequantize_once
+        FrozenModel.load(args.optimised), args.out, dequantize_once=dequantize_once,
+        warmup_batch_sizes=warmup_batch_sizes,
     )
     print(f"convert: {args.variant} -> {args.out}")
 

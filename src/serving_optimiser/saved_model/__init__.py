@@ -18,6 +18,7 @@ _EXPORTS = {
     "AgreementError": ".optimise",
     "FrozenModel": ".model",
     "SavedModelError": ".errors",
+    "ServingSession": ".serving_session",
     "SignatureInfo": ".model",
     "TensorInfo": ".model",
     "UnsafeOp": ".safety",
@@ -28,9 +29,12 @@ _EXPORTS = {
     "generate_inputs": ".compare",
     "load_sample_inputs": ".compare",
     "min_class_agreement": ".compare",
+    "onednn_only_ops": ".onednn",
     "optimise_saved_model": ".optimise",
+    "read_warmup_requests": ".warmup",
     "scan_for_unsafe_ops": ".safety",
     "write_saved_model": ".convert",
+    "write_warmup_requests": ".warmup",
 }
 __all__ = sorted(_EXPORTS)
 

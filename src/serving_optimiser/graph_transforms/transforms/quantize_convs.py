@@ -268,6 +268,7 @@ def quantize_convs(graph_def: graph_pb2.GraphDef, context: TransformContext) -> 
         replaced[layer.end.name] = new_nodes
     removed = {name for layer in layers.values() for name in layer.absorbed}
     if not int8_kernels_available():
-        log.warning("quantize_convs: this TensorFlow has no working int8 kernels (oneDNN off or not an x86 "
-                    "oneDNN build); the rewritten graph will only run where it has them")
+        log.warning("quantize_convs: the int8 conv kernels do not run in this process (oneDNN off: set "
+                    "TF_ENABLE_ONEDNN_OPTS=1; or not an x86 oneDNN build); the rewritten graph only runs where "
+                    "oneDNN is on")
     return splice_layers(graph_def, replaced, removed, context.output_names)

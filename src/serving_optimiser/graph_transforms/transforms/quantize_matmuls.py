@@ -273,6 +273,6 @@ def quantize_matmuls(graph_def: graph_pb2.GraphDef, context: TransformContext) -
     replaced = {layer.output_name: _layer_nodes(layer) for layer in layers.values()}
     removed = {name for layer in layers.values() for name in (layer.matmul.name, layer.last.name)}
     if not int8_kernels_available():
-        log.warning("quantize_matmuls: this TensorFlow has no working %s kernel (oneDNN off or not an x86 "
-                    "oneDNN build); the rewritten graph will only run where it has one", QUANTIZED_OP)
+        log.warning("quantize_matmuls: %s does not run in this process (oneDNN off: set TF_ENABLE_ONEDNN_OPTS=1; "
+                    "or not an x86 oneDNN build); the rewritten graph only runs where oneDNN is on", QUANTIZED_OP)
     return splice_layers(graph_def, replaced, removed, context.output_names)
