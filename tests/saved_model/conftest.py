@@ -10,6 +10,7 @@ from saved_model.models import (
     build_reads_a_file,
     build_tf1_iris,
     build_tf1_vocabulary_asset,
+    build_wide_mlp,
 )
 
 
@@ -48,3 +49,8 @@ def multi_signature_module(models_dir):
 @pytest.fixture(scope="session")
 def reads_a_file(models_dir):
     return _built(models_dir, "reads_a_file", build_reads_a_file)
+
+
+@pytest.fixture(scope="session")
+def wide_mlp(models_dir):
+    return _built(models_dir, "wide_mlp", build_wide_mlp)

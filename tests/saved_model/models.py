@@ -1,7 +1,8 @@
 """Small seeded SavedModels for the SavedModel tests (conftest builds each once per session): a
 Keras CNN with batch norm, a TF 1 estimator-style Iris export with a lookup table, a tf.Module
 with several signatures (one of them reading a TF 2 lookup table), a TF 1 export whose table
-reads a vocabulary asset, and a model that reads a file; plus inputs near their classes."""
+reads a vocabulary asset, a model that reads a file, and an MLP wide enough for int8 MatMuls;
+plus inputs near their classes."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import os
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import itertools
 
 import tensorflow as tf
 
@@ -257,3 +260,37 @@ def module_inputs(rows: int = 256, seed: int = 0) -> dict[str, dict[str, np.ndar
     """Inputs for each signature of the tf.Module, around its clusters."""
     x, _ = cluster_samples(module_centres(), rows, 0.3, seed)
     return {"classify": {"x": x}, "embed": {"x": x}, "score": {"x": x, "temperature": np.float32(2.0)}}
+
+
+class WideMlp(tf.Module):
+    """16 -> 64 -> 64 -> 8 ReLU net, seeded: wide enough for quantize_matmuls to make int8 layers."""
+
+    def __init__(self) -> None:
+        rng = np.random.default_rng(23)
+        sizes = (16, 64, 64, 8)
+        self.layers = [
+            (tf.Variable(rng.normal(0, np.sqrt(2 / m), (m, n)).astype(np.float32)),
+             tf.Variable(rng.normal(0, 0.1, n).astype(np.float32)))
+            for m, n in itertools.pairwise(sizes)
+        ]
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 16], tf.float32, name="x")])
+    def scores(self, x):
+        for index, (weights, bias) in enumerate(self.layers):
+            x = tf.nn.bias_add(tf.matmul(x, weights), bias)
+            if index < len(self.layers) - 1:
+                x = tf.nn.relu(x)
+        return {"scores": x}
+
+
+def build_wide_mlp(directory: str) -> None:
+    module = WideMlp()
+    tf.saved_model.save(module, directory, signatures={"serving_default": module.scores})
+
+
+def wide_mlp_inputs(rows: int = 256, seed: int = 0) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).normal(0, 1, (rows, 16)).astype(np.float32)}
+
+
+# Every layer int8 (the MLP's are narrower than quantize_matmuls' default minimum_dim of 32 on one side).
+INT8 = "remove_nodes(op=Identity) fold_constants(ignore_errors=true) quantize_matmuls(minimum_dim=1) strip_unused_nodes"

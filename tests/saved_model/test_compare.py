@@ -1,5 +1,5 @@
 """The comparison's arithmetic (class agreement, max |difference|, equality), generated inputs and
-sample-input files."""
+sample-input files, and the time limit on a call."""
 
 from __future__ import annotations
 
@@ -148,3 +148,37 @@ def test_within_rounding_separates_kernel_rounding_from_real_change(converted, w
     original = np.array([[-9.79255581, 0.89354992], [-11.1277370, 5.0]])
     result = compare_outputs(original, converted)
     assert result["within_rounding"] is within and result["equal"] is False
+
+
+def _save_counting_loop(directory) -> None:
+    """A While loop that runs ``steps`` times: a huge ``steps`` is a call that does not return."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([], tf.int64, name="steps")])
+    def count(steps):
+        body = lambda i, total: (i + 1, total + tf.sin(tf.cast(i, tf.float32)))  # noqa: E731
+        _, total = tf.while_loop(lambda i, _: i < steps, body, [tf.constant(0, tf.int64), tf.constant(0.0)])
+        return {"total": total}
+
+    module = tf.Module()
+    module.count = count
+    tf.saved_model.save(module, str(directory), signatures={"serving_default": count})
+
+
+def test_a_call_that_does_not_return_is_cancelled_and_named(tmp_path):
+    import threading
+    import time
+
+    from serving_optimiser.saved_model import compare_saved_models
+
+    _save_counting_loop(tmp_path / "loop")
+    quick = compare_saved_models(tmp_path / "loop", tmp_path / "loop", {"serving_default": {"steps": np.int64(10)}})
+    assert quick["serving_default"]["total"]["equal"]
+    start = time.perf_counter()
+    with pytest.raises(SavedModelError, match=r"signature 'serving_default' did not return within 1 s") as raised:
+        compare_saved_models(
+            tmp_path / "loop", tmp_path / "loop", {"serving_default": {"steps": np.int64(2**62)}}, timeout_s=1.0
+        )
+    assert str(tmp_path / "loop") in str(raised.value) and time.perf_counter() - start < 30
+    # Cancelled, not left spinning: the worker thread has ended.
+    assert not [t for t in threading.enumerate() if t.name == "call serving_default"]
