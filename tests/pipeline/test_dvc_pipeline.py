@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from dvc_helpers import copy_sources, dvc_env, ran_stages
@@ -164,3 +165,37 @@ def test_pull_says_in_one_line_why_it_cannot(repo):
     run(clone, "dvc", "remote", "modify", "local", "url", str(base / "empty-remote"))
     lines = pull()
     assert len(lines) == 1 and "missing there" in lines[0] and "`make all`" in lines[0], "\n".join(lines)
+
+
+INT8_VARIANTS = ("int8", "int8_dynamic")
+
+
+@pytest.mark.parametrize("onednn", ["0", "1"], ids=["onednn_off", "onednn_on"])
+def test_every_converted_model_serves_through_the_cpp_loader(repo, tmp_path, onednn):
+    """TF Serving's loader (the C API) on every converted model of the pipeline: answers equal to
+    tf.saved_model.load's within float rounding, warm-up records replayed; an int8 model with
+    oneDNN off fails at load through both loaders, naming the fix, never at a request."""
+    import pandas as pd
+    from serving_check import check_in_child
+
+    from serving_optimiser.saved_model.compare import within_rounding
+
+    repo, _, _ = repo
+    rows = pd.read_csv(repo / "data" / "prepared" / "eval.csv")
+    inputs = {name: rows[name].to_numpy(np.float32) for name in ("sepal_length", "sepal_width", "petal_length",
+                                                                 "petal_width")}
+    directories = sorted((repo / "models" / "converted").iterdir())
+    assert [d.name for d in directories] == sorted(VARIANTS)
+    answers = check_in_child(tmp_path, inputs, directories, {**dvc_env(), "TF_ENABLE_ONEDNN_OPTS": onednn})
+    for name, answer in answers.items():
+        if onednn == "0" and name in INT8_VARIANTS:
+            assert "int8_ops_need_oneDNN-set_TF_ENABLE_ONEDNN_OPTS_to_1" in answer["errors"]["tf"], name
+            assert "TF_ENABLE_ONEDNN_OPTS=1" in answer["errors"]["c_api"], name
+            continue
+        assert not answer["errors"], (name, answer["errors"])
+        assert int(answer["warmup_replies"]) == 2, name  # batch 1 for each of the two signatures
+        arrays = answer["arrays"]
+        keys = sorted(k.split("/", 1)[1] for k in arrays if k.startswith("c_api/"))
+        assert len(keys) == 8, keys  # predict and serving_default, four outputs each
+        for key in keys:
+            assert within_rounding(arrays[f"tf/{key}"], arrays[f"c_api/{key}"]), (name, key)
