@@ -134,7 +134,8 @@ def test_converting_twice_gives_identical_files(quantised_iris, tmp_path):
     convert_to_saved_model(quantised_iris, tmp_path / "first")
     convert_to_saved_model(quantised_iris, tmp_path / "second")
     files = sorted(p.relative_to(tmp_path / "first") for p in (tmp_path / "first").rglob("*") if p.is_file())
-    assert [str(p) for p in files] == ["saved_model.pb"]  # TF 1's Builder writes no fingerprint.pb
+    # TF 1's Builder writes no fingerprint.pb; the warm-up records are ours.
+    assert [str(p) for p in files] == ["assets.extra/tf_serving_warmup_requests", "saved_model.pb"]
     for path in files:
         assert (tmp_path / "first" / path).read_bytes() == (tmp_path / "second" / path).read_bytes()
 
@@ -147,7 +148,7 @@ def test_existing_output_directory_is_refused_unless_overwrite(frozen_iris, tmp_
         convert_to_saved_model(frozen_iris, target)
     assert (target / "keep.txt").read_text() == "mine"
     convert_to_saved_model(frozen_iris, target, overwrite=True)
-    assert sorted(p.name for p in target.iterdir()) == ["saved_model.pb", "variables"]
+    assert sorted(p.name for p in target.iterdir()) == ["assets.extra", "saved_model.pb", "variables"]
 
 
 def test_failed_conversion_leaves_nothing_behind(frozen_iris, tmp_path):
