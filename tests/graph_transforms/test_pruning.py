@@ -1,7 +1,10 @@
 """remove_nodes, strip_unused_nodes, remove_control_dependencies, sort_by_execution_order."""
 
+import threading
+
 import numpy as np
 import pytest
+import tensorflow as tf
 from graph_helpers import (
     const_text as const,
 )
@@ -16,6 +19,8 @@ from graph_helpers import (
 from graph_helpers import (
     op_text as op,
 )
+from tensorflow.core.framework import graph_pb2
+from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
 from serving_optimiser.graph_transforms import TransformError, TransformGraph
 
@@ -112,6 +117,103 @@ def test_remove_nodes_keeps_other_inputs_unlike_oracle():
     assert {n.name: list(n.input) for n in ours.node if n.name in ops_by_name(oracle)} == {
         n.name: list(n.input) for n in oracle.node
     }
+
+
+# A frozen tf.cond, lowered as TF lowers If: a Switch of the predicate whose ports feed the
+# pivots; each branch waits for its pivot, so the branch not taken is dead. The then pivot is a
+# chain of two Identities; the else branch returns a constant that only its pivot makes dead.
+LOWERED_COND = graph_from_text(
+    'node { name: "pred" op: "Placeholder" attr { key: "dtype" value { type: DT_BOOL } } }'
+    'node { name: "x" op: "Placeholder" attr { key: "dtype" value { type: DT_FLOAT } } }'
+    'node { name: "switch_pred" op: "Switch" input: "pred" input: "pred" attr { key: "T" value { type: DT_BOOL } } }'
+    'node { name: "pivot_t_first" op: "Identity" input: "switch_pred:1" attr { key: "T" value { type: DT_BOOL } } }'
+    'node { name: "pivot_t" op: "Identity" input: "pivot_t_first" attr { key: "T" value { type: DT_BOOL } } }'
+    'node { name: "pivot_f" op: "Identity" input: "switch_pred" attr { key: "T" value { type: DT_BOOL } } }'
+    + op("x_switch", "Switch", "x", "pred")
+    + op("then_x_bypassed", "Identity", "x_switch:1", "^pivot_t")
+    + const("then_scale", (10.0,)).replace('op: "Const"', 'op: "Const" input: "^pivot_t"')
+    + op("then_mul", "Mul", "then_x_bypassed", "then_scale")
+    + op("then_out_bypassed", "Identity", "then_mul")
+    + const("else_value", (-1.0,))
+    + op("else_out_kept", "Identity", "else_value", "^pivot_f")
+    + op("merge", "Merge", "then_out_bypassed", "else_out_kept", extra='attr { key: "N" value { i: 2 } }')
+    + op("output", "Identity", "merge")
+)
+
+
+def test_remove_nodes_keeps_the_pivots_of_a_lowered_cond():
+    result = TransformGraph(LOWERED_COND, ["pred", "x"], ["output"], ["remove_nodes(op=Identity)"])
+    nodes = nodes_by_name(result)
+    # ^pivot_t must not become ^switch_pred: a control edge from a Switch fires on both branches.
+    assert list(nodes["pivot_t"].input) == ["switch_pred:1"]
+    assert list(nodes["pivot_f"].input) == ["switch_pred"]
+    assert list(nodes["then_scale"].input) == ["^pivot_t"]
+    # The reader of a bypassed node takes over its control inputs, unless the reader is a Merge.
+    assert list(nodes["then_mul"].input) == ["x_switch:1", "then_scale", "^pivot_t"]
+    assert list(nodes["else_out_kept"].input) == ["else_value", "^pivot_f"]
+    assert list(nodes["merge"].input) == ["then_mul", "else_out_kept"]
+    assert {"pivot_t_first", "then_x_bypassed", "then_out_bypassed"}.isdisjoint(nodes)
+
+
+@pytest.mark.parametrize("pred, expected", [(True, 30.0), (False, -1.0)], ids=["then", "else"])
+def test_remove_nodes_keeps_what_a_lowered_cond_computes(pred, expected):
+    result = TransformGraph(LOWERED_COND, ["pred", "x"], ["output"], ["remove_nodes(op=Identity)"])
+    feeds = {"pred": np.array(pred), "x": np.array(3.0, np.float32)}
+    for graph in (LOWERED_COND, result):
+        np.testing.assert_array_equal(run_graph(graph, ["output"], feeds)[0], [expected])
+
+
+def lowered_while_loop() -> graph_pb2.GraphDef:
+    """tf.while_loop then tf.cond, frozen as freeze_saved_model freezes (v1 control flow)."""
+
+    @tf.function(input_signature=[tf.TensorSpec([], tf.int32, name="steps")])
+    def count(steps):
+        _, total = tf.while_loop(lambda i, t: i < steps, lambda i, t: (i + 1, t + 2.0), [0, 0.0])
+        return tf.cond(total > 3.0, lambda: total * 10.0, lambda: total - 1.0)
+
+    return convert_variables_to_constants_v2(count.get_concrete_function()).graph.as_graph_def()
+
+
+def run_graph_within(seconds: float, *args) -> list[np.ndarray]:
+    """run_graph, failing instead of hanging if the graph does not return (a loop that never ends
+    keeps its thread busy until pytest exits, but the test fails)."""
+    results: list = []
+    thread = threading.Thread(target=lambda: results.append(run_graph(*args)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"the graph did not return within {seconds} s"
+    return results[0]
+
+
+def test_remove_nodes_keeps_a_lowered_while_loop_ending():
+    """Issue 16: ``^loop_body_control`` became ``^<loop counter Switch>``, which fires after the
+    last iteration too, so the body ran forever."""
+    graph = lowered_while_loop()
+    ops = ops_by_name(graph)
+    assert {"Switch", "Merge", "NextIteration"} <= set(ops.values())
+    result = TransformGraph(graph, ["steps"], ["Identity"], ["remove_nodes(op=Identity)"])
+    assert len(result.node) < len(graph.node)
+
+    def switch_control_edges(graph_def):
+        return {
+            (node.name, i) for node in graph_def.node for i in node.input
+            if i.startswith("^") and ops.get(i[1:]) == "Switch"
+        }
+
+    assert switch_control_edges(result) <= switch_control_edges(graph)
+    pivots = {n.name for n in graph.node if n.op == "Identity" and ops.get(n.input[0].split(":")[0]) == "Switch"}
+    read_as_control = {i[1:] for n in graph.node for i in n.input if i.startswith("^")}
+    assert pivots & read_as_control <= set(ops_by_name(result))
+    for steps, expected in ((0, -1.0), (1, 1.0), (3, 60.0)):
+        feeds = {"steps": np.array(steps, np.int32)}
+        assert run_graph_within(60, result, ["Identity"], feeds)[0] == expected
+
+
+def test_remove_nodes_without_switch_still_drops_control_inputs():
+    """Control inputs only order nodes there: the C++ tool's result, unchanged."""
+    graph = graph_from_text(const("a") + const("b") + op("id", "Identity", "a", "^b") + op("neg", "Neg", "id"))
+    result = TransformGraph(graph, [], ["neg"], ["remove_nodes(op=Identity)"])
+    assert list(nodes_by_name(result)["neg"].input) == ["a"]
 
 
 ADD_MUL = graph_from_text(

@@ -25,6 +25,7 @@ from tensorflow.core.framework import (
 from tensorflow.python.framework import tensor_util
 
 from .errors import TransformError
+from .op_sets import MERGE_OPS
 
 # ---------------------------------------------------------------------------------------------
 # Input strings: "[^]node[:port]"
@@ -257,8 +258,6 @@ def dtype_name(dtype_enum: int) -> str:
 # Topological sort, exactly as the C++ SortByExecutionOrder
 # ---------------------------------------------------------------------------------------------
 
-_MERGE_OPS = frozenset({"Merge", "RefMerge", "_XlaMerge"})
-
 
 def sort_by_execution_order(graph_def: graph_pb2.GraphDef) -> graph_pb2.GraphDef:
     """Return the graph with nodes in the old tool's execution order.
@@ -271,7 +270,7 @@ def sort_by_execution_order(graph_def: graph_pb2.GraphDef) -> graph_pb2.GraphDef
     pending = []
     consumers: list[list[int]] = [[] for _ in nodes]
     for node in nodes:
-        if node.op in _MERGE_OPS:
+        if node.op in MERGE_OPS:
             pending.append(sum(1 for i in node.input if i.startswith("^")) + 1)
         else:
             pending.append(len(node.input))

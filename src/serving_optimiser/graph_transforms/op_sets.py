@@ -18,3 +18,10 @@ VARIABLE_OPS = SUMMARIZED_VARIABLE_OPS | {"_VarHandlesOp", "TemporaryVariable", 
 
 # Ops a signature input may be when freezing: what a feed can replace.
 PLACEHOLDER_OPS = frozenset({"Placeholder", "PlaceholderWithDefault", "PlaceholderV2"})
+
+# v1 control flow, which freezing leaves of tf.cond and tf.while_loop (lower_control_flow): a
+# Switch sends a "dead" tensor down the branch not taken and out of a finished loop, and a Merge
+# forwards whichever input is alive. A Switch's ports are dead independently, so a control edge
+# from the Switch itself fires every time, even when the port a consumer reads is dead.
+SWITCH_OPS = frozenset({"Switch", "RefSwitch", "_SwitchN"})
+MERGE_OPS = frozenset({"Merge", "RefMerge", "_XlaMerge"})

@@ -3,12 +3,15 @@ sort_by_execution_order."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from tensorflow.core.framework import graph_pb2, node_def_pb2, tensor_shape_pb2
 from tensorflow.python.framework import dtypes
 
 from ..context import TransformContext
 from ..errors import TransformError
 from ..graph_utils import (
+    control_inputs,
     data_inputs,
     new_graph_like,
     node_map,
@@ -17,6 +20,7 @@ from ..graph_utils import (
     reachable_names,
     sort_by_execution_order,
 )
+from ..op_sets import MERGE_OPS, SWITCH_OPS
 from ..registry import register
 
 
@@ -25,12 +29,19 @@ def remove_nodes(graph_def: graph_pb2.GraphDef, context: TransformContext) -> gr
     """Bypass nodes of the given op types.
 
     Matches: ``op`` nodes with exactly n data inputs, for n = 1..max_inputs, skipping nodes
-    named as graph inputs or outputs (names compared without ``^`` and ``:port``).
+    named as graph inputs or outputs (names compared without ``^`` and ``:port``; in a function
+    body these are its args, the nodes its ``ret`` tensors come from and its control returns).
     Produces: consumers of ``<node>`` / ``<node>:0`` read the node's first data input;
     ``^<node>`` becomes ``^<first input node>``.
     Params: ``op`` (repeatable, at least one), ``max_inputs`` (1).
     Differs from the C++ tool: a node whose other output ports are read is kept rather
-    than leaving a dangling reference that fails the whole pipeline.
+    than leaving a dangling reference that fails the whole pipeline. In a graph with v1 control
+    flow (a Switch: frozen ``tf.cond``/``tf.while_loop``), where bypassing must not change which
+    nodes run: a node read through ``^node`` whose input is a Switch port is kept (it is the
+    pivot that stops a branch or a finished loop's body; ``^Switch`` would fire every time and
+    the loop would never end), so is a node with control inputs that a Merge reads (a Merge
+    ignores whether its control inputs are dead), and a bypassed node's control inputs move to
+    its readers instead of being dropped.
     """
     op_types = context.get_list("op")
     if not op_types:
@@ -50,51 +61,123 @@ def remove_nodes(graph_def: graph_pb2.GraphDef, context: TransformContext) -> gr
 def _bypass_once(
     graph_def: graph_pb2.GraphDef, op_type: str, input_count: int, protected: set[str]
 ) -> tuple[graph_pb2.GraphDef, int]:
-    other_port_readers = set()
+    other_port_readers, control_readers = set(), set()
+    data_readers: dict[str, set[str]] = {}
     for node in graph_def.node:
         for input_string in node.input:
             is_control, name, port = parse_input(input_string)
-            if port != 0 and not is_control:
+            if is_control:
+                control_readers.add(name)
+                continue
+            if port != 0:
                 other_port_readers.add(name)
-    replacements: dict[str, str] = {}
-    for node in graph_def.node:
-        if (
-            node.op == op_type
-            and node.name not in protected
-            and node.name not in other_port_readers
-            and len(data_inputs(node)) == input_count
-        ):
-            replacements[node.name] = data_inputs(node)[0]
+            data_readers.setdefault(name, set()).add(node.name)
+    candidates = {
+        node.name: node
+        for node in graph_def.node
+        if node.op == op_type
+        and node.name not in protected
+        and node.name not in other_port_readers
+        and len(data_inputs(node)) == input_count
+    }
+    nodes = {node.name: node for node in graph_def.node}
+    # Dead tensors only exist below a Switch; without one, control inputs only order nodes and
+    # are dropped with the bypassed node, as the C++ tool did.
+    has_dead_tensors = any(node.op in SWITCH_OPS for node in graph_def.node)
+    if has_dead_tensors:
+        # Two linked nodes are not bypassed in the same pass: the second is decided in the
+        # next pass, against the graph the first one's removal left.
+        chosen, linked_to_chosen = {}, set()
+        for name, node in candidates.items():
+            linked = _bypass_links(node, nodes, control_readers, data_readers)
+            if linked is None or name in linked_to_chosen or linked & chosen.keys():
+                continue
+            chosen[name] = node
+            linked_to_chosen |= linked
+        candidates = chosen
+    # (first data input, control inputs its readers take over) for each node bypassed now.
+    replacements: dict[str, tuple[str, list[str]]] = {
+        name: (data_inputs(node)[0], control_inputs(node) if has_dead_tensors else [])
+        for name, node in candidates.items()
+    }
     if not replacements:
         return graph_def, 0
 
-    def resolve(input_string: str) -> str:
-        seen = set()
+    def resolve(input_string: str) -> tuple[str, list[str]]:
+        """What ``input_string`` reads once the bypassed nodes are gone, and their control inputs."""
+        seen, moved = set(), []
         while True:
             is_control, name, _ = parse_input(input_string)
             if name not in replacements or name in seen:
-                return input_string
+                return input_string, moved
             seen.add(name)
-            target = replacements[name]
+            target, controls = replacements[name]
+            moved.extend(controls)
             input_string = f"^{node_name_from_input(target)}" if is_control else target
 
     kept = []
     for node in graph_def.node:
         if node.name in replacements:
             continue
+        data, controls, moved = [], [], []
+        for input_string in node.input:
+            value, extra = resolve(input_string)
+            (controls if value.startswith("^") else data).append(value)
+            moved.extend(extra)
+        # Moved control inputs may name bypassed nodes themselves.
+        done = set()
+        while moved:
+            input_string = moved.pop(0)
+            if input_string in done:
+                continue
+            done.add(input_string)
+            value, extra = resolve(input_string)
+            if value != f"^{node.name}":
+                controls.append(value)
+            moved.extend(extra)
         new_node = node_def_pb2.NodeDef()
         new_node.CopyFrom(node)
-        resolved = []
-        for input_string in node.input:
-            value = resolve(input_string)
-            # Bypassing can make a control input duplicate a data input; TF rejects that.
-            if value.startswith("^") and value in resolved:
-                continue
-            resolved.append(value)
         del new_node.input[:]
-        new_node.input.extend(_drop_redundant_control_inputs(resolved))
+        # Bypassing can make a control input duplicate a data input; TF rejects that.
+        new_node.input.extend(_drop_redundant_control_inputs(data + controls))
         kept.append(new_node)
     return new_graph_like(graph_def, kept), len(replacements)
+
+
+def _bypass_links(
+    node: node_def_pb2.NodeDef,
+    nodes: Mapping[str, node_def_pb2.NodeDef],
+    control_readers: set[str],
+    data_readers: Mapping[str, set[str]],
+) -> set[str] | None:
+    """In a graph with dead tensors: None if bypassing ``node`` could change which nodes run,
+    else the neighbours whose bypassing in the same pass could.
+
+    ``^node`` becomes ``^<input node>`` plus the node's control inputs, which is the same
+    unless the input is a Switch port (``^Switch`` fires even when the port is dead), and a
+    reader of ``node`` gains its control inputs, which is the same unless the reader is a
+    Merge (it runs on its live data input whether its control inputs are dead or not). Each
+    rule would also apply through a neighbour bypassed at the same time.
+    """
+    source = node_name_from_input(data_inputs(node)[0])
+    source_node = nodes.get(source)
+    readers = data_readers.get(node.name, set())
+    read_as_control = node.name in control_readers
+    if read_as_control and (source_node is None or source_node.op in SWITCH_OPS):
+        return None
+    if control_inputs(node) and any(nodes[reader].op in MERGE_OPS for reader in readers):
+        return None
+    linked = set()
+    if read_as_control or (source_node is not None and control_inputs(source_node)):
+        linked.add(source)
+    if control_inputs(node):
+        linked |= readers
+    # Readers that bypass to this node and are read through ``^reader``.
+    linked |= {
+        reader for reader in readers
+        if reader in control_readers and node_name_from_input(data_inputs(nodes[reader])[0]) == node.name
+    }
+    return linked
 
 
 def _drop_redundant_control_inputs(inputs: list[str]) -> list[str]:
