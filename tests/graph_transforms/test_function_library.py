@@ -2,6 +2,7 @@
 and the FunctionDef <-> GraphDef conversion under it."""
 
 import logging
+import threading
 
 import numpy as np
 import pytest
@@ -266,3 +267,93 @@ def test_control_return_nodes_are_protected():
     assert [(n.name, list(n.input)) for n in fdef.node_def] == [("side_effect", ["a"]), ("negated", ["a"])]
     assert dict(fdef.control_ret) == {"side_effect": "side_effect"}
     assert fdef.signature == graph.library.function[0].signature
+
+
+# A While body as TF 2 writes one: each loop variable returned through an Identity, one of them
+# the argument itself (a pass-through), after a NoOp the returns wait for.
+WHILE_BODY_FUNCTION = """
+    signature { name: "while_body"
+      input_arg { name: "i" type: DT_INT32 } input_arg { name: "h" type: DT_FLOAT }
+      output_arg { name: "i_next" type: DT_INT32 } output_arg { name: "h_next" type: DT_FLOAT }
+      output_arg { name: "i_passed" type: DT_INT32 } }
+    node_def { name: "one" op: "Const" attr { key: "dtype" value { type: DT_INT32 } }
+      attr { key: "value" value { tensor { dtype: DT_INT32 tensor_shape {} int_val: 1 } } } }
+    node_def { name: "add" op: "AddV2" input: "i" input: "one:output:0" attr { key: "T" value { type: DT_INT32 } } }
+    node_def { name: "tanh" op: "Tanh" input: "h" attr { key: "T" value { type: DT_FLOAT } } }
+    node_def { name: "tanh_chain_removed" op: "Identity" input: "tanh:y:0" attr { key: "T" value { type: DT_FLOAT } } }
+    node_def { name: "order" op: "NoOp" input: "^add" }
+    node_def { name: "i_identity" op: "Identity" input: "add:z:0" input: "^order"
+      attr { key: "T" value { type: DT_INT32 } } }
+    node_def { name: "h_identity" op: "Identity" input: "tanh_chain_removed:output:0" input: "^order"
+      attr { key: "T" value { type: DT_FLOAT } } }
+    node_def { name: "i_passed_identity" op: "Identity" input: "i" attr { key: "T" value { type: DT_INT32 } } }
+    ret { key: "i_next" value: "i_identity:output:0" }
+    ret { key: "h_next" value: "h_identity:output:0" }
+    ret { key: "i_passed" value: "i_passed_identity:output:0" }
+"""
+
+
+def test_body_returns_keep_their_tensors():
+    """A body's ``ret`` is its outputs: remove_nodes keeps the Identities it names (the counter's
+    among them, or the loop would stop advancing) and bypasses the others."""
+    graph = with_extra_function(graph_pb2.GraphDef(), WHILE_BODY_FUNCTION)
+    context = TransformContext("remove_nodes", [], [], {"op": ["Identity"]})
+    result = transform_library_functions(graph, get_transform("remove_nodes"), context)
+    original, fdef = graph.library.function[0], result.library.function[0]
+    assert dict(fdef.ret) == dict(original.ret)
+    assert identities(fdef) == ["h_identity", "i_identity", "i_passed_identity"]
+    assert list(next(n for n in fdef.node_def if n.name == "h_identity").input) == ["tanh:y:0", "^order"]
+    assert fdef.signature == original.signature
+
+
+def run_within(seconds, *args):
+    """run_graph, failing instead of hanging when a loop no longer ends."""
+    results = []
+    thread = threading.Thread(target=lambda: results.append(run_graph(*args)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"the graph did not return within {seconds} s"
+    return results[0]
+
+
+NOTEBOOK = [
+    "remove_nodes(op=Identity)", "fold_constants(ignore_errors=true)", "fold_batch_norms", "fold_old_batch_norms",
+    "round_weights(num_steps=256)", "quantize_weights", "strip_unused_nodes", "sort_by_execution_order",
+]
+
+
+@pytest.mark.parametrize("transforms", [*NOTEBOOK, " ".join(NOTEBOOK)], ids=[*NOTEBOOK, "all"])
+def test_notebook_transforms_keep_what_bodies_return(frozen_cond_graph, transforms):
+    result = TransformGraph(frozen_cond_graph, ["x", "flag"], ["Identity"], transforms)
+    for name, original in functions(frozen_cond_graph).items():
+        fdef = functions(result)[name]
+        body_names = {n.name for n in fdef.node_def} | {a.name for a in fdef.signature.input_arg}
+        for arg in original.signature.output_arg:
+            # The same node (a folded one may now be a Const, output:0) returns each output.
+            assert fdef.ret[arg.name].split(":")[0] == original.ret[arg.name].split(":")[0], (name, arg.name)
+            assert fdef.ret[arg.name].split(":")[0] in body_names
+    for flag in (True, False):
+        feeds = {"x": X, "flag": np.array(flag)}
+        before, after = (run_within(60, g, ["Identity"], feeds)[0] for g in (frozen_cond_graph, result))
+        np.testing.assert_array_equal(after, before)
+
+
+def test_one_log_line_when_only_function_bodies_change_or_nothing_does(caplog):
+    graph = with_extra_function(graph_pb2.GraphDef(), WHILE_BODY_FUNCTION)
+    with caplog.at_level(logging.INFO, logger="serving_optimiser.graph_transforms"):
+        TransformGraph(graph, [], [], ["remove_nodes(op=Identity)", "fold_batch_norms"])
+    engine = [r.getMessage() for r in caplog.records if r.name.endswith(".engine")]
+    assert len(engine) == 2
+    assert engine[0].startswith("remove_nodes: 0 -> 0 nodes, ") and "1 of 1 functions changed" in engine[0]
+    assert engine[1].startswith("fold_batch_norms: no change (")
+
+
+def test_quantize_weights_says_why_nothing_changed(frozen_cond_graph, caplog):
+    """Every Const of this model is far under the default minimum_size: a "no change" line, and
+    the reason, for the main graph and each body that holds float Consts."""
+    with caplog.at_level(logging.INFO, logger="serving_optimiser.graph_transforms"):
+        result = TransformGraph(frozen_cond_graph, ["x", "flag"], ["Identity"], ["quantize_weights"])
+    assert result == frozen_cond_graph
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m for m in messages if m.startswith("quantize_weights: no change (")] == [messages[-1]]
+    assert any("under minimum_size=1024 elements" in m and "left float" in m for m in messages[:-1])

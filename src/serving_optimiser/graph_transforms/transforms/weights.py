@@ -241,14 +241,31 @@ def quantize_weights(graph_def: graph_pb2.GraphDef, context: TransformContext) -
     minimum_size = context.get_int("minimum_size", 1024)
     per_channel = context.get_bool("per_channel", False)
     _check_no_variables(graph_def)
-    nodes = []
+    nodes, small_sizes, quantized = [], [], 0
     for node in graph_def.node:
         values = _weight_values(node, minimum_size, "quantize_weights")
         if values is None:
             nodes.append(node)
+            size = _float_const_size(node)
+            if size is not None and size < minimum_size:
+                small_sizes.append(size)
             continue
         nodes.extend(_quantized_nodes(node, values, per_channel))
+        quantized += 1
+    if not quantized and small_sizes:
+        # Otherwise the engine's "no change" would not say why (tiny models, function bodies).
+        log.info(
+            "quantize_weights: %d float Const(s) under minimum_size=%d elements (the largest has %d) left float",
+            len(small_sizes), minimum_size, max(small_sizes),
+        )
     return new_graph_like(graph_def, nodes)
+
+
+def _float_const_size(node: node_def_pb2.NodeDef) -> int | None:
+    """The element count of a float Const (from its recorded shape), None for any other node."""
+    if node.op != "Const" or "dtype" not in node.attr or node.attr["dtype"].type != types_pb2.DT_FLOAT:
+        return None
+    return int(np.prod([dim.size for dim in node.attr["value"].tensor.tensor_shape.dim]))
 
 
 def _quantized_nodes(node: node_def_pb2.NodeDef, values: np.ndarray, per_channel: bool) -> list:
