@@ -147,6 +147,9 @@ def test_report_gathers_every_model(tmp_path, reference):
     assert "- fastest at 100,000 rows: **small** (0.500 × the export's time)" in summary
     assert "- most faithful (max |Δp| against the export): **small**" in summary
     assert machine["cpu"] in summary
+    # Cold start apart from the warm figures: load 0.1 s, first call 2 ms, 4 x the warm p50.
+    assert "## Cold start and warm calls" in summary
+    assert "| small | 0.100 | 2.00 | 0.500 | 0.900 | 4 × |" in summary.splitlines()
     table = report.results_table(records).splitlines()
     assert len(table) == 4 and table[0].count(" | ") == table[2].count(" | ") == table[3].count(" | ")
     plots = json.loads((tmp_path / "plots.json").read_text())

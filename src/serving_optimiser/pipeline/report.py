@@ -87,6 +87,23 @@ def results_table(records: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def cold_start_table(records: dict[str, dict]) -> str:
+    """Load and first call (cold, right after the load) apart from the warm batch-1 figures."""
+    lines = [
+        "| model | load s | first call ms (cold) | warm batch-1 p50 ms | warm batch-1 p99 ms | first / warm p50 |",
+        "|" + "---|" * 6,
+    ]
+    for name, r in records.items():
+        if "first_call_ms" not in r:
+            continue
+        cold, warm = r["first_call_ms"], r["batch1_p50_ms"]
+        lines.append(
+            f"| {name} | {r['load_s']:.3f} | {cold:.2f} | {warm:.3f} | {r['batch1_p99_ms']:.3f} "
+            f"| {cold / warm:.0f} × |"
+        )
+    return "\n".join(lines)
+
+
 def machine_line(machine: dict) -> str:
     threads = machine["intra_op_threads"] or "default"
     return (
@@ -114,7 +131,18 @@ def summary_markdown(records: dict[str, dict]) -> str:
     machine = records[REFERENCE].get("machine")
     if machine:
         parts += [f"Timings measured on: {machine_line(machine)}.", ""]
-    parts += ["## Best per objective", ""]
+    parts += [
+        "## Cold start and warm calls",
+        "",
+        "The first call after loading pays for building the kernels' state at that input shape (oneDNN's "
+        "primitives); TF Serving replays each converted model's warm-up records "
+        "(assets.extra/tf_serving_warmup_requests) at load, so its first request is a warm one.",
+        "",
+        cold_start_table(records),
+        "",
+        "## Best per objective",
+        "",
+    ]
     parts += [f"- {objective}: **{name}** ({_figure(key, value)})" for objective, key, name, value in winners(records)]
     parts += ["", "## Sample predictions (eval rows spread over the classes: class, probabilities)", ""]
     parts += [predictions_table(records), ""]
