@@ -1,4 +1,4 @@
-"""Stage convert_peer@PEER: the exported SavedModel -> one peer artefact (LiteRT or ONNX) of
+"""Stage convert_peer@PEER: the exported SavedModel -> one peer artefact (LiteRT, ONNX or OpenVINO) of
 params.yaml's 'peers.variants', checked on the train split before it is written."""
 
 import argparse
@@ -31,7 +31,7 @@ def main(argv: list[str]) -> None:
     spec = peers.variant(args.name, args.params)
     features, _ = features_and_labels(read_iris_csv(args.train, vocabulary), vocabulary)
     written = convert_peer(spec, args.exported, args.out.parent, features, vocabulary)
-    size = written.stat().st_size
+    size = sum(path.stat().st_size for path in written.parent.iterdir())
     print(f"convert_peer: {args.name} ({spec.format}, {spec.quantization}) -> {written} ({size} bytes)")
 
 

@@ -1,5 +1,6 @@
 """Stage report: gather every model's figures (the evaluate and latency stages' files) into one
-table, plot rows, the best model per objective and the sample predictions side by side."""
+table, the batch-size curve, plot rows, the best model per objective and per batch range, and the
+sample predictions side by side."""
 
 import argparse
 from pathlib import Path
@@ -12,6 +13,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--details-dir", required=True, type=Path)
     parser.add_argument("--latency-details-dir", required=True, type=Path)
     parser.add_argument("--out-plots", required=True, type=Path)
+    parser.add_argument("--out-curve", required=True, type=Path, help="plot rows: latency per row per batch size")
     parser.add_argument("--out-table", required=True, type=Path)
     parser.add_argument("--out-summary", required=True, type=Path)
     parser.add_argument("--params", default="params.yaml")
@@ -25,7 +27,7 @@ def main(argv: list[str]) -> None:
     peers = peers_section(params, args.params)
     models = sorted(section(params, "optimise", args.params)) + sorted(peers.variants if peers else [])
     records = gather(models, args.details_dir, args.latency_details_dir)
-    write_report(records, args.out_plots, args.out_table, args.out_summary)
+    write_report(records, args.out_plots, args.out_curve, args.out_table, args.out_summary)
     print(results_table(records))
 
 

@@ -1,4 +1,4 @@
-"""Shared values for the peers tests: the small model's training params and the six peer specs."""
+"""Shared values for the peers tests: the small model's training params and the eight peer specs."""
 
 import numpy as np
 
@@ -16,13 +16,17 @@ SPECS = {
     "litert_int8_full": PeerSpec("litert_int8_full", "litert", "int8_full", calibration_rows=120),
     "onnx_fp32": PeerSpec("onnx_fp32", "onnx", "none", opset=17),
     "onnx_int8_dynamic": PeerSpec("onnx_int8_dynamic", "onnx", "int8_dynamic", opset=17),
+    "openvino_fp32": PeerSpec("openvino_fp32", "openvino", "none"),
+    # minimum_dim 32 as in params.yaml: of the 64x64 model's MatMuls (4x64, 64x64, 64x3) only the
+    # middle one is quantised.
+    "openvino_int8": PeerSpec("openvino_int8", "openvino", "int8", calibration_rows=120, minimum_dim=32),
 }
 
 
 def first_rows(features: dict, rows: int) -> dict:
     return {name: np.asarray(values)[:rows] for name, values in features.items()}
 
-# The peers section proposed for params.yaml (the same six peers as SPECS).
+# The peers section of params.yaml (the same eight peers as SPECS).
 SECTION = {
     "threads": 2,
     "variants": {
@@ -32,5 +36,7 @@ SECTION = {
         "litert_int8_full": {"format": "litert", "quantization": "int8_full", "calibration_rows": 120},
         "onnx_fp32": {"format": "onnx", "quantization": "none", "opset": 17},
         "onnx_int8_dynamic": {"format": "onnx", "quantization": "int8_dynamic", "opset": 17},
+        "openvino_fp32": {"format": "openvino", "quantization": "none"},
+        "openvino_int8": {"format": "openvino", "quantization": "int8", "calibration_rows": 120, "minimum_dim": 32},
     },
 }

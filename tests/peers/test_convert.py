@@ -11,7 +11,7 @@ from peers_helpers import SPECS, first_rows
 
 from serving_optimiser.errors import UserError
 from serving_optimiser.peers import OUTPUT_NAMES, load_predictor
-from serving_optimiser.peers.convert import calibration_subset, convert_peer, model_bytes
+from serving_optimiser.peers.convert import calibration_subset, convert_peer, model_bytes, model_files
 from serving_optimiser.pipeline.data import FEATURE_NAMES, LABEL_VOCABULARY
 from serving_optimiser.pipeline.export import export_saved_model
 from serving_optimiser.runtime import native_output_silenced
@@ -80,10 +80,97 @@ def test_onnx_artefacts_hold_numeric_outputs_and_int8_matmuls(peer_artefacts):
     assert "MatMulInteger" in ops["onnx_int8_dynamic"] and "MatMul" not in ops["onnx_int8_dynamic"]
 
 
-# litert_int8_full and onnx_int8_dynamic are reconverted in another process by test_convert_peer_script.
-@pytest.mark.parametrize("name", ["litert_fp32", "litert_fp16", "litert_int8_dynamic", "onnx_fp32"])
+# litert_int8_full, onnx_int8_dynamic and openvino_int8 are reconverted in another process by
+# test_convert_peer_script.
+@pytest.mark.parametrize("name", ["litert_fp32", "litert_fp16", "litert_int8_dynamic", "onnx_fp32", "openvino_fp32"])
 def test_conversion_gives_the_same_bytes_again(name, peer_artefacts, peer_export, train_features):
-    assert model_bytes(SPECS[name], peer_export, train_features) == peer_artefacts[name].read_bytes()
+    files = model_files(SPECS[name], peer_export, train_features)
+    assert files == {path.name: path.read_bytes() for path in sorted(peer_artefacts[name].parent.iterdir())}
+    if SPECS[name].format != "openvino":
+        assert model_bytes(SPECS[name], peer_export, train_features) == peer_artefacts[name].read_bytes()
+
+
+def test_openvino_ir_is_two_files_with_float32_weights_and_numeric_outputs(peer_artefacts):
+    import openvino as ov
+
+    for name in ("openvino_fp32", "openvino_int8"):
+        directory = peer_artefacts[name].parent
+        assert sorted(path.name for path in directory.iterdir()) == ["model.bin", "model.xml"]
+    model = ov.Core().read_model(str(peer_artefacts["openvino_fp32"]))
+    assert sorted(name for output in model.outputs for name in output.get_names()) == [
+        "class_ids", "logits", "probabilities"
+    ]
+    assert sorted(name for p in model.get_parameters() for name in p.output(0).get_names()) == sorted(FEATURE_NAMES)
+    constants = [op for op in model.get_ops() if op.get_type_name() == "Constant"]
+    # save_model would store float16 weights unless told not to: the fp32 IR keeps float32.
+    assert {str(op.get_element_type()) for op in constants if op.get_output_size() and op.shape and
+            len(op.shape) == 2} == {"<Type: 'float32'>"}
+
+
+def openvino_ops(path):
+    import openvino as ov
+
+    return ov.Core().read_model(str(path)).get_ordered_ops()
+
+
+def test_openvino_int8_quantises_only_the_wide_matmuls(peer_artefacts):
+    """NNCF puts FakeQuantize on both inputs of each MatMul at least minimum_dim (32) wide: here the
+    64x64 hidden layer; the 4-feature input layer and the 3-class logits layer stay float."""
+    import openvino as ov
+
+    from serving_optimiser.peers.openvino import narrow_matmuls
+
+    float_model = ov.Core().read_model(str(peer_artefacts["openvino_fp32"]))
+    assert narrow_matmuls(float_model, 32) == ["dnn/hiddenlayer_0/MatMul", "dnn/logits/MatMul"]
+    assert narrow_matmuls(float_model, 3) == []
+    quantised = {op.get_friendly_name(): op for op in openvino_ops(peer_artefacts["openvino_int8"])}
+    fed_by_fake_quantize = {
+        name for name, op in quantised.items() if op.get_type_name() == "MatMul"
+        for value in op.input_values() if value.get_node().get_type_name() in ("FakeQuantize", "Convert")
+    }
+    assert fed_by_fake_quantize == {"dnn/hiddenlayer_1/MatMul"}
+    assert not any(op.get_type_name() == "FakeQuantize" for op in openvino_ops(peer_artefacts["openvino_fp32"]))
+
+
+def test_openvino_compiles_with_the_fair_settings_and_runs_int8_where_quantised(peer_artefacts):
+    predictors = {
+        name: load_predictor(peer_artefacts[name], threads=1, label_vocabulary=LABEL_VOCABULARY)
+        for name in ("openvino_fp32", "openvino_int8")
+    }
+    for predictor in predictors.values():
+        compiled = predictor.compiled
+        assert str(compiled.get_property("PERFORMANCE_HINT")) == "LATENCY"
+        assert compiled.get_property("INFERENCE_NUM_THREADS") == 1
+        assert str(compiled.get_property("INFERENCE_PRECISION_HINT")) == "<Type: 'float32'>"
+    # The precision hint holds every float layer at f32, even on a CPU with bf16 or AMX.
+    assert predictors["openvino_fp32"].runtime_precisions()["FullyConnected"] == {"f32"}
+    assert {"i8", "u8"} & predictors["openvino_int8"].runtime_precisions()["FullyConnected"]
+
+
+def test_openvino_sends_no_telemetry(peer_export, train_features):
+    import sys
+
+    model_files(SPECS["openvino_int8"], peer_export, train_features)
+    assert "openvino_telemetry" not in sys.modules
+
+
+def test_openvino_ir_without_its_weights_or_truncated_fails_naming_it(peer_artefacts, tmp_path):
+    source = peer_artefacts["openvino_fp32"]
+    lonely = tmp_path / "lonely" / "model.xml"
+    lonely.parent.mkdir()
+    lonely.write_bytes(source.read_bytes())
+    with pytest.raises(UserError) as info:
+        load_predictor(lonely.parent, label_vocabulary=LABEL_VOCABULARY)
+    assert_fails_naming(info.value, lonely, "no model.bin beside it")
+    broken = tmp_path / "broken" / "model.xml"
+    broken.parent.mkdir()
+    broken.write_bytes(source.read_bytes()[: len(source.read_bytes()) // 2])
+    broken.with_suffix(".bin").write_bytes(source.with_suffix(".bin").read_bytes())
+    with pytest.raises(UserError) as info:
+        load_predictor(broken, label_vocabulary=LABEL_VOCABULARY)
+    assert_fails_naming(info.value, broken, "not a valid OpenVINO model")
+    with pytest.raises(UserError, match="needs the label vocabulary"):
+        load_predictor(source)
 
 
 def test_calibration_rows_are_spread_over_the_split(train_features):
@@ -113,7 +200,7 @@ def assert_fails_naming(error: UserError, artefact, reason: str):
     assert message.startswith(f"{artefact}: ") and reason in message, message
 
 
-@pytest.mark.parametrize("name", ["litert_fp32", "onnx_fp32"])
+@pytest.mark.parametrize("name", ["litert_fp32", "onnx_fp32", "openvino_fp32"])
 def test_conversion_whose_outputs_hold_nan_fails_and_writes_nothing(name, nan_export, train_features, tmp_path):
     with pytest.raises(UserError) as info:
         convert_peer(SPECS[name], nan_export, tmp_path, train_features, LABEL_VOCABULARY)

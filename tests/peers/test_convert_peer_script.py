@@ -32,13 +32,17 @@ def write_inputs(tmp_path, peer_split, change=lambda params: None):
     return params_path, train
 
 
-@pytest.mark.parametrize("name", ["litert_int8_full", "onnx_int8_dynamic"])
+@pytest.mark.parametrize("name", ["litert_int8_full", "onnx_int8_dynamic", "openvino_int8"])
 def test_fresh_process_converts_quietly_to_the_same_bytes(name, tmp_path, peer_split, peer_export, peer_artefacts):
     params, train = write_inputs(tmp_path, peer_split)
     out = tmp_path / "peers"
     env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
     # Another hash seed than this process's: tf2onnx's constant merging follows set order.
     env["PYTHONHASHSEED"] = "12345"
+    # OpenVINO's telemetry would keep a consent file and an id under the home directory.
+    home = tmp_path / "home"
+    home.mkdir()
+    env["HOME"] = str(home)
     argv = [name, "--exported", str(peer_export), "--train", str(train), "--out", str(out / name)]
     argv += ["--params", str(params)]
     result = subprocess.run(
@@ -48,11 +52,17 @@ def test_fresh_process_converts_quietly_to_the_same_bytes(name, tmp_path, peer_s
     assert result.stderr == ""
     written = out / name / SPECS[name].filename
     spec = SPECS[name]
+    files = sorted(written.parent.iterdir())
+    size = sum(path.stat().st_size for path in files)
     assert result.stdout.splitlines() == [
-        f"convert_peer: {name} ({spec.format}, {spec.quantization}) -> {written} ({written.stat().st_size} bytes)"
+        f"convert_peer: {name} ({spec.format}, {spec.quantization}) -> {written} ({size} bytes)"
     ]
-    assert written.read_bytes() == peer_artefacts[name].read_bytes()
+    expected = sorted(peer_artefacts[name].parent.iterdir())
+    assert [path.name for path in files] == [path.name for path in expected]
+    for mine, theirs in zip(files, expected):
+        assert mine.read_bytes() == theirs.read_bytes(), mine.name
     assert sorted(path.name for path in out.iterdir()) == [name]
+    assert not (home / "intel").exists()  # where openvino_telemetry keeps its consent file and id
 
 
 def load_script():

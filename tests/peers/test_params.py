@@ -9,11 +9,12 @@ from serving_optimiser.errors import UserError
 from serving_optimiser.peers.params import PeersParams, PeerSpec
 
 
-def test_proposed_section_reads_as_six_specs():
+def test_section_reads_as_eight_specs():
     params = PeersParams.from_section(SECTION)
     assert params.threads == 2
     assert params.variant("litert_int8_full") == PeerSpec("litert_int8_full", "litert", "int8_full", 120, None)
     assert params.variant("onnx_int8_dynamic") == PeerSpec("onnx_int8_dynamic", "onnx", "int8_dynamic", None, 17)
+    assert params.variant("openvino_int8") == PeerSpec("openvino_int8", "openvino", "int8", 120, None, 32)
     assert {name: spec.filename for name, spec in params.variants.items()} == {
         "litert_fp32": "model.tflite",
         "litert_fp16": "model.tflite",
@@ -21,6 +22,8 @@ def test_proposed_section_reads_as_six_specs():
         "litert_int8_full": "model.tflite",
         "onnx_fp32": "model.onnx",
         "onnx_int8_dynamic": "model.onnx",
+        "openvino_fp32": "model.xml",
+        "openvino_int8": "model.xml",
     }
 
 
@@ -40,7 +43,7 @@ def variants(section):
         (lambda s: variants(s)["litert_fp32"].pop("format"), "missing key 'peers.variants.litert_fp32.format'"),
         (
             lambda s: variants(s)["litert_fp32"].update(format="tflite"),
-            "'peers.variants.litert_fp32.format' must be one of litert, onnx, got 'tflite'",
+            "'peers.variants.litert_fp32.format' must be one of litert, onnx, openvino, got 'tflite'",
         ),
         (
             lambda s: variants(s)["onnx_fp32"].update(quantization="float16"),
@@ -53,7 +56,7 @@ def variants(section):
         (
             lambda s: variants(s)["litert_fp32"].update(calibration_rows=120),
             "unknown key(s) peers.variants.litert_fp32.calibration_rows "
-            "(a litert none peer takes format, quantization)",
+            "(litert none peers take format, quantization)",
         ),
         (lambda s: variants(s)["onnx_fp32"].pop("opset"), "missing key 'peers.variants.onnx_fp32.opset'"),
         (
@@ -63,6 +66,23 @@ def variants(section):
         (
             lambda s: variants(s)["litert_fp16"].update(opset=17),
             "unknown key(s) peers.variants.litert_fp16.opset",
+        ),
+        (
+            lambda s: variants(s)["openvino_int8"].pop("minimum_dim"),
+            "missing key 'peers.variants.openvino_int8.minimum_dim'",
+        ),
+        (
+            lambda s: variants(s)["openvino_int8"].update(minimum_dim=0),
+            "'peers.variants.openvino_int8.minimum_dim' must be positive, got 0",
+        ),
+        (
+            lambda s: variants(s)["openvino_fp32"].update(calibration_rows=120),
+            "unknown key(s) peers.variants.openvino_fp32.calibration_rows "
+            "(openvino none peers take format, quantization)",
+        ),
+        (
+            lambda s: variants(s)["openvino_fp32"].update(quantization="int8_dynamic"),
+            "'peers.variants.openvino_fp32.quantization' for openvino must be one of none, int8, got 'int8_dynamic'",
         ),
     ],
     ids=[
@@ -80,6 +100,10 @@ def variants(section):
         "onnx-without-opset",
         "opset-too-new",
         "opset-on-litert",
+        "openvino-int8-without-minimum-dim",
+        "openvino-zero-minimum-dim",
+        "rows-on-openvino-fp32",
+        "openvino-unknown-quantization",
     ],
 )
 def test_bad_section_fails_naming_the_key(change, expected):

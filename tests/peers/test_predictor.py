@@ -9,6 +9,7 @@ from serving_optimiser.errors import UserError
 from serving_optimiser.peers import load_predictor, validate_outputs
 from serving_optimiser.peers.litert import LiteRTPredictor
 from serving_optimiser.peers.onnx_runtime import OnnxPredictor
+from serving_optimiser.peers.openvino import OpenVINOPredictor
 from serving_optimiser.peers.predictor import TFPredictor, feature_arrays
 from serving_optimiser.pipeline.data import FEATURE_NAMES, LABEL_VOCABULARY
 
@@ -114,7 +115,8 @@ def test_load_predictor_picks_the_runtime_by_artefact(peer_artefacts, peer_expor
         name: type(load_predictor(path.parent, label_vocabulary=LABEL_VOCABULARY))
         for name, path in peer_artefacts.items()
     }
-    expected = {name: LiteRTPredictor if spec.format == "litert" else OnnxPredictor for name, spec in SPECS.items()}
+    runtimes = {"litert": LiteRTPredictor, "onnx": OnnxPredictor, "openvino": OpenVINOPredictor}
+    expected = {name: runtimes[spec.format] for name, spec in SPECS.items()}
     assert kinds == expected
     assert isinstance(load_predictor(peer_export), TFPredictor)
     assert isinstance(load_predictor(peer_artefacts["onnx_fp32"], label_vocabulary=LABEL_VOCABULARY), OnnxPredictor)
@@ -123,8 +125,8 @@ def test_load_predictor_picks_the_runtime_by_artefact(peer_artefacts, peer_expor
 @pytest.mark.parametrize(
     ("make", "expected"),
     [
-        (lambda tmp: tmp, "no saved_model.pb, model.tflite or model.onnx in the directory"),
-        (lambda tmp: tmp / "missing.tflite", "not found, or not a SavedModel directory, .tflite or .onnx file"),
+        (lambda tmp: tmp, "no saved_model.pb, model.tflite, model.onnx or model.xml in the directory"),
+        (lambda tmp: tmp / "missing.tflite", "not found, or not a SavedModel directory, .tflite, .onnx or OpenVINO"),
     ],
     ids=["empty-directory", "missing-file"],
 )

@@ -18,10 +18,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dvc")]
 TINY_PARAMS = {
     "train": {"hidden_units": [64, 64], "epochs": 40},
     "evaluate": {"batch_rows": 5000, "min_class_agreement": 0.95},
-    "latency": {"repeats": 5, "single_row_calls": 25, "load_repeats": 1},
+    "latency": {"batch_sizes": [1, 8, 64, 5000], "repeats": 5, "calls_per_round": 5, "rows_per_round": 128,
+                "load_repeats": 1},
 }
 VARIANTS = ("notebook", "lossless", "per_channel", "per_tensor", "int8", "int8_dynamic")
-PEERS = ("litert_fp32", "litert_fp16", "litert_int8_dynamic", "litert_int8_full", "onnx_fp32", "onnx_int8_dynamic")
+PEERS = (
+    "litert_fp32", "litert_fp16", "litert_int8_dynamic", "litert_int8_full", "onnx_fp32", "onnx_int8_dynamic",
+    "openvino_fp32", "openvino_int8",
+)
+LATENCY_STAGES = {f"latency@{v}" for v in VARIANTS} | {f"latency_peer@{p}" for p in PEERS}
 
 
 def run(cwd: Path, *command: str) -> str:
@@ -54,7 +59,7 @@ def test_repro_runs_every_stage_and_writes_metrics(repo):
     repo, _, output = repo
     per_variant = {f"{stage}@{v}" for stage in ("optimise", "convert", "evaluate", "latency") for v in VARIANTS}
     per_peer = {f"{stage}@{p}" for stage in ("convert_peer", "evaluate_peer", "latency_peer") for p in PEERS}
-    shared = {"prepare", "train", "export", "freeze", "calibrate", "reference", "report"}
+    shared = {"machine", "prepare", "train", "export", "freeze", "calibrate", "reference", "report"}
     assert ran_stages(output) == shared | per_variant | per_peer
     for peer in PEERS:
         figures = json.loads((repo / "reports" / "models" / f"{peer}.json").read_text())
@@ -65,15 +70,25 @@ def test_repro_runs_every_stage_and_writes_metrics(repo):
     assert lossless["agreement"] == 1.0 and lossless["max_dp"] < 1e-5
     notebook = json.loads((repo / "metrics" / "models" / "notebook.json").read_text())
     assert notebook["agree"] >= 0.95 and notebook["size_x"] < 0.5
+    machine = json.loads((repo / "reports" / "machine.json").read_text())
     timing = json.loads((repo / "reports" / "latency" / "notebook.json").read_text())
-    assert timing["machine"]["cpu"] and timing["measured"]["notebook"]["batch_ms"] > 0
-    assert set(json.loads((repo / "metrics" / "latency" / "notebook.json").read_text())) == {"t100k_x", "t1_x"}
+    assert timing["machine"] == machine and machine["cpu"]
+    assert set(timing["measured"]["notebook"]["batches"]) == {"1", "8", "64", "5000"}
+    assert timing["measured"]["notebook"]["batches"]["5000"]["p50_ms"] > 0
+    assert set(json.loads((repo / "metrics" / "latency" / "notebook.json").read_text())) == {"t5k_x", "t1_x"}
+    openvino = json.loads((repo / "reports" / "latency" / "openvino_int8.json").read_text())
+    assert openvino["measured"]["openvino_int8"]["how"] == "OpenVINO CPU, 2 threads"
+    curve = json.loads((repo / "metrics" / "batch_curve.json").read_text())
+    assert {row["batch_size"] for row in curve} == {1, 8, 64, 5000}
+    assert {row["model"] for row in curve} >= {"exported", *VARIANTS, *PEERS}
     freeze = json.loads((repo / "reports" / "freeze.json").read_text())
     assert freeze["frozen"]["variable_count"] == 0
     assert (repo / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv").read_text().count("\n") == 41
     assert (repo / "metrics" / "models.csv").read_text().startswith("model,")
     summary = (repo / "reports" / "summary.md").read_text()
     assert "## Best per objective" in summary and "Timings measured on:" in summary
+    assert "## Which to serve, by batch size" in summary and "- any runtime: 1" in summary
+    assert "| openvino_int8 |" in summary
     signatures = (repo / "reports" / "signatures" / "notebook.txt").read_text()
     for name in ("signature_def['predict']", "signature_def['serving_default']", "class_ids", "classes", "logits"):
         assert name in signatures
@@ -84,7 +99,8 @@ def test_repro_runs_every_stage_and_writes_metrics(repo):
 
 def test_second_repro_runs_nothing_and_variant_edit_reruns_only_that_variant(repo):
     repo, _, _ = repo
-    assert ran_stages(run(repo, "dvc", "repro")) == set()
+    # The machine stage always runs; on the same machine its file is unchanged, so nothing else does.
+    assert ran_stages(run(repo, "dvc", "repro")) == {"machine"}
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "first run")
     before = json.loads((repo / "reports" / "models" / "lossless.json").read_text())
@@ -92,7 +108,7 @@ def test_second_repro_runs_nothing_and_variant_edit_reruns_only_that_variant(rep
     params["optimise"]["lossless"] = [t for t in params["optimise"]["lossless"] if t != "sort_by_execution_order"]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert ran_stages(run(repo, "dvc", "repro")) == {
-        "optimise@lossless", "convert@lossless", "evaluate@lossless", "latency@lossless", "report"
+        "machine", "optimise@lossless", "convert@lossless", "evaluate@lossless", "latency@lossless", "report"
     }
     diff = json.loads(run(repo, "dvc", "metrics", "diff", "HEAD", "--json").splitlines()[0])
     assert set(diff) <= {"metrics/models/lossless.json", "metrics/latency/lossless.json"}
@@ -100,7 +116,7 @@ def test_second_repro_runs_nothing_and_variant_edit_reruns_only_that_variant(rep
     assert after["agreement"] == before["agreement"] == 1.0
     set_params(repo, {"train": {"epochs": 41}})
     status = run(repo, "dvc", "status", "--json")
-    assert set(json.loads(status.splitlines()[-1])) == {"train"}
+    assert json.loads(status.splitlines()[-1]).keys() == {"train", "machine"}
     run(repo, "git", "checkout", "--", "params.yaml")
 
 
@@ -140,8 +156,8 @@ def test_push_then_pull_into_a_second_clone(repo):
         assert originals == copies and originals
         for path in originals:
             assert (repo / path).read_bytes() == (clone / path).read_bytes(), path
-    assert "up to date" in run(clone, "dvc", "status")
-    assert ran_stages(run(clone, "dvc", "repro")) == set()
+    assert json.loads(run(clone, "dvc", "status", "--json").splitlines()[-1]) == {"machine": ["always changed"]}
+    assert ran_stages(run(clone, "dvc", "repro")) == {"machine"}
 
 
 def test_pull_says_in_one_line_why_it_cannot(repo):
@@ -199,3 +215,44 @@ def test_every_converted_model_serves_through_the_cpp_loader(repo, tmp_path, one
         assert len(keys) == 8, keys  # predict and serving_default, four outputs each
         for key in keys:
             assert within_rounding(arrays[f"tf/{key}"], arrays[f"c_api/{key}"]), (name, key)
+
+
+def stale_stages(repo: Path) -> set[str]:
+    return set(json.loads(run(repo, "dvc", "status", "--json").splitlines()[-1]))
+
+
+def test_another_machine_re_times_every_model_and_nothing_else(repo, tmp_path):
+    """Emulated with TF_ENABLE_ONEDNN_OPTS=0 (a CPU whose oneDNN default is off): the machine file
+    changes, so every latency stage is stale and no deterministic one; the int8 variant's stage
+    then times the float export both ways. Last in the module: it leaves the workspace re-timed."""
+    repo, _, _ = repo
+    run(repo, "dvc", "repro")  # whatever an earlier test left stale (an edited variant put back)
+    assert stale_stages(repo) == {"machine"}
+    off = dvc_env(TF_ENABLE_ONEDNN_OPTS="0")
+    output = run_command(repo, off, "dvc", "repro", "machine")
+    assert ran_stages(output) == {"machine"}
+    machine = json.loads((repo / "reports" / "machine.json").read_text())
+    assert machine["onednn"] is False and machine["onednn_why"] == "off (TF_ENABLE_ONEDNN_OPTS=0)"
+    # Stale: every latency stage (its machine dep changed) and nothing else (the report follows once they ran).
+    assert stale_stages(repo) == {"machine", *LATENCY_STAGES}
+    output = run_command(repo, off, "dvc", "repro", "latency@int8", "latency@lossless")
+    assert ran_stages(output) == {"machine", "latency@int8", "latency@lossless"}
+    int8 = json.loads((repo / "reports" / "latency" / "int8.json").read_text())["measured"]
+    assert set(int8) == {"exported", "exported_onednn", "int8"}
+    assert int8["exported"]["how"] == "TensorFlow, oneDNN off (TF_ENABLE_ONEDNN_OPTS=0)"
+    assert int8["exported_onednn"]["how"] == "TensorFlow, oneDNN on (TF_ENABLE_ONEDNN_OPTS=1)"
+    assert int8["int8"]["how"] == "TensorFlow, oneDNN on (TF_ENABLE_ONEDNN_OPTS=1: its int8 ops need it)"
+    assert all(point["ratio"] == 1.0 for point in int8["exported"]["batches"].values())
+    lossless = json.loads((repo / "reports" / "latency" / "lossless.json").read_text())["measured"]
+    assert set(lossless) == {"exported", "lossless"}
+    assert lossless["lossless"]["how"] == "TensorFlow, oneDNN off (TF_ENABLE_ONEDNN_OPTS=0)"
+    # The report over these files (the other models still hold the first run's timings).
+    outputs = {flag: str(tmp_path / name) for flag, name in (
+        ("--out-plots", "plots.json"), ("--out-curve", "curve.json"), ("--out-table", "models.csv"),
+        ("--out-summary", "summary.md"))}
+    run_command(repo, off, sys.executable, "scripts/report.py", "--details-dir", "reports/models",
+                "--latency-details-dir", "reports/latency", *[item for pair in outputs.items() for item in pair])
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| exported_onednn |" in summary
+    assert "- oneDNN is off by default on this CPU: every ratio is against the export" in summary
+    assert "- TensorFlow, oneDNN on (TF_ENABLE_ONEDNN_OPTS=1: its int8 ops need it): int8" in summary

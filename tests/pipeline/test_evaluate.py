@@ -99,33 +99,104 @@ def test_missing_model_directory_is_named(tmp_path, data):
         evaluate.evaluate_model("ghost", tmp_path / "ghost", data[0], data[1], VOCABULARY, PARAMS, threads=2)
 
 
-def test_latency_pairs_each_round_against_the_first_model():
-    def sleeper(seconds):
-        import time
-
-        return lambda inputs: time.sleep(seconds)
-
-    models = [latency.TimedModel("exported", sleeper(0.002), 0.1), latency.TimedModel("slow", sleeper(0.004), 0.2)]
-    figures = latency.measure_latency(models, {"x": np.zeros(10)}, {"x": np.zeros(1)}, 5, 10, seed=0)
-    assert figures["exported"]["batch_ratio"] == 1.0 and figures["exported"]["batch1_p50_ratio"] == 1.0
-    assert 1.5 < figures["slow"]["batch_ratio"] < 2.5 and 1.5 < figures["slow"]["batch1_p50_ratio"] < 2.5
-    assert figures["slow"]["batch1_p99_ms"] >= figures["slow"]["batch1_p50_ms"] >= 4.0
-    assert figures["slow"]["load_s"] == 0.2
+TIMING = latency.LatencyParams(
+    batch_sizes=(1, 10), repeats=5, calls_per_round=4, rows_per_round=20, load_repeats=1, seed=0
+)
 
 
-def test_fewer_than_five_latency_repeats_is_refused():
-    with pytest.raises(UserError, match=r"'latency\.repeats' must be at least 5"):
-        latency.LatencyParams.from_section({"repeats": 3, "single_row_calls": 10, "load_repeats": 1, "seed": 0})
+def sleeper(seconds_per_call, seconds_per_row=0.0):
+    import time
+
+    return lambda inputs: time.sleep(seconds_per_call + seconds_per_row * len(inputs["x"]))
 
 
-def test_machine_info_names_the_cpu_and_how_tensorflow_ran():
-    info = latency.machine_info()
-    assert info["cpu"] and info["cores"] >= 1 and "avx2" in info["isa"]
+def test_latency_pairs_each_round_against_the_first_model_at_every_batch_size():
+    inputs = latency.batch_inputs({"x": np.zeros(10)}, TIMING.batch_sizes)
+    models = [
+        latency.TimedModel("exported", latency.local_timer(sleeper(0.002), inputs), 0.1, "TensorFlow"),
+        # Twice the fixed cost, and a cost per row: slower at batch 1 than at batch 10, relatively.
+        latency.TimedModel("slow", latency.local_timer(sleeper(0.004, 0.0002), inputs), 0.2, "elsewhere"),
+    ]
+    figures = latency.measure_latency(models, TIMING)
+    assert set(figures["exported"]["batches"]) == {"1", "10"}
+    assert {point["ratio"] for point in figures["exported"]["batches"].values()} == {1.0}
+    one, ten = figures["slow"]["batches"]["1"], figures["slow"]["batches"]["10"]
+    assert 1.6 < one["ratio"] < 2.6 and 2.2 < ten["ratio"] < 3.6 and ten["ratio"] > one["ratio"]
+    assert one["p99_ms"] >= one["p50_ms"] >= 4.0 and ten["p50_ms"] >= 6.0
+    assert ten["per_row_us"] == pytest.approx(ten["p50_ms"] * 100)  # 1000 µs per ms over 10 rows
+    # Batch 1: calls_per_round (4) calls a round; batch 10: rows_per_round // 10 = 2.
+    assert (one["calls"], ten["calls"]) == (4 * 5, 2 * 5)
+    assert figures["slow"]["load_s"] == 0.2 and figures["slow"]["how"] == "elsewhere"
+    headline = latency.headline_figures(figures["slow"])
+    assert headline["batch_ratio"] == ten["ratio"] and headline["batch1_p50_ratio"] == one["ratio"]
+
+
+def test_latency_params_read_the_curve_and_name_a_bad_key():
+    section = {"batch_sizes": [512, 1, 8], "repeats": 5, "calls_per_round": 100, "rows_per_round": 2048,
+               "load_repeats": 1, "seed": 0}
+    params = latency.LatencyParams.from_section(section)
+    assert params.batch_sizes == (1, 8, 512)
+    assert [params.calls(size) for size in (1, 8, 64, 512, 100_000)] == [100, 100, 32, 4, 1]
+    assert [latency.batch_label(size) for size in (1, 512, 100_000, 2500)] == ["1", "512", "100k", "2.5k"]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"repeats": 3}, "'latency.repeats' must be at least 5"),
+        ({"batch_sizes": [1, 8, 8]}, "'latency.batch_sizes' lists a size twice: [1, 8, 8]"),
+        ({"batch_sizes": [0, 8]}, "'latency.batch_sizes' must be positive row counts, got 0"),
+        ({"batch_sizes": []}, "'latency.batch_sizes' must not be empty"),
+        ({"single_row_calls": 1100}, "unknown key(s) latency.single_row_calls (expected batch_sizes, "),
+    ],
+    ids=["few-repeats", "duplicate-size", "zero-size", "no-sizes", "old-key"],
+)
+def test_bad_latency_params_fail_in_one_line(change, expected):
+    section = {"batch_sizes": [1, 8], "repeats": 5, "calls_per_round": 10, "rows_per_round": 100,
+               "load_repeats": 1, "seed": 0, **change}
+    with pytest.raises(UserError) as info:
+        latency.LatencyParams.from_section(section)
+    assert "\n" not in str(info.value) and expected in str(info.value), str(info.value)
+
+
+def test_a_worker_times_the_export_under_its_own_onednn_setting(tiny_export, iris_split, tmp_path):
+    import os
+
+    eval_csv = tmp_path / "eval.csv"
+    iris_split[1].to_csv(eval_csv, index=False)
+    environment = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    worker = latency.WorkerModel(tiny_export, eval_csv, VOCABULARY, "predict", 64, 7, environment)
+    try:
+        assert worker.settings["onednn_opts"] == "0" and worker.load_seconds > 0
+        seconds = worker.timer(64, 3)
+        assert len(seconds) == 3 and all(0 < value < 5 for value in seconds)
+        assert len(worker.timer(1, 5)) == 5
+    finally:
+        worker.close()
+    with pytest.raises(UserError, match=r"^latency worker for the exported model exited: .*ghost"):
+        latency.WorkerModel(tmp_path / "ghost", eval_csv, VOCABULARY, "predict", 64, 7, environment)
+
+
+def test_process_settings_say_how_tensorflow_ran():
+    info = latency.process_settings()
     assert info["tensorflow_version"].startswith("2.")
     assert {"onednn_opts", "onednn_max_cpu_isa", "intra_op_threads", "inter_op_threads"} <= set(info)
 
 
-def test_report_gathers_every_model(tmp_path, reference):
+def measured_entry(how, ratios, p50s, load=0.1):
+    return {"how": how, "load_s": load, "first_call_ms": 2.0, "batches": {
+        size: {"p50_ms": p50, "p99_ms": p50 * 2, "per_row_us": p50 * 1000 / int(size), "ratio": ratio, "calls": 10}
+        for size, ratio, p50 in zip(("1", "64", "5000"), ratios, p50s)
+    }}
+
+
+@pytest.fixture
+def report_inputs(tmp_path, reference):
+    """Details and latency files of three models, as the stages write them, on a CPU whose oneDNN
+    default is off: 'small' is a float SavedModel, 'int8' ran with oneDNN forced on beside the
+    export timed both ways, 'peer' is another runtime's artefact."""
+    from serving_optimiser.pipeline.machine import describe_machine
+
     details, timings = tmp_path / "details", tmp_path / "latency"
     details.mkdir()
     timings.mkdir()
@@ -133,28 +204,74 @@ def test_report_gathers_every_model(tmp_path, reference):
     (details / "exported.json").write_text(json.dumps(exported))
     variant = {**exported, "agreement": 0.999, "max_dp": 0.01, "size_ratio": 0.25, "size_bytes": 100}
     (details / "small.json").write_text(json.dumps(variant))
-    measured = {"batch_ms": 10.0, "batch1_p50_ms": 0.5, "batch1_p99_ms": 0.9, "load_s": 0.1, "first_call_ms": 2.0}
-    machine = latency.machine_info()
-    (timings / "small.json").write_text(json.dumps({"machine": machine, "measured": {
-        "exported": {**measured, "batch_ratio": 1.0, "batch1_p50_ratio": 1.0},
-        "small": {**measured, "batch_ratio": 0.5, "batch1_p50_ratio": 0.9},
-    }}))
-    records = report.gather(["small"], details, timings)
-    assert list(records) == ["exported", "small"]
-    report.write_report(records, tmp_path / "plots.json", tmp_path / "models.csv", tmp_path / "summary.md")
-    summary = (tmp_path / "summary.md").read_text()
-    assert "- smallest on disk: **small** (0.1 KB)" in summary
-    assert "- fastest at 100,000 rows: **small** (0.500 × the export's time)" in summary
-    assert "- most faithful (max |Δp| against the export): **small**" in summary
-    assert machine["cpu"] in summary
-    # Cold start apart from the warm figures: load 0.1 s, first call 2 ms, 4 x the warm p50.
+    (details / "int8.json").write_text(json.dumps({**variant, "size_bytes": 120, "max_dp": 0.02}))
+    peer = {key: value for key, value in variant.items() if not key.startswith("graph_")}
+    (details / "peer.json").write_text(json.dumps({**peer, "size_bytes": 90, "max_dp": 0.000001}))
+    machine = describe_machine(environ={"TF_ENABLE_ONEDNN_OPTS": "0"})
+    default = "TensorFlow, oneDNN off (TF_ENABLE_ONEDNN_OPTS=0)"
+    forced = "TensorFlow, oneDNN on (TF_ENABLE_ONEDNN_OPTS=1"
+    files = {
+        "small": {"exported": measured_entry(default, (1, 1, 1), (0.5, 1.0, 100.0)),
+                  "small": measured_entry(default, (0.9, 0.8, 0.5), (0.45, 0.8, 50.0))},
+        "int8": {"exported": measured_entry(default, (1, 1, 1), (0.6, 1.2, 110.0)),
+                 "int8": measured_entry(forced + ": its int8 ops need it)", (1.4, 0.7, 0.3), (0.8, 0.8, 33.0)),
+                 "exported_onednn": measured_entry(forced + ")", (1.1, 0.9, 0.7), (0.7, 1.1, 77.0))},
+        "peer": {"exported": measured_entry(default, (1, 1, 1), (0.55, 1.1, 105.0)),
+                 "peer": measured_entry("OpenVINO CPU, 2 threads", (0.1, 0.5, 0.6), (0.05, 0.5, 63.0))},
+    }
+    for name, measured in files.items():
+        (timings / f"{name}.json").write_text(json.dumps({"machine": machine, "measured": measured}))
+    return details, timings, machine
+
+
+def test_report_gathers_every_model_and_the_export_timed_both_ways(tmp_path, report_inputs):
+    details, timings, machine = report_inputs
+    records = report.gather(["int8", "peer", "small"], details, timings)
+    assert list(records) == ["exported", "exported_onednn", "int8", "peer", "small"]
+    # The export's timings: the median over the three stages that timed it.
+    assert records["exported"]["curve"]["5000"]["p50_ms"] == 105.0 and records["exported"]["batch_ratio"] == 1.0
+    assert records["exported_onednn"]["batch_ratio"] == 0.7 and records["exported_onednn"]["how"].endswith("=1)")
+    outputs = [tmp_path / name for name in ("plots.json", "curve.json", "models.csv", "summary.md")]
+    report.write_report(records, *outputs)
+    summary = outputs[3].read_text()
+    assert "- smallest on disk: **peer** (0.1 KB)" in summary
+    assert "- fastest at 5,000 rows: **int8** (0.300 × the export's time)" in summary
+    assert "- fastest at batch 1: **peer** (0.100 × the export's time)" in summary
+    # Which to serve, per batch range: consecutive sizes with one winner are merged.
+    assert "- any runtime: 1–64 rows: **peer** (0.100–0.500 ×); 5,000 rows: **int8** (0.300 ×)" in summary
+    assert ("- a TensorFlow SavedModel (TF Serving, the same signatures): 1 row: **small** (0.900 ×); "
+            "64–5,000 rows: **int8** (0.300–0.700 ×)") in summary
+    assert "- the float function within float rounding (max |Δp| ≤ 1e-5): 1–5,000 rows: **peer**" in summary
+    assert ("oneDNN is off by default on this CPU: every ratio is against the export as TensorFlow runs it by "
+            "default (TensorFlow, oneDNN off (TF_ENABLE_ONEDNN_OPTS=0)); the int8 variants ran with "
+            "TF_ENABLE_ONEDNN_OPTS=1, and the float export with it set takes 0.700 × the default's time at "
+            "5,000 rows and 1.100 × at 1") in summary
+    assert "- TensorFlow, oneDNN on (TF_ENABLE_ONEDNN_OPTS=1: its int8 ops need it): int8" in summary
+    assert "- OpenVINO CPU, 2 threads: peer" in summary
+    assert "| peer | 50 (0.10 ×) | 7.81 (0.50 ×) | 12.6 (0.60 ×) |" in summary
+    assert machine["cpu"] in summary and "oneDNN off (TF_ENABLE_ONEDNN_OPTS=0)" in summary
+    # Cold start apart from the warm figures: load 0.1 s, first call 2 ms, 4 x the warm batch-1 p50.
     assert "## Cold start and warm calls" in summary
-    assert "| small | 0.100 | 2.00 | 0.500 | 0.900 | 4 × |" in summary.splitlines()
+    assert "| small | 0.100 | 2.00 | 0.450 | 0.900 | 4 × |" in summary.splitlines()
     table = report.results_table(records).splitlines()
-    assert len(table) == 4 and table[0].count(" | ") == table[2].count(" | ") == table[3].count(" | ")
-    plots = json.loads((tmp_path / "plots.json").read_text())
-    assert [row["model"] for row in plots] == ["exported", "small"] and plots[1]["batch_ratio"] == 0.5
-    assert (tmp_path / "models.csv").read_text().splitlines()[0].startswith("model,size_bytes,")
+    assert len(table) == 7 and len({line.count(" | ") for line in table[2:]}) == 1
+    assert "| 5k-row call ms |" in table[0] and "| batch-1 p50 ms |" in table[0]
+    plots = json.loads(outputs[0].read_text())
+    assert [row["model"] for row in plots] == list(records) and plots[2]["batch_ratio"] == 0.3
+    curve = json.loads(outputs[1].read_text())
+    assert len(curve) == 5 * 3 and curve[-1] == {"model": "small", "batch_size": 5000, "per_row_us": 10.0,
+                                                  "p50_ms": 50.0, "ratio": 0.5}
+    header = outputs[2].read_text().splitlines()[0]
+    assert header.startswith("model,size_bytes,") and header.endswith(",per_row_us_5k,ratio_5k,how")
+
+
+def test_report_without_a_forced_variant_names_the_one_setting(tmp_path, report_inputs):
+    details, timings, _ = report_inputs
+    records = report.gather(["small"], details, timings)
+    assert "exported_onednn" not in records
+    lines = report.which_to_serve(records)
+    assert lines[-1] == ("- every TensorFlow model ran as TensorFlow runs by default here: "
+                         "TensorFlow, oneDNN off (TF_ENABLE_ONEDNN_OPTS=0)")
 
 
 def test_signature_dump_is_the_same_text_in_every_process(tiny_export):

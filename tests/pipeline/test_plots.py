@@ -37,11 +37,16 @@ ROWS = [
 ]
 MODELS = [row["model"] for row in ROWS]
 STEPS = 12
+BATCH_SIZES = (1, 8, 64, 512, 100_000)
+# Per row, a call's fixed cost shrinks with the batch: 500 µs / rows + 8 µs, scaled per model.
+CURVE = [{"model": model, "batch_size": size, "per_row_us": (500 / size + 8) * (1 + index / 10)}
+         for index, model in enumerate(MODELS) for size in BATCH_SIZES]
 
 
 def write_fixture(root: Path, rows: list[dict] = ROWS) -> Path:
     (root / "metrics").mkdir(parents=True)
     (root / "metrics" / "plots.json").write_text(json.dumps(rows))
+    (root / "metrics" / "batch_curve.json").write_text(json.dumps(CURVE))
     curves = root / "dvclive" / "plots" / "metrics" / "train"
     curves.mkdir(parents=True)
     (curves / "loss.tsv").write_text("step\tloss\n" + "".join(f"{s}\t{100 / (s + 1)}\n" for s in range(STEPS)))
@@ -147,6 +152,21 @@ def test_scatter_colours_and_labels_by_model_with_one_domain(tmp_path):
     assert "color" not in specs["training_loss"]["encoding"]
 
 
+def test_batch_curve_is_one_line_per_model_on_log_axes(tmp_path):
+    spec = build_specs(DEFAULT_CHARTS, write_fixture(tmp_path))["batch_curve"]
+    assert spec["mark"] == {"type": "line", "tooltip": True, "point": True}
+    assert spec["encoding"]["x"]["field"] == "batch_size" and spec["encoding"]["x"]["scale"] == {"type": "log"}
+    assert spec["encoding"]["y"]["field"] == "per_row_us" and spec["encoding"]["y"]["scale"] == {"type": "log"}
+    assert spec["encoding"]["color"]["field"] == "model"
+    assert spec["encoding"]["color"]["scale"]["domain"] == sorted(MODELS)
+    values = spec["data"]["values"]
+    assert len(values) == len(MODELS) * len(BATCH_SIZES)
+    lossless = [row["per_row_us"] for row in values if row["model"] == "lossless"]
+    assert lossless == sorted(lossless, reverse=True)  # per-row latency falls as batches grow
+    # The training curves stay plain lines: a point per epoch would hide them.
+    assert build_specs(DEFAULT_CHARTS, tmp_path)["training_loss"]["mark"] == {"type": "line", "tooltip": True}
+
+
 def test_labels_of_points_at_one_size_do_not_share_a_place():
     rows = [{"model": m, "size": 800_000, "speed": 1.0} for m in ("a", "b", "c")] + [
         {"model": "far", "size": 3_000_000, "speed": 0.0}]
@@ -223,6 +243,7 @@ def test_page_draws_every_chart_offline(written):
         assert sorted(charts[f"chart-{name}"]["texts"]) == sorted(MODELS)  # the awkward name too, as text
     assert charts["chart-batch1_latency"]["bars"] == len(ROWS)
     assert charts["chart-training_loss"]["lines"] == 1 and charts["chart-training_accuracy"]["lines"] == 1
+    assert charts["chart-batch_curve"]["lines"] == len(MODELS)  # one curve per model
 
 
 @needs_chromium

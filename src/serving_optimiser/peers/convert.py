@@ -24,10 +24,28 @@ def calibration_subset(features: Mapping[str, np.ndarray], rows: int) -> dict[st
     return {name: np.asarray(features[name], dtype=np.float32)[picks] for name in FEATURE_NAMES}
 
 
+def model_files(
+    spec: PeerSpec, exported: str | Path, calibration: Mapping[str, np.ndarray] | None = None
+) -> dict[str, bytes]:
+    """Every file of the artefact for ``spec``, by name (``calibration``: the rows the calibrated
+    quantisations pick theirs from)."""
+    if spec.format == "openvino":
+        if not (Path(exported) / "saved_model.pb").is_file():
+            raise UserError(f"{exported}: not a SavedModel (no saved_model.pb; run the export stage first)")
+        from .openvino import openvino_model_files
+
+        rows = calibration_subset(calibration, spec.calibration_rows) if spec.calibration_rows else None
+        return openvino_model_files(exported, spec.quantization, rows, spec.minimum_dim)
+    return {spec.filename: model_bytes(spec, exported, calibration)}
+
+
 def model_bytes(spec: PeerSpec, exported: str | Path, calibration: Mapping[str, np.ndarray] | None = None) -> bytes:
-    """The artefact's bytes for ``spec`` (``calibration``: the rows int8_full calibrates on)."""
+    """The bytes of a single-file artefact (LiteRT, ONNX) for ``spec`` (``calibration``: the rows
+    int8_full calibrates on)."""
     if not (Path(exported) / "saved_model.pb").is_file():
         raise UserError(f"{exported}: not a SavedModel (no saved_model.pb; run the export stage first)")
+    if spec.format == "openvino":
+        raise UserError(f"{spec.name}: an OpenVINO artefact is two files (use model_files)")
     if spec.format == "litert":
         from .litert import litert_model_bytes
 
@@ -45,7 +63,8 @@ def convert_peer(
     features: Mapping[str, np.ndarray],
     label_vocabulary: Sequence[str],
 ) -> Path:
-    """Write ``out_dir/<spec.name>/model.<ext>`` atomically; return the file's final path.
+    """Write ``out_dir/<spec.name>/model.<ext>`` (an OpenVINO IR: ``model.xml`` and ``model.bin``)
+    atomically; return the final path of the file a predictor loads.
 
     ``features`` (the train split) feed full-integer calibration and the check: the new artefact
     must return valid outputs (see ``validate_outputs``) on all of them at once and on the first
@@ -53,9 +72,10 @@ def convert_peer(
     """
     target = Path(out_dir) / spec.name
     final_file = target / spec.filename
-    content = model_bytes(spec, exported, features)
+    files = model_files(spec, exported, features)
     with atomic_directory(target) as temporary:
-        (temporary / spec.filename).write_bytes(content)
+        for filename, content in files.items():
+            (temporary / filename).write_bytes(content)
         predictor = load_predictor(
             temporary / spec.filename, threads=1, label_vocabulary=label_vocabulary, name=str(final_file)
         )

@@ -6,6 +6,7 @@ key by key so a bad entry fails with one line naming it.
       variants:
         litert_int8_full: {format: litert, quantization: int8_full, calibration_rows: 120}
         onnx_fp32: {format: onnx, quantization: none, opset: 17}
+        openvino_int8: {format: openvino, quantization: int8, calibration_rows: 120, minimum_dim: 32}
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ from ..errors import UserError
 from ..pipeline.params import DEFAULT_PARAMS_FILE, require, require_positive
 from .litert import QUANTIZATIONS as LITERT_QUANTIZATIONS
 from .onnx_runtime import QUANTIZATIONS as ONNX_QUANTIZATIONS
+from .openvino import QUANTIZATIONS as OPENVINO_QUANTIZATIONS
 
-QUANTIZATIONS = {"litert": LITERT_QUANTIZATIONS, "onnx": ONNX_QUANTIZATIONS}
-EXTENSIONS = {"litert": "tflite", "onnx": "onnx"}
+QUANTIZATIONS = {"litert": LITERT_QUANTIZATIONS, "onnx": ONNX_QUANTIZATIONS, "openvino": OPENVINO_QUANTIZATIONS}
+# The file load_predictor opens (an OpenVINO IR also has model.bin beside its model.xml).
+EXTENSIONS = {"litert": "tflite", "onnx": "onnx", "openvino": "xml"}
+CALIBRATED = {("litert", "int8_full"), ("openvino", "int8")}
 
 
 @dataclass(frozen=True)
@@ -28,8 +32,9 @@ class PeerSpec:
     name: str
     format: str
     quantization: str
-    calibration_rows: int | None = None  # litert int8_full only
+    calibration_rows: int | None = None  # litert int8_full, openvino int8
     opset: int | None = None  # onnx only
+    minimum_dim: int | None = None  # openvino int8: narrower MatMuls stay float
 
     @property
     def filename(self) -> str:
@@ -50,10 +55,13 @@ class PeerSpec:
                 f"{path}: '{where}.quantization' for {format_name} must be one of {choices}, got {quantization!r}"
             )
         allowed = {"format", "quantization"}
-        calibration_rows = opset = None
-        if format_name == "litert" and quantization == "int8_full":
+        calibration_rows = opset = minimum_dim = None
+        if (format_name, quantization) in CALIBRATED:
             allowed.add("calibration_rows")
             calibration_rows = require_positive(entry, "calibration_rows", int, where, path)
+        if format_name == "openvino" and quantization == "int8":
+            allowed.add("minimum_dim")
+            minimum_dim = require_positive(entry, "minimum_dim", int, where, path)
         if format_name == "onnx":
             allowed.add("opset")
             opset = require(entry, "opset", int, where, path)
@@ -64,9 +72,9 @@ class PeerSpec:
         if unknown:
             raise UserError(
                 f"{path}: unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)} "
-                f"(a {format_name} {quantization} peer takes {', '.join(sorted(allowed))})"
+                f"({format_name} {quantization} peers take {', '.join(sorted(allowed))})"
             )
-        return cls(name, format_name, quantization, calibration_rows, opset)
+        return cls(name, format_name, quantization, calibration_rows, opset, minimum_dim)
 
 
 @dataclass(frozen=True)

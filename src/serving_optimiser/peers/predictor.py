@@ -185,20 +185,23 @@ class TFPredictor(Predictor):
         return {name: value.numpy() for name, value in outputs.items()}
 
 
+ARTEFACT_FILES = (("litert", "model.tflite"), ("onnx", "model.onnx"), ("openvino", "model.xml"))
+
+
 def artefact_file(path: str | Path) -> tuple[str, Path]:
     """(format, file or directory to load) of an artefact given as its file or its directory."""
     path = Path(path)
     if path.is_dir():
         if (path / "saved_model.pb").is_file():
             return "tf", path
-        for format_name, filename in (("litert", "model.tflite"), ("onnx", "model.onnx")):
+        for format_name, filename in ARTEFACT_FILES:
             if (path / filename).is_file():
                 return format_name, path / filename
-        raise UserError(f"{path}: no saved_model.pb, model.tflite or model.onnx in the directory")
-    suffixes = {".tflite": "litert", ".onnx": "onnx"}
+        raise UserError(f"{path}: no saved_model.pb, model.tflite, model.onnx or model.xml in the directory")
+    suffixes = {".tflite": "litert", ".onnx": "onnx", ".xml": "openvino"}
     if path.suffix in suffixes and path.is_file():
         return suffixes[path.suffix], path
-    raise UserError(f"{path}: not found, or not a SavedModel directory, .tflite or .onnx file")
+    raise UserError(f"{path}: not found, or not a SavedModel directory, .tflite, .onnx or OpenVINO .xml file")
 
 
 def load_predictor(
@@ -209,8 +212,8 @@ def load_predictor(
     signature: str = "predict",
     name: str | None = None,
 ) -> Predictor:
-    """Load any artefact: a SavedModel directory, or a ``model.tflite`` / ``model.onnx`` file or
-    the directory holding it (what ``convert_peer`` writes)."""
+    """Load any artefact: a SavedModel directory, or a ``model.tflite`` / ``model.onnx`` /
+    ``model.xml`` (OpenVINO IR) file or the directory holding it (what ``convert_peer`` writes)."""
     format_name, target = artefact_file(path)
     kind: type[Predictor] = TFPredictor
     if format_name == "litert":
@@ -221,4 +224,8 @@ def load_predictor(
         from .onnx_runtime import OnnxPredictor
 
         kind = OnnxPredictor
+    elif format_name == "openvino":
+        from .openvino import OpenVINOPredictor
+
+        kind = OpenVINOPredictor
     return kind.load(target, threads=threads, label_vocabulary=label_vocabulary, signature=signature, name=name)

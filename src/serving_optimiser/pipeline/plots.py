@@ -68,6 +68,7 @@ class Chart:
 
 
 PLOT_ROWS = "metrics/plots.json"
+CURVE_ROWS = "metrics/batch_curve.json"
 TRAIN_CURVES = "dvclive/plots/metrics/train"
 
 # One chart per question the issue asks. Field names follow the evaluate stage's plot rows.
@@ -106,6 +107,21 @@ DEFAULT_CHARTS: tuple[Chart, ...] = (
         kind="bar",
         x_title="model",
         y_title="batch-1 call, p50 (ms)",
+    ),
+    Chart(
+        name="batch_curve",
+        title="Latency per row against batch size",
+        file=CURVE_ROWS,
+        x="batch_size",
+        y="per_row_us",
+        kind="line",
+        x_title="rows per call",
+        y_title="p50 call time per row (µs)",
+        x_scale="log",
+        y_scale="log",
+        x_format="~s",
+        description="Lower is faster. Where lines cross, another model wins: the report names the winner "
+        "per batch range.",
     ),
     Chart(
         name="training_loss",
@@ -249,7 +265,8 @@ def chart_spec(chart: Chart, rows: Sequence[Row], models: Sequence[str] = ()) ->
 
     if chart.kind == "line":
         x = _axis(chart.x, chart.x_title, chart.x_scale, chart.x_format, zero=True)
-        spec["mark"] = {"type": "line", "tooltip": True}
+        # One line per model gets a point per measurement (the curves have a few points each).
+        spec["mark"] = {"type": "line", "tooltip": True} | ({"point": True} if colour else {})
         spec["encoding"] = {"x": x, "y": y} | ({"color": colour} if colour else {})
         return spec
 

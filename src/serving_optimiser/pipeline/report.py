@@ -1,17 +1,27 @@
 """The report: every model's figures gathered from the per-model evaluate and latency stages into
-one table, the plot rows, the winner per objective and the sample predictions side by side."""
+one table, the batch-size curve, the plot rows, the winner per objective and per batch range, how
+each model ran, and the sample predictions side by side."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import statistics
+from collections import Counter
 from pathlib import Path
 
 from ..atomic import atomic_file
 from ..errors import UserError
 from .evaluate import REFERENCE
 from .io import write_json
+from .latency import batch_label, headline_figures
+from .machine import machine_line
+
+# The exported model timed with TF_ENABLE_ONEDNN_OPTS=1 beside the int8 variants, where oneDNN
+# is off by default (see scripts/latency.py); a row of its own, like a model.
+ONEDNN_REFERENCE = "exported_onednn"
+YARDSTICKS = (REFERENCE, ONEDNN_REFERENCE)
 
 
 def _read(path: Path) -> dict:
@@ -20,24 +30,56 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def _median_timings(entries: list[dict], ratio: bool) -> dict:
+    """One measured entry from several stages' (the exported model is timed beside every model):
+    the median of each figure; the ratio is 1 for the yardstick itself."""
+    def median(values):
+        return statistics.median(values)
+
+    sizes = sorted(entries[0]["batches"], key=int)
+    batches = {}
+    for size in sizes:
+        figures = [entry["batches"][size] for entry in entries]
+        batches[size] = {key: median([f[key] for f in figures]) for key in ("p50_ms", "p99_ms", "per_row_us")}
+        batches[size]["ratio"] = median([f["ratio"] for f in figures]) if ratio else 1.0
+        batches[size]["calls"] = sum(f["calls"] for f in figures)
+    how = Counter(entry["how"] for entry in entries).most_common(1)[0][0]
+    return {"how": how, "load_s": median([e["load_s"] for e in entries]),
+            "first_call_ms": median([e["first_call_ms"] for e in entries]), "batches": batches}
+
+
+def _timed_record(details: dict, measured: dict, latency: dict) -> dict:
+    return {**details, **headline_figures(measured), "curve": measured["batches"], "how": measured["how"],
+            "machine": latency["machine"]}
+
+
 def gather(models: list[str], details_dir: Path, latency_details_dir: Path) -> dict[str, dict]:
-    """One flat record per model, the exported model first, from the evaluate and latency stages'
-    detail files (full precision)."""
-    records: dict[str, dict] = {REFERENCE: _read(details_dir / f"{REFERENCE}.json")}
-    records[REFERENCE].update(size_ratio=1.0, agreement=1.0, max_dp=0.0, batch_ratio=1.0, batch1_p50_ratio=1.0)
-    exported_timings = []
+    """One flat record per model, the exported model first (and the export with oneDNN forced on,
+    where it was timed), from the evaluate and latency stages' detail files (full precision)."""
+    exported = _read(details_dir / f"{REFERENCE}.json")
+    exported.update(size_ratio=1.0, agreement=1.0, max_dp=0.0)
+    timed: dict[str, dict] = {}
+    yardsticks: dict[str, list[dict]] = {name: [] for name in YARDSTICKS}
+    last_latency = None
     for name in models:
         latency = _read(latency_details_dir / f"{name}.json")
-        records[name] = {**_read(details_dir / f"{name}.json"), **latency["measured"][name]}
-        records[name]["machine"] = latency["machine"]
-        exported_timings.append(latency["measured"][REFERENCE])
-    if exported_timings:
-        # The exported model is timed beside every variant: report its median over those runs.
-        for key in ("batch_ms", "batch1_p50_ms", "batch1_p99_ms", "load_s", "first_call_ms"):
-            records[REFERENCE][key] = sorted(t[key] for t in exported_timings)[len(exported_timings) // 2]
-        # The machine line: a model timed with TensorFlow's own oneDNN setting if there is one.
-        machines = [records[name]["machine"] for name in models]
-        records[REFERENCE]["machine"] = next((m for m in machines if m["onednn_opts"] == "default"), machines[0])
+        timed[name] = _timed_record(_read(details_dir / f"{name}.json"), latency["measured"][name], latency)
+        for yardstick in YARDSTICKS:
+            if yardstick in latency["measured"]:
+                yardsticks[yardstick].append(latency["measured"][yardstick])
+        last_latency = latency
+    records: dict[str, dict] = {REFERENCE: exported}
+    if last_latency is None:
+        exported.update(batch_ratio=1.0, batch1_p50_ratio=1.0)
+        return records
+    # The machine line: the exported model's (every stage records the same machine file).
+    records[REFERENCE] = _timed_record(exported, _median_timings(yardsticks[REFERENCE], ratio=False), last_latency)
+    if yardsticks[ONEDNN_REFERENCE]:
+        # The same float function as the export (its fidelity figures are the export's, by definition).
+        records[ONEDNN_REFERENCE] = _timed_record(
+            {**exported}, _median_timings(yardsticks[ONEDNN_REFERENCE], ratio=True), last_latency
+        )
+    records.update(timed)
     return records
 
 
@@ -45,8 +87,8 @@ def gather(models: list[str], details_dir: Path, latency_details_dir: Path) -> d
 OBJECTIVES = (
     ("smallest on disk", "size_bytes", True),
     ("smallest gzipped", "gzip_bytes", True),
-    ("fastest at 100,000 rows", "batch_ratio", True),
-    ("fastest at batch 1", "batch1_p50_ratio", True),
+    ("fastest at the largest batch", "batch_ratio", True),
+    ("fastest at the smallest batch", "batch1_p50_ratio", True),
     ("most faithful (max |Δp| against the export)", "max_dp", True),
 )
 
@@ -59,30 +101,114 @@ def _figure(key: str, value: float) -> str:
     return f"{value:.2g}"
 
 
+def _sizes(records: dict[str, dict]) -> list[str]:
+    curve = records[REFERENCE].get("curve") or {}
+    return sorted(curve, key=int)
+
+
+def _objective(records: dict[str, dict], objective: str) -> str:
+    sizes = _sizes(records)
+    if not sizes:
+        return objective
+    if objective == "fastest at the largest batch":
+        return f"fastest at {int(sizes[-1]):,} rows"
+    if objective == "fastest at the smallest batch":
+        return "fastest at batch 1" if sizes[0] == "1" else f"fastest at {int(sizes[0]):,} rows"
+    return objective
+
+
 def winners(records: dict[str, dict]) -> list[tuple[str, str, str, float]]:
     """(objective, key, best model, its figure) per objective."""
     result = []
     for objective, key, smaller in OBJECTIVES:
         # The export is the yardstick of speed and fidelity, not a contender.
-        contenders = {name: r for name, r in records.items() if name != REFERENCE or key.endswith("_bytes")}
-        candidates = {name: r[key] for name, r in contenders.items()}
+        contenders = {name: r for name, r in records.items()
+                      if (name not in YARDSTICKS or key.endswith("_bytes")) and key in r}
+        if not contenders:
+            continue
+        candidates = {name: r[key] for name, r in contenders.items() if name != ONEDNN_REFERENCE}
         best = (min if smaller else max)(candidates, key=candidates.get)
-        result.append((objective, key, best, candidates[best]))
+        result.append((_objective(records, objective), key, best, candidates[best]))
     return result
 
 
+def is_saved_model(record: dict) -> bool:
+    """A TensorFlow SavedModel (the evaluate stage counted its graph), not a peer artefact."""
+    return "graph_nodes" in record
+
+
+def _range(sizes: list[str]) -> str:
+    low, high = int(sizes[0]), int(sizes[-1])
+    return f"{low:,} row{'s' if high > 1 else ''}" if low == high else f"{low:,}–{high:,} rows"
+
+
+def batch_winners(records: dict[str, dict], keep=lambda name, record: True) -> list[tuple[list[str], str, list[float]]]:
+    """Consecutive timed batch sizes grouped by their fastest contender (lowest ratio to the
+    export): (sizes, model, its ratios at those sizes)."""
+    groups: list[tuple[list[str], str, list[float]]] = []
+    for size in _sizes(records):
+        contenders = {name: r["curve"][size]["ratio"] for name, r in records.items()
+                      if name not in YARDSTICKS and "curve" in r and keep(name, r)}
+        if not contenders:
+            continue
+        best = min(contenders, key=contenders.get)
+        if groups and groups[-1][1] == best:
+            groups[-1][0].append(size)
+            groups[-1][2].append(contenders[best])
+        else:
+            groups.append(([size], best, [contenders[best]]))
+    return groups
+
+
+def _ratios(values: list[float]) -> str:
+    low, high = min(values), max(values)
+    return f"{low:.3f} ×" if f"{low:.3f}" == f"{high:.3f}" else f"{low:.3f}–{high:.3f} ×"
+
+
+def which_to_serve(records: dict[str, dict]) -> list[str]:
+    """Markdown bullets: the winner per batch range, overall and among SavedModels, and what
+    oneDNN setting the comparison ran under."""
+    choices = (
+        ("any runtime", lambda name, r: True),
+        ("a TensorFlow SavedModel (TF Serving, the same signatures)", lambda name, r: is_saved_model(r)),
+        ("the float function within float rounding (max |Δp| ≤ 1e-5)", lambda name, r: r["max_dp"] <= 1e-5),
+    )
+    lines = []
+    for label, keep in choices:
+        groups = batch_winners(records, keep)
+        if groups:
+            picks = "; ".join(f"{_range(sizes)}: **{name}** ({_ratios(ratios)})" for sizes, name, ratios in groups)
+            lines.append(f"- {label}: {picks}")
+    exported = records[REFERENCE]
+    if ONEDNN_REFERENCE in records:
+        forced = records[ONEDNN_REFERENCE]
+        lines.append(
+            f"- oneDNN is off by default on this CPU: every ratio is against the export as TensorFlow runs it "
+            f"by default ({exported['how']}); the int8 variants ran with TF_ENABLE_ONEDNN_OPTS=1, and the float "
+            f"export with it set takes {_ratios([forced['batch_ratio']])} the default's time at "
+            f"{int(_sizes(records)[-1]):,} rows and {_ratios([forced['batch1_p50_ratio']])} at "
+            f"{int(_sizes(records)[0]):,} (row {ONEDNN_REFERENCE})"
+        )
+    elif "how" in exported:
+        lines.append(f"- every TensorFlow model ran as TensorFlow runs by default here: {exported['how']}")
+    return lines
+
+
 def results_table(records: dict[str, dict]) -> str:
+    sizes = _sizes(records)
+    big = batch_label(int(sizes[-1])) if sizes else "100k"
+    small = batch_label(int(sizes[0])) if sizes else "1"
     header = (
         "| model | size KB | size ratio | gzip KB | eval accuracy | agreement (100k) | max \\|Δp\\| (100k) "
-        "| 100k-row call ms | ratio | batch-1 p50 ms | ratio |"
+        f"| {big}-row call ms | ratio | batch-{small} p50 ms | ratio |"
     )
     lines = [header, "|" + "---|" * 11]
     for name, r in records.items():
         lines.append(
             f"| {name} | {r['size_bytes'] / 1024:.1f} | {r['size_ratio']:.3f} | {r['gzip_bytes'] / 1024:.1f} "
             f"| {r['eval_accuracy']:.3f} | {r['agreement']:.3%} | {r['max_dp']:.4f} "
-            f"| {r.get('batch_ms', float('nan')):.0f} | {r['batch_ratio']:.3f} "
-            f"| {r.get('batch1_p50_ms', float('nan')):.3f} | {r['batch1_p50_ratio']:.3f} |"
+            f"| {r.get('batch_ms', float('nan')):.0f} | {r.get('batch_ratio', float('nan')):.3f} "
+            f"| {r.get('batch1_p50_ms', float('nan')):.3f} | {r.get('batch1_p50_ratio', float('nan')):.3f} |"
         )
     return "\n".join(lines)
 
@@ -113,12 +239,36 @@ def machine_line(machine: dict) -> str:
     )
 
 
+def curve_table(records: dict[str, dict]) -> str:
+    """Microseconds per row (p50 call / rows) and the ratio to the export, per model and batch size."""
+    sizes = _sizes(records)
+    header = "| model | " + " | ".join(f"batch {int(size):,}" for size in sizes) + " |"
+    lines = [header, "|" + "---|" * (len(sizes) + 1)]
+    for name, r in records.items():
+        if "curve" not in r:
+            continue
+        cells = [f"{r['curve'][size]['per_row_us']:.3g} ({r['curve'][size]['ratio']:.2f} ×)" for size in sizes]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def how_they_ran(records: dict[str, dict]) -> list[str]:
+    """One bullet per way of running (runtime, oneDNN setting), naming its models."""
+    groups: dict[str, list[str]] = {}
+    for name, r in records.items():
+        if "how" in r:
+            groups.setdefault(r["how"], []).append(name)
+    return [f"- {how}: {', '.join(names)}" for how, names in groups.items()]
+
+
 def predictions_table(records: dict[str, dict]) -> str:
     """One row per model, one column per sample eval row: class (probabilities)."""
     samples = records[REFERENCE]["sample_predictions"]
     header = "| model | " + " | ".join(f"eval row {sample['row']}" for sample in samples) + " |"
     lines = [header, "|" + "---|" * (len(samples) + 1)]
     for name, record in records.items():
+        if name == ONEDNN_REFERENCE:
+            continue
         cells = [
             f"{p['class']} ({', '.join(f'{v:.3f}' for v in p['probabilities'])})" for p in record["sample_predictions"]
         ]
@@ -144,6 +294,15 @@ def summary_markdown(records: dict[str, dict]) -> str:
         "",
     ]
     parts += [f"- {objective}: **{name}** ({_figure(key, value)})" for objective, key, name, value in winners(records)]
+    if _sizes(records):
+        parts += ["", "## Which to serve, by batch size", "",
+                  "The fastest model at each timed batch size (ratio to the export's time, same process), "
+                  "consecutive sizes with the same winner merged:", ""]
+        parts += which_to_serve(records)
+        parts += ["", "## Latency per row against batch size (µs per row, p50; ratio to the export)", ""]
+        parts += [curve_table(records), ""]
+        parts += ["## How each model ran", ""]
+        parts += how_they_ran(records)
     parts += ["", "## Sample predictions (eval rows spread over the classes: class, probabilities)", ""]
     parts += [predictions_table(records), ""]
     return "\n".join(parts)
@@ -157,13 +316,28 @@ TABLE_FIELDS = (
 )
 
 
-def write_report(records: dict[str, dict], plots_path: Path, table_path: Path, summary_path: Path) -> None:
+def curve_rows(records: dict[str, dict]) -> list[dict]:
+    """One plot row per model and batch size: the curve's points."""
+    return [
+        {"model": name, "batch_size": int(size), "per_row_us": point["per_row_us"], "p50_ms": point["p50_ms"],
+         "ratio": point["ratio"]}
+        for name, r in records.items() if "curve" in r
+        for size, point in sorted(r["curve"].items(), key=lambda item: int(item[0]))
+    ]
+
+
+def write_report(records: dict[str, dict], plots_path: Path, curve_path: Path, table_path: Path,
+                 summary_path: Path) -> None:
     write_json(plots_path, [{"model": name, **{f: r.get(f) for f in PLOT_FIELDS}} for name, r in records.items()])
+    write_json(curve_path, curve_rows(records))
+    sizes = _sizes(records)
+    curve_fields = [f"{kind}_{batch_label(int(size))}" for size in sizes for kind in ("per_row_us", "ratio")]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["model", *TABLE_FIELDS])
+    writer.writerow(["model", *TABLE_FIELDS, *curve_fields, "how"])
     for name, r in records.items():
-        writer.writerow([name, *(r.get(f, "") for f in TABLE_FIELDS)])
+        curve = [r["curve"][size][kind] if "curve" in r else "" for size in sizes for kind in ("per_row_us", "ratio")]
+        writer.writerow([name, *(r.get(f, "") for f in TABLE_FIELDS), *curve, r.get("how", "")])
     with atomic_file(table_path) as stream:
         stream.write(buffer.getvalue())
     with atomic_file(summary_path) as stream:

@@ -1,0 +1,246 @@
+"""OpenVINO peers: the exported SavedModel through ``openvino.convert_model`` (fp32) and NNCF's
+post-training quantisation (int8), written as OpenVINO IR (``model.xml`` + ``model.bin``) and
+served by OpenVINO's CPU plugin.
+
+``convert_model`` reads a SavedModel's ``serving_default`` signature, which the export defines as
+the same signature as ``predict``. Like the ONNX peers, the IR keeps ``class_ids``, ``logits`` and
+``probabilities`` but not ``classes``: OpenVINO hands string tensors back as numpy ``str``
+arrays, so matching TensorFlow's bytes would re-encode every row on every call; mapping
+``class_ids`` through the label vocabulary gives the same bytes with one numpy take.
+
+OpenVINO and NNCF send usage telemetry when ``openvino_telemetry`` imports; every import here
+runs with that module blocked, so both fall back to their built-in no-op stubs and nothing is
+sent or written to the home directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Self
+
+import numpy as np
+
+from ..errors import UserError, first_line
+from ..pipeline.data import FEATURE_NAMES
+from ..runtime import native_output_silenced
+from .predictor import DEFAULT_THREADS, Predictor, feature_arrays, vocabulary_array
+
+QUANTIZATIONS = ("none", "int8")
+NUMERIC_OUTPUTS = ("class_ids", "logits", "probabilities")
+FILES = ("model.xml", "model.bin")
+# What every OpenVINO peer is compiled with (serving.md's fair settings): latency over
+# throughput, a fixed thread count, and float32 for the layers that are float. Without the
+# precision hint OpenVINO runs float layers in bf16 wherever the CPU has AVX512_BF16 or AMX, so
+# the fp32 peer would not be fp32, and the int8 peer's float layers would differ per CPU.
+PRECISION = "f32"
+
+
+@contextlib.contextmanager
+def _openvino_quiet() -> Iterator[None]:
+    """Native output silenced and telemetry off (``openvino_telemetry`` unimportable) for the block."""
+    blocked = "openvino_telemetry" not in sys.modules
+    if blocked:
+        sys.modules["openvino_telemetry"] = None  # an import of it now raises ImportError
+    try:
+        with native_output_silenced():
+            yield
+    finally:
+        if blocked and sys.modules.get("openvino_telemetry", 0) is None:
+            del sys.modules["openvino_telemetry"]
+
+
+def compile_config(threads: int) -> dict[str, object]:
+    return {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": PRECISION}
+
+
+def _numeric_model(exported: str | Path):
+    """``exported`` as an ``openvino.Model`` with the three numeric outputs only."""
+    import openvino as ov
+
+    try:
+        model = ov.convert_model(str(exported))
+    except (RuntimeError, ValueError, OSError) as error:
+        raise UserError(f"{exported}: OpenVINO conversion failed: {first_line(error)}") from None
+    outputs = {name: output for output in model.outputs for name in output.get_names()}
+    missing = [name for name in NUMERIC_OUTPUTS if name not in outputs]
+    if missing:
+        raise UserError(
+            f"{exported}: serving_default lacks output(s) {', '.join(missing)} (has {', '.join(sorted(outputs))})"
+        )
+    inputs = {name for parameter in model.get_parameters() for name in parameter.output(0).get_names()}
+    if sorted(inputs) != sorted(FEATURE_NAMES):
+        raise UserError(f"{exported}: serving_default inputs are {', '.join(sorted(inputs))}, expected the features")
+    numeric = ov.Model([outputs[name] for name in NUMERIC_OUTPUTS], model.get_parameters(), "predict")
+    stable_names(numeric)
+    return numeric
+
+
+_AUTOMATIC_NAME = re.compile(r"([A-Za-z][A-Za-z0-9]*)_\d+")
+
+
+def stable_names(model) -> None:
+    """Renumber the names OpenVINO made up (``Constant_3026``, ``Unsqueeze_17``), in place, by
+    order in the graph: it numbers them from a process-wide counter, so a second conversion in
+    one process would name (and so serialise) its nodes differently from the first. Names that
+    came from the SavedModel (``dnn/hiddenlayer_0/MatMul``, the features) have no such shape."""
+    ops = model.get_ordered_ops()
+    kept = {op.get_friendly_name() for op in ops if not _AUTOMATIC_NAME.fullmatch(op.get_friendly_name())}
+    counters: dict[str, int] = {}
+    for op in ops:
+        match = _AUTOMATIC_NAME.fullmatch(op.get_friendly_name())
+        if match is None:
+            continue
+        prefix = match.group(1)
+        while True:
+            counters[prefix] = counters.get(prefix, -1) + 1
+            name = f"{prefix}_{counters[prefix]}"
+            if name not in kept:
+                break
+        op.set_friendly_name(name)
+
+
+def narrow_matmuls(model, minimum_dim: int) -> list[str]:
+    """Names of the MatMuls whose constant weight has a dimension under ``minimum_dim``.
+
+    The same rule as ``quantize_matmuls(minimum_dim=32)``: the 4-feature input layer and the
+    3-class logits layer stay float, because int8 does not pay there and (measured on the Iris
+    export) the input layer causes most of the 8-bit error.
+    """
+    names = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "MatMul":
+            continue
+        weight = op.input_value(1).get_node()
+        if weight.get_type_name() == "Constant" and min(weight.get_output_shape(0)) < minimum_dim:
+            names.append(op.get_friendly_name())
+    return names
+
+
+def _quantised(model, calibration: Mapping[str, np.ndarray], minimum_dim: int):
+    """``model`` through ``nncf.quantize``: one calibration item per row, activation ranges the
+    min and max over all rows (NNCF's default takes the mean of per-item extremes, which clips
+    every row beyond the average and, measured here, flips 2.4 % of 100,000 classes; the
+    calibrate stage and LiteRT's int8_full use the full range too), narrow layers float."""
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    rows = len(calibration[FEATURE_NAMES[0]])
+    items = [
+        {name: np.asarray(calibration[name][index : index + 1], dtype=np.float32) for name in FEATURE_NAMES}
+        for index in range(rows)
+    ]
+    ignored = narrow_matmuls(model, minimum_dim)
+    return nncf.quantize(
+        model,
+        nncf.Dataset(items),
+        subset_size=rows,
+        ignored_scope=nncf.IgnoredScope(names=ignored) if ignored else None,
+        advanced_parameters=AdvancedQuantizationParameters(
+            activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX
+        ),
+    )
+
+
+def openvino_model_files(
+    exported: str | Path,
+    quantization: str,
+    calibration: Mapping[str, np.ndarray] | None = None,
+    minimum_dim: int | None = None,
+) -> dict[str, bytes]:
+    """The IR files (``model.xml``, ``model.bin``) of ``exported``.
+
+    - ``none``: ``convert_model`` in float32 (weights kept float32 on disk: ``save_model``
+      would otherwise compress them to float16).
+    - ``int8``: that model through NNCF's post-training quantisation (``nncf.quantize``,
+      FakeQuantize on the weights and inputs of every MatMul whose weight is at least
+      ``minimum_dim`` wide, symmetric int8 weights per output channel, activation ranges the
+      min/max of the ``calibration`` rows); the CPU plugin runs those MatMuls in int8.
+    """
+    if quantization not in QUANTIZATIONS:
+        raise UserError(f"OpenVINO quantization '{quantization}' is not one of {', '.join(QUANTIZATIONS)}")
+    if quantization == "int8" and (not calibration or minimum_dim is None):
+        raise UserError("OpenVINO int8 needs calibration rows and minimum_dim")
+    with _openvino_quiet():
+        import openvino as ov
+
+        model = _numeric_model(exported)
+        if quantization == "int8":
+            model = _quantised(model, calibration, minimum_dim)
+            stable_names(model)
+        with tempfile.TemporaryDirectory(prefix="openvino-") as scratch:
+            target = Path(scratch) / FILES[0]
+            ov.save_model(model, str(target), compress_to_fp16=False)
+            return {name: (Path(scratch) / name).read_bytes() for name in FILES}
+
+
+class OpenVINOPredictor(Predictor):
+    """An OpenVINO IR (``model.xml`` with ``model.bin`` beside it) compiled for the CPU plugin with
+    :func:`compile_config`, one infer request reused for every call. ``classes`` comes from
+    ``class_ids`` and ``label_vocabulary`` (required)."""
+
+    format = "openvino"
+
+    def __init__(self, artefact: str, compiled, vocabulary: np.ndarray, load_seconds: float) -> None:
+        super().__init__(artefact, load_seconds)
+        self.compiled = compiled
+        self._request = compiled.create_infer_request()
+        self._outputs = [compiled.output(name) for name in NUMERIC_OUTPUTS]
+        self._vocabulary = vocabulary
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        threads: int = DEFAULT_THREADS,
+        label_vocabulary: Sequence[str] | None = None,
+        signature: str = "predict",
+        name: str | None = None,
+    ) -> Self:
+        artefact = name or str(path)
+        if not label_vocabulary:
+            raise UserError(f"{artefact}: an OpenVINO artefact needs the label vocabulary to map class ids to classes")
+        weights = Path(path).with_suffix(".bin")
+        if not weights.is_file():
+            raise UserError(f"{artefact}: no {weights.name} beside it (an OpenVINO IR is model.xml + model.bin)")
+        with _openvino_quiet():
+            import openvino as ov
+
+            start = time.perf_counter()
+            try:
+                core = ov.Core()
+                compiled = core.compile_model(core.read_model(str(path), str(weights)), "CPU", compile_config(threads))
+            except RuntimeError as error:
+                raise UserError(f"{artefact}: not a valid OpenVINO model ({first_line(error)})") from None
+            seconds = time.perf_counter() - start
+        inputs = {name for node in compiled.inputs for name in node.get_names()}
+        outputs = {name for node in compiled.outputs for name in node.get_names()}
+        missing = [f"input {n}" for n in FEATURE_NAMES if n not in inputs]
+        missing += [f"output {n}" for n in NUMERIC_OUTPUTS if n not in outputs]
+        if missing:
+            raise UserError(f"{artefact}: no {', '.join(missing)} in the OpenVINO model")
+        return cls(artefact, compiled, vocabulary_array(label_vocabulary), seconds)
+
+    def runtime_precisions(self) -> dict[str, set[str]]:
+        """What the CPU plugin runs each kind of layer in (its runtime model: ``FullyConnected``:
+        {'f32'} or {'i8', 'u8'}, ...), for checking what the precision hint and NNCF did."""
+        precisions: dict[str, set[str]] = {}
+        for op in self.compiled.get_runtime_model().get_ops():
+            info = op.get_rt_info()
+            precisions.setdefault(info["layerType"].astype(str), set()).add(info["runtimePrecision"].astype(str))
+        return precisions
+
+    def __call__(self, features: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        arrays = feature_arrays(self.artefact, features)
+        # share_inputs: no copy of the rows; the outputs are copied, the next call reuses the buffers.
+        results = self._request.infer(dict(zip(FEATURE_NAMES, arrays)), share_inputs=True)
+        outputs = {name: results[output] for name, output in zip(NUMERIC_OUTPUTS, self._outputs)}
+        outputs["classes"] = self._vocabulary.take(outputs["class_ids"], mode="clip")
+        return outputs
