@@ -230,15 +230,6 @@ def cold_start_table(records: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def machine_line(machine: dict) -> str:
-    threads = machine["intra_op_threads"] or "default"
-    return (
-        f"{machine['cpu']}, {machine['cores']} cores, {' '.join(machine['isa'])}; TensorFlow "
-        f"{machine['tensorflow_version']}, oneDNN opts {machine['onednn_opts']}, "
-        f"ISA cap {machine['onednn_max_cpu_isa']}, intra-op threads {threads}"
-    )
-
-
 def curve_table(records: dict[str, dict]) -> str:
     """Microseconds per row (p50 call / rows) and the ratio to the export, per model and batch size."""
     sizes = _sizes(records)
