@@ -8,6 +8,7 @@ export DVC_NO_ANALYTICS := 1
 
 .DEFAULT_GOAL := help
 .PHONY: help setup all repro test lint bench bench-transforms bench-saved-model bench-int8 push pull metrics metrics-diff plots plots-diff clean
+.PHONY: test-zoo bench-zoo
 
 help: ## Show this menu
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -49,6 +50,12 @@ bench-saved-model: setup ## Time optimise_saved_model on a Keras MobileNetV2 Sav
 
 bench-int8: setup ## int8 MatMuls vs float, quantize_weights, quantize_nodes: per layer and whole Iris model
 	python scripts/bench_int8.py
+
+bench-zoo: setup ## The model zoo (ResNet50 ... tf.Module): size, agreement, |diff| and latency ratio per list
+	python scripts/bench_zoo.py
+
+test-zoo: setup ## The model zoo's tests, the heavy models included (SERVING_OPTIMISER_ZOO=full)
+	SERVING_OPTIMISER_ZOO=full python -m pytest -q -n 2 --dist loadgroup tests/zoo
 
 push: setup ## Push DVC-tracked artefacts to the default remote
 	dvc push
