@@ -17,6 +17,9 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -r requirements.txt
+	@# tf_keras (the zoo's tf-keras 2.x export) declares the full tensorflow wheel, which would overwrite
+	@# tensorflow-cpu's files: it needs nothing tensorflow-cpu does not provide.
+	$(VENV)/bin/python -m pip install --quiet --no-deps tf_keras==2.21.0
 	$(VENV)/bin/python -m pip install --quiet --no-deps -e .
 	touch $@
 

@@ -235,9 +235,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     quiet_tensorflow()
     from serving_optimiser.graph_transforms.transforms.quantize_matmuls import int8_kernels_available
-    from serving_optimiser.pipeline.latency import machine_info
+    from serving_optimiser.pipeline.machine import describe_machine
 
-    print("CPU:", json.dumps(machine_info()))
+    print("CPU:", json.dumps(describe_machine()))
     if not int8_kernels_available():
         print("this TensorFlow has no working int8 MatMul kernel (oneDNN off or a non-x86 build): nothing to time")
         return 1

@@ -74,7 +74,7 @@ def main(argv: list[str]) -> None:
 
     import numpy as np
 
-    from serving_optimiser.pipeline.latency import machine_info
+    from serving_optimiser.pipeline.machine import describe_machine, machine_line
 
     paths = {"exported": args.exported, "int8": args.int8}
     children = []
@@ -104,9 +104,7 @@ def main(argv: list[str]) -> None:
         process.stdin.close()
         process.wait()
 
-    machine = machine_info()
-    print(f"CPU: {machine['cpu']}, {machine['cores']} cores, ISA flags {' '.join(machine['isa'])}; "
-          f"ONEDNN_MAX_CPU_ISA={args.isa or 'default'}; TensorFlow {machine['tensorflow_version']}")
+    print(f"CPU: {machine_line(describe_machine())}; children: ONEDNN_MAX_CPU_ISA={args.isa or 'default'}")
     print(f"{'configuration':<36} {args.batch_rows}-row ms   ratio   batch-1 p50 ms   ratio")
     for index, (label, _, _) in enumerate(CONFIGURATIONS):
         ratios = {kind: statistics.median(a / b for a, b in zip(times[kind][index], times[kind][0], strict=True))

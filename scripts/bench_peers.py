@@ -53,7 +53,7 @@ def main(argv: list[str]) -> None:
     from serving_optimiser.peers import load_predictor
     from serving_optimiser.pipeline.data import read_iris_csv, sample_around
     from serving_optimiser.pipeline.evaluate import gzip_size
-    from serving_optimiser.pipeline.latency import machine_info
+    from serving_optimiser.pipeline.machine import describe_machine
     from serving_optimiser.pipeline.params import load_params, require_list, section
 
     vocabulary = require_list(section(load_params(args.params), "data", args.params), "label_vocabulary", str, "data")
@@ -90,7 +90,7 @@ def main(argv: list[str]) -> None:
 
     reference = outputs["tf_exported"]
     rounds = f"{args.rounds} rounds, {calls * args.rounds} batch-1 calls"
-    print(f"CPU: {json.dumps(machine_info())}; {args.threads} peer runtime threads; {rounds}")
+    print(f"CPU: {json.dumps(describe_machine())}; {args.threads} peer runtime threads; {rounds}")
     header = (
         f"{'artefact':<20} {'bytes':>10} {'gzip':>10} {'load s':>7} {'100k ms':>8} {'ratio':>6} "
         f"{'b1 p50 ms':>9} {'b1 p99 ms':>9} {'ratio':>6} {'agree':>8} {'max|dp|':>9}"
