@@ -64,9 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sample-inputs", metavar="FILE.npz",
                         help="inputs to compare on: arrays named <input> or <signature>/<input> "
                         "(default: 64 seeded rows generated from each signature's dtypes and shapes)")
+    parser.add_argument("--calibration-inputs", metavar="FILE.npz",
+                        help="rows to calibrate quantize_matmuls and quantize_convs on, named like --sample-inputs: "
+                        "each such step without ranges_file is calibrated on the graph as it is at that step, and "
+                        "layers whose int8 error is over its max_layer_error stay float (also the comparison's "
+                        "inputs when --sample-inputs is not given)")
     parser.add_argument("--min-agreement", type=float, metavar="X",
                         help="fail (exit 3, OUT_DIR not written) when an output's class agreement is under X "
-                        "(0..1); default: no check, the agreement is only reported")
+                        "(0..1); with --calibration-inputs, int8 layers first go back to float one at a time, "
+                        "largest error first, until it holds; default: no check, the agreement is only reported")
     parser.add_argument("--allow-ops", action="append", metavar="A,B",
                         help="ops to accept although the safety scan refuses them (e.g. PrintV2)")
     parser.add_argument("--no-dequantize-once", dest="dequantize_once", action="store_false",
@@ -158,6 +164,16 @@ def format_report(report: dict) -> str:
     timings = report.get("timings")
     if timings:
         lines.append("time: " + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in timings.items()))
+    for step in report.get("calibration", []):
+        errors = step["layer_errors"]
+        worst = max(errors.values()) if errors else None
+        lines.append(
+            f"calibrated step {step['step']} {step['transform']} on {step['rows']} rows: "
+            f"{len(errors)} layer(s) measured"
+            + (f" (largest int8 output error {worst:.4f})" if worst is not None else "")
+            + f", {len(step['float_by_guard'])} kept float over max_layer_error={step['max_layer_error']:g}, "
+            f"{len(step['float_by_agreement'])} back to float for the agreement"
+        )
     if "min_class_agreement" in report:
         lines.append(f"lowest class agreement: {_percent(report['min_class_agreement'])}")
     return "\n".join(lines)
@@ -224,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                     overwrite=args.overwrite,
                     warmup_batch_sizes=args.warmup_batch_sizes,
                     compare_timeout_s=args.compare_timeout,
+                    calibration_inputs=args.calibration_inputs,
                 )
             except AgreementError as error:
                 print(format_report(error.report))

@@ -1,11 +1,13 @@
 """What a transform receives besides the graph: input and output names and its raw string
-parameters, with typed getters that apply the old tool's defaults and error rules."""
+parameters, with typed getters that apply the old tool's defaults and error rules; and, for the
+int8 transforms, the calibration a caller measured on the graph as it is at that step."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from .. import booleans
+from .calibration import Calibration
 from .errors import TransformError
 
 
@@ -15,6 +17,7 @@ class TransformContext:
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
     params: dict[str, list[str]] = field(default_factory=dict)
+    calibration: Calibration | None = None
 
     def _fail(self, message: str) -> TransformError:
         return TransformError(f"{self.transform}: {message}")

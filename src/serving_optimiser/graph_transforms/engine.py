@@ -13,6 +13,7 @@ from tensorflow.core.framework import graph_pb2
 from .. import booleans
 from ..errors import UserError
 from . import catalogue, registry
+from .calibration import Calibration
 from .context import TransformContext
 from .errors import TransformError
 from .graph_utils import find_invalid_inputs, fix_colocation_attrs, node_name_from_input
@@ -84,13 +85,16 @@ def apply_transform(
     transform: ParsedTransform,
     input_names: list[str],
     output_names: list[str],
+    calibration: Calibration | None = None,
 ) -> graph_pb2.GraphDef:
-    """Run one parsed transform (and, where it applies, on the function library too)."""
+    """Run one parsed transform (and, where it applies, on the function library too).
+
+    ``calibration`` reaches the int8 transforms in place of a ``ranges_file``."""
     registered = registry.get_transform(transform.name)
     params = {k: v for k, v in transform.params.items() if k != "ignore_errors"}
     # check_transforms has refused any value parse_bool does not know.
     ignore_errors = bool(booleans.parse_bool(transform.params.get("ignore_errors", ["false"])[0]))
-    context = TransformContext(transform.name, list(input_names), list(output_names), params)
+    context = TransformContext(transform.name, list(input_names), list(output_names), params, calibration)
     start = time.perf_counter()
     before = graph_def.SerializeToString(deterministic=True)
     try:

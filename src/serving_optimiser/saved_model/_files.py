@@ -29,3 +29,14 @@ def directory_size(directory: str | os.PathLike) -> int:
             if os.path.isfile(path) and not os.path.islink(path):
                 total += os.path.getsize(path)
     return total
+
+
+def clear_directory(directory: str | os.PathLike) -> None:
+    """Remove everything inside ``directory`` (to write another model there)."""
+    import shutil
+
+    for entry in Path(directory).iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()

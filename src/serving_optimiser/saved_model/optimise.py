@@ -10,11 +10,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from tensorflow.core.framework import graph_pb2
 
 from ..atomic import atomic_directory
-from ..graph_transforms import TransformError, TransformGraph, parse_and_check
+from ..graph_transforms import TransformError, parse_and_check
+from ..graph_transforms.calibration import DEFAULT_MAX_LAYER_ERROR, Calibration
+from ..graph_transforms.engine import apply_transform
+from ..graph_transforms.parser import ParsedTransform
 from ..graph_transforms.transforms._int8 import int8_kernels_available
-from ._files import check_output_directory, directory_size
+from ._files import check_output_directory, clear_directory, directory_size
+from .calibration import CALIBRATED_TRANSFORMS, calibrate_frozen_model, load_calibration_inputs
 from .compare import DEFAULT_TIMEOUT_S, compare_saved_models, load_sample_inputs, min_class_agreement
 from .convert import write_saved_model
 from .errors import SavedModelError
@@ -56,6 +61,7 @@ def optimise_saved_model(
     overwrite: bool = False,
     warmup_batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
     compare_timeout_s: float = DEFAULT_TIMEOUT_S,
+    calibration_inputs: SampleInputs | str | os.PathLike | None = None,
 ) -> dict:
     """Freeze ``in_dir``, apply ``transforms`` (old-tool syntax), write the SavedModel ``out_dir``.
 
@@ -87,6 +93,8 @@ def optimise_saved_model(
     check_output_directory(out_dir, overwrite)
     if isinstance(sample_inputs, (str, os.PathLike)) and not Path(sample_inputs).is_file():
         raise SavedModelError(f"{sample_inputs}: no such sample inputs file")
+    if isinstance(calibration_inputs, (str, os.PathLike)) and not Path(calibration_inputs).is_file():
+        raise SavedModelError(f"{calibration_inputs}: no such calibration inputs file")
     if not compare_timeout_s > 0:
         raise SavedModelError(f"compare_timeout_s must be positive, found {compare_timeout_s}")
     timings = {}
@@ -97,18 +105,19 @@ def optimise_saved_model(
         frozen.save(frozen_dir)
     timings["freeze_s"] = time.perf_counter() - start
 
-    start = time.perf_counter()
-    log.info("transforming: %s", transform_string)
-    try:
-        graph_def = TransformGraph(
-            frozen.graph_def, frozen.input_node_names(), frozen.output_node_names(), transform_string
-        )
-    except TransformError as error:
-        raise SavedModelError(str(error)) from None
-    optimised = frozen.with_graph_def(graph_def)
+    if isinstance(calibration_inputs, (str, os.PathLike)):
+        calibration_inputs = load_calibration_inputs(calibration_inputs, frozen.signatures)
     if isinstance(sample_inputs, (str, os.PathLike)):
         sample_inputs = load_sample_inputs(sample_inputs, frozen.signatures.values())
+    if sample_inputs is None and calibration_inputs is not None and compare:
+        sample_inputs = calibration_inputs
+        log.info("comparing on the calibration inputs (pass sample inputs to compare on other rows)")
+    start = time.perf_counter()
+    log.info("transforming: %s", transform_string)
+    steps = _TransformSteps(frozen, parse_and_check(transform_string), calibration_inputs, compare_timeout_s)
+    graph_def = steps.run()
     timings["transform_s"] = time.perf_counter() - start
+    optimised = frozen.with_graph_def(graph_def)
     int8_ops = onednn_only_ops(graph_def)
     if int8_ops and not int8_kernels_available():
         if compare:
@@ -121,40 +130,144 @@ def optimise_saved_model(
         "source_format": frozen.source_format,
         "signatures": sorted(frozen.signatures),
         "transforms": transform_string,
-        "nodes": {"frozen": len(frozen.graph_def.node), "optimised": len(graph_def.node)},
-        "graph_bytes": {"frozen": frozen.graph_def.ByteSize(), "optimised": graph_def.ByteSize()},
     }
     with atomic_directory(check_output_directory(out_dir, overwrite)) as temporary:
-        start = time.perf_counter()
-        converted = write_saved_model(
-            optimised, temporary, dequantize_once, label=str(out_dir),
-            warmup_batch_sizes=warmup_batch_sizes, warmup_samples=sample_inputs,
-        )
-        timings["convert_s"] = time.perf_counter() - start
-        report["dequantized_once"] = converted["dequantized_once"]
-        report["onednn_only_ops"] = converted["onednn_only_ops"]
-        report["warmup_batch_sizes"] = converted["warmup_batch_sizes"]
-        size_in, size_out = directory_size(in_dir), directory_size(temporary)
-        report["size_bytes"] = {"input": size_in, "output": size_out}
-        report["size_ratio"] = size_out / size_in if size_in else None
-        if compare:
-            start = time.perf_counter()
-            log.info("comparing with the original")
-            comparison = compare_saved_models(
-                in_dir, temporary, sample_inputs, sorted(frozen.signatures), frozen.tags, allow_ops,
-                timeout_s=compare_timeout_s,
+        while True:
+            _write_and_compare(
+                report, timings, optimised, frozen, temporary, in_dir, sample_inputs, compare, allow_ops,
+                dequantize_once, warmup_batch_sizes, compare_timeout_s,
             )
-            timings["compare_s"] = time.perf_counter() - start
-            report["comparison"] = comparison
-            report["min_class_agreement"] = min_class_agreement(comparison)
-            lowest = report["min_class_agreement"]
-            if min_agreement is not None and lowest is not None and lowest < min_agreement:
+            lowest = report.get("min_class_agreement")
+            if min_agreement is None or lowest is None or lowest >= min_agreement:
+                break
+            layer = steps.next_fallback()
+            if layer is None:
                 report["timings"] = timings
+                report["calibration"] = steps.report()
                 raise AgreementError(
-                    f"class agreement {lowest:.4f} is under the minimum {min_agreement:.4f}; "
-                    f"{Path(out_dir)} not written",
+                    f"class agreement {lowest:.4f} is under the minimum {min_agreement:.4f}"
+                    + ("" if not steps.calibrated else " with every calibrated layer back to float")
+                    + f"; {Path(out_dir)} not written",
                     report,
                 )
+            log.info("class agreement %.4f is under %.4f: %s goes back to float", lowest, min_agreement, layer)
+            start = time.perf_counter()
+            optimised = frozen.with_graph_def(steps.run())
+            timings["transform_s"] += time.perf_counter() - start
+            clear_directory(temporary)
+    report["nodes"] = {"frozen": len(frozen.graph_def.node), "optimised": len(optimised.graph_def.node)}
+    report["graph_bytes"] = {"frozen": frozen.graph_def.ByteSize(), "optimised": optimised.graph_def.ByteSize()}
+    if steps.calibrated:
+        report["calibration"] = steps.report()
     report["timings"] = timings
     log.info("wrote %s", out_dir)
     return report
+
+
+def _write_and_compare(
+    report, timings, optimised, frozen, temporary, in_dir, sample_inputs, compare, allow_ops,
+    dequantize_once, warmup_batch_sizes, compare_timeout_s,
+) -> None:
+    start = time.perf_counter()
+    converted = write_saved_model(
+        optimised, temporary, dequantize_once, label=str(report["output_dir"]),
+        warmup_batch_sizes=warmup_batch_sizes, warmup_samples=sample_inputs,
+    )
+    timings["convert_s"] = timings.get("convert_s", 0.0) + time.perf_counter() - start
+    report["dequantized_once"] = converted["dequantized_once"]
+    report["onednn_only_ops"] = converted["onednn_only_ops"]
+    report["warmup_batch_sizes"] = converted["warmup_batch_sizes"]
+    size_in, size_out = directory_size(in_dir), directory_size(temporary)
+    report["size_bytes"] = {"input": size_in, "output": size_out}
+    report["size_ratio"] = size_out / size_in if size_in else None
+    if compare:
+        start = time.perf_counter()
+        log.info("comparing with the original")
+        comparison = compare_saved_models(
+            in_dir, temporary, sample_inputs, sorted(frozen.signatures), frozen.tags, allow_ops,
+            timeout_s=compare_timeout_s,
+        )
+        timings["compare_s"] = timings.get("compare_s", 0.0) + time.perf_counter() - start
+        report["comparison"] = comparison
+        report["min_class_agreement"] = min_class_agreement(comparison)
+
+
+class _TransformSteps:
+    """The transform list on the frozen graph, calibrating each int8 step that has no ranges_file
+    (once: a rerun for the agreement fallback reuses it, with more layers kept float)."""
+
+    def __init__(self, frozen, parsed: list[ParsedTransform], calibration_inputs, timeout_s: float) -> None:
+        self.frozen, self.parsed = frozen, parsed
+        self.calibration_inputs, self.timeout_s = calibration_inputs, timeout_s
+        self.calibrations: dict[int, Calibration] = {}
+        self.fallback: list[tuple[int, str]] = []  # (step, layer) back to float, in order
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.calibrations)
+
+    def run(self) -> graph_pb2.GraphDef:
+        graph_def = self.frozen.graph_def
+        inputs, outputs = self.frozen.input_node_names(), self.frozen.output_node_names()
+        try:
+            for index, step in enumerate(self.parsed):
+                calibration = self._calibration(index, step, graph_def)
+                graph_def = apply_transform(graph_def, step, inputs, outputs, calibration)
+        except TransformError as error:
+            raise SavedModelError(str(error)) from None
+        return graph_def
+
+    def _calibration(self, index: int, step: ParsedTransform, graph_def) -> Calibration | None:
+        if step.name not in CALIBRATED_TRANSFORMS or "ranges_file" in step.params or self.calibration_inputs is None:
+            return None
+        if index not in self.calibrations:
+            minimum_dim = step.params.get("minimum_dim")
+            try:
+                minimum_dim = int(minimum_dim[0]) if minimum_dim else None
+            except ValueError:
+                minimum_dim = None  # the transform itself reports the bad value
+            self.calibrations[index] = calibrate_frozen_model(
+                self.frozen.with_graph_def(graph_def), self.calibration_inputs, step.name, minimum_dim,
+                timeout_s=self.timeout_s,
+            )
+        kept = [layer for step_index, layer in self.fallback if step_index == index]
+        return self.calibrations[index].with_keep_float(kept)
+
+    def _bound(self, index: int) -> float:
+        values = self.parsed[index].params.get("max_layer_error")
+        try:
+            return float(values[0]) if values else DEFAULT_MAX_LAYER_ERROR
+        except ValueError:
+            return DEFAULT_MAX_LAYER_ERROR
+
+    def next_fallback(self) -> str | None:
+        """The int8 layer with the largest error not yet back to float ("step: layer"), or None."""
+        done = set(self.fallback)
+        keep = {index: set(self.parsed[index].params.get("keep_float", [])) for index in self.calibrations}
+        candidates = [
+            (error, index, layer)
+            for index, calibration in self.calibrations.items()
+            for layer, error in calibration.layer_errors.items()
+            if error <= self._bound(index) and (index, layer) not in done and layer not in keep[index]
+        ]
+        if not candidates:
+            return None
+        error, index, layer = max(candidates)
+        self.fallback.append((index, layer))
+        return f"{self.parsed[index].name} layer '{layer}' (int8 output error {error:.4f})"
+
+    def report(self) -> list[dict]:
+        result = []
+        for index, calibration in sorted(self.calibrations.items()):
+            bound = self._bound(index)
+            fallback = [layer for step_index, layer in self.fallback if step_index == index]
+            result.append({
+                "step": index,
+                "transform": self.parsed[index].name,
+                "rows": calibration.rows,
+                "max_layer_error": bound,
+                "layer_errors": dict(sorted(calibration.layer_errors.items())),
+                "float_by_guard": sorted(k for k, v in calibration.layer_errors.items() if v > bound),
+                "float_by_agreement": fallback,
+            })
+        return result

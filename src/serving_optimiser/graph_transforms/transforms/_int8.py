@@ -4,12 +4,13 @@ its calibration, the kernel probe and the clean-up of float weights nobody reads
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Iterable, Mapping
 
 import numpy as np
 from tensorflow.core.framework import graph_pb2, node_def_pb2, types_pb2
 
+from ..calibration import DEFAULT_MAX_LAYER_ERROR, Calibration, read_calibration_file
+from ..context import TransformContext
 from ..errors import TransformError
 from ..graph_utils import const_value, control_inputs, new_graph_like, parse_input
 from .weights import content_const
@@ -135,24 +136,41 @@ def bias_of(producer: node_def_pb2.NodeDef, nodes: dict, consumers: dict, channe
 
 
 def read_ranges_file(transform: str, path: str) -> dict[str, tuple[float, float]]:
-    """``{"<node name>": [min, max], ...}`` from a JSON file; errors name the file and entry."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            raw = json.load(handle)
-    except OSError as error:
-        raise TransformError(f"{transform}: cannot read ranges_file '{path}': {error.strerror}") from None
-    except json.JSONDecodeError as error:
-        raise TransformError(f"{transform}: ranges_file '{path}' is not JSON: {error.msg}") from None
-    if not isinstance(raw, dict):
-        raise TransformError(f"{transform}: ranges_file '{path}' must hold an object of name: [min, max]")
-    ranges = {}
-    for name, pair in raw.items():
-        ok = isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, int | float) for v in pair)
-        if not ok or not pair[0] <= pair[1]:
-            raise TransformError(f"{transform}: ranges_file '{path}': '{name}' needs [min, max] with "
-                                 f"min <= max, found {pair!r}")
-        ranges[name] = (float(pair[0]), float(pair[1]))
-    return ranges
+    """The ranges of a ``ranges_file`` (either format of :func:`read_calibration_file`)."""
+    return dict(read_calibration_file(transform, path).ranges)
+
+
+def calibration_of(transform: str, context: TransformContext) -> Calibration | None:
+    """The calibration handed in by the caller, else the ``ranges_file``'s, else None."""
+    path = context.get_string("ranges_file")
+    if path:
+        return read_calibration_file(transform, path)
+    return context.calibration
+
+
+def guard_params(transform: str, context: TransformContext) -> tuple[float, frozenset[str]]:
+    """``max_layer_error`` (the per-layer guard's bound) and the ``keep_float`` layer names."""
+    bound = context.get_float("max_layer_error", DEFAULT_MAX_LAYER_ERROR)
+    if not bound > 0:
+        raise TransformError(f"{transform}: max_layer_error must be positive, got {bound:g}")
+    return bound, frozenset(context.get_list("keep_float"))
+
+
+def guard_refusal(
+    name: str, calibration: Calibration | None, bound: float, keep_float: frozenset[str]
+) -> str | None:
+    """Why layer ``name`` stays float by the guard, or None."""
+    if name in keep_float:
+        return "keep_float names it"
+    if calibration is None:
+        return None
+    if name in calibration.keep_float:
+        return "the agreement fallback keeps it float"
+    error = calibration.layer_errors.get(name)
+    if error is not None and error > bound:
+        return (f"its int8 output error {error:.3g} (relative RMS on the calibration rows) is over "
+                f"max_layer_error={bound:g}")
+    return None
 
 
 def check_range_names(transform: str, ranges: Mapping, graph_def: graph_pb2.GraphDef) -> None:

@@ -16,9 +16,10 @@ import logging
 import numpy as np
 from tensorflow.core.framework import graph_pb2, node_def_pb2
 
+from ..calibration import DEFAULT_MAX_LAYER_ERROR, LayerProbe, fake_quantize
 from ..context import TransformContext
 from ..errors import TransformError
-from ..graph_utils import consumers_map, control_inputs, make_node, node_map, parse_input
+from ..graph_utils import canonical_input_name, consumers_map, control_inputs, make_node, node_map, parse_input
 from ..registry import register
 from ._int8 import (
     CONV_OPS,
@@ -28,12 +29,14 @@ from ._int8 import (
     RELU_OPS,
     attr_type,
     bias_of,
+    calibration_of,
     check_range_names,
     float_scalar,
     float_weights,
+    guard_params,
+    guard_refusal,
     int8_kernels_available,
     quantize_weights_symmetric,
-    read_ranges_file,
     splice_layers,
 )
 from .weights import content_const
@@ -202,9 +205,71 @@ def _float_output(layer: _Conv) -> node_def_pb2.NodeDef:
     )
 
 
+def _candidates(graph_def: graph_pb2.GraphDef, ranges: dict, minimum_dim: int) -> dict[str, _Conv]:
+    """Every conv layer the kernels take with these ranges; one log line for each that stays float."""
+    nodes, consumers = node_map(graph_def), consumers_map(graph_def)
+    layers: dict[str, _Conv] = {}
+    for node in graph_def.node:
+        if node.op not in CONV_OPS:
+            continue
+        match = _match(node, nodes, consumers, ranges, minimum_dim)
+        if isinstance(match, str):
+            log.info("quantize_convs: %s '%s' stays float: %s", node.op, node.name, match)
+        else:
+            layers[node.name] = match
+    return layers
+
+
+def _requantize(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """The fused kernel's 8-bit output: quint8 over [0, high] after a ReLU, qint8 over [-m, m] else."""
+    if low >= 0.0:
+        return fake_quantize(values, 0.0, high)
+    step = high / 127.0
+    return (np.round(np.clip(values, -high, high) / step) * step).astype(np.float32)
+
+
+def layer_probes(graph_def: graph_pb2.GraphDef, ranges: dict, minimum_dim: int = 16) -> list[LayerProbe]:
+    """What calibration measures for each conv layer this transform would take with ``ranges``:
+    the float input of the conv, the float output of its last node (ReLU, else bias add) and
+    the int8 layer's answer (input through 8 bits over its range, per-channel filter codes,
+    float bias, ReLU, 8-bit output range)."""
+    import tensorflow as tf
+
+    probes = []
+    for layer in _candidates(graph_def, ranges, minimum_dim).values():
+        depthwise = layer.conv.op == "DepthwiseConv2dNative"
+        codes, bounds = quantize_weights_symmetric(layer.filter, axis=2 if depthwise else 3)
+        scale = (bounds / 127.0).reshape((1, 1, -1, 1) if depthwise else (1, 1, 1, -1))
+        decoded = tf.constant((codes.astype(np.float64) * scale).astype(np.float32))
+        strides = list(layer.conv.attr["strides"].list.i)
+        padding = layer.conv.attr["padding"].s.decode()
+
+        def int8_output(x: np.ndarray, layer=layer, decoded=decoded, strides=strides, padding=padding,
+                        depthwise=depthwise) -> np.ndarray:
+            low, high = layer.input_range
+            quantized = tf.constant(fake_quantize(x, min(low, 0.0), high))
+            if depthwise:
+                y = tf.nn.depthwise_conv2d(quantized, decoded, strides, padding)
+            else:
+                y = tf.nn.conv2d(quantized, decoded, strides, padding)
+            y = y.numpy() + layer.bias
+            if layer.has_relu:
+                y = np.maximum(y, 0.0)
+            return _requantize(y, *layer.output_range)
+
+        probes.append(LayerProbe(layer.conv.name, canonical_input_name(layer.conv.input[0]),
+                                 f"{layer.end.name}:0", int8_output))
+    return probes
+
+
 @register(
     "quantize_convs",
-    params={"ranges_file": "(required: input and output ranges, e.g. from calibrate_ranges)", "minimum_dim": "16"},
+    params={
+        "ranges_file": "(required unless calibrated by the caller: input and output ranges)",
+        "minimum_dim": "16",
+        "max_layer_error": f"{DEFAULT_MAX_LAYER_ERROR:g} (with calibration: a layer over it stays float)",
+        "keep_float": "(none; repeatable: conv names that stay float)",
+    },
 )
 def quantize_convs(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Run float conv layers in int8 with calibrated ranges, float in and float out.
@@ -237,21 +302,20 @@ def quantize_convs(graph_def: graph_pb2.GraphDef, context: TransformContext) -> 
     minimum_dim = context.get_int("minimum_dim", 16)
     if minimum_dim < 1:
         raise TransformError(f"quantize_convs: minimum_dim must be >= 1, got {minimum_dim}")
-    ranges_path = context.get_string("ranges_file")
-    if not ranges_path:
+    bound, keep_float = guard_params("quantize_convs", context)
+    calibration = calibration_of("quantize_convs", context)
+    if calibration is None:
         raise TransformError("quantize_convs: needs ranges_file (conv ranges are calibrated, not measured per batch)")
-    ranges = read_ranges_file("quantize_convs", ranges_path)
+    ranges = dict(calibration.ranges)
     check_range_names("quantize_convs", ranges, graph_def)
-    nodes, consumers = node_map(graph_def), consumers_map(graph_def)
+    consumers = consumers_map(graph_def)
     layers: dict[str, _Conv] = {}
-    for node in graph_def.node:
-        if node.op not in CONV_OPS:
-            continue
-        match = _match(node, nodes, consumers, ranges, minimum_dim)
-        if isinstance(match, str):
-            log.info("quantize_convs: %s '%s' stays float: %s", node.op, node.name, match)
+    for name, layer in _candidates(graph_def, ranges, minimum_dim).items():
+        reason = guard_refusal(name, calibration, bound, keep_float)
+        if reason is not None:
+            log.info("quantize_convs: %s '%s' stays float: %s", layer.conv.op, name, reason)
         else:
-            layers[node.name] = match
+            layers[name] = layer
     if not layers:
         return graph_def
     _chain(layers)

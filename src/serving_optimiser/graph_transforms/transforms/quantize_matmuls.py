@@ -18,9 +18,10 @@ from collections.abc import Iterable
 import numpy as np
 from tensorflow.core.framework import graph_pb2, node_def_pb2
 
+from ..calibration import DEFAULT_MAX_LAYER_ERROR, LayerProbe, fake_quantize
 from ..context import TransformContext
 from ..errors import TransformError
-from ..graph_utils import consumers_map, control_inputs, make_node, node_map, parse_input
+from ..graph_utils import canonical_input_name, consumers_map, control_inputs, make_node, node_map, parse_input
 from ..registry import register
 from ._int8 import (
     FLOAT,
@@ -31,12 +32,14 @@ from ._int8 import (
     attr_type,
     bias_of,
     calibrate_ranges,
+    calibration_of,
     check_range_names,
     float_scalar,
     float_weights,
+    guard_params,
+    guard_refusal,
     int8_kernels_available,
     quantize_weights_symmetric,
-    read_ranges_file,
     splice_layers,
 )
 from .weights import content_const
@@ -47,7 +50,8 @@ QUANTIZED_OP = "QuantizedMatMulWithBiasAndDequantize"
 CHAINED_OP = "QuantizedMatMulWithBiasAndReluAndRequantize"
 SUFFIX = "quantize_matmuls"
 # For the callers that import them from here (the calibrate stage, the benchmark, the tests).
-__all__ = ["CHAINED_OP", "QUANTIZED_OP", "calibrate_ranges", "int8_kernels_available", "quantize_matmuls"]
+__all__ = ["CHAINED_OP", "QUANTIZED_OP", "calibrate_ranges", "int8_kernels_available", "layer_probes",
+           "quantize_matmuls"]
 # Ops whose outputs are never negative: an input read from one needs no run-time minimum.
 NON_NEGATIVE_OPS = RELU_OPS
 
@@ -72,6 +76,56 @@ def _refusal(node: node_def_pb2.NodeDef, nodes: dict, minimum_dim: int) -> str |
         return (f"its weights are {values.shape[0]}x{values.shape[1]}, under minimum_dim={minimum_dim} "
                 "(too few multiply-adds per value moved for int8 to pay)")
     return None
+
+
+def _candidates(graph_def: graph_pb2.GraphDef, minimum_dim: int, ranges: dict) -> list[_Layer]:
+    """Every MatMul (+ bias) the kernel takes, with its calibrated range where ``ranges`` has one;
+    one log line for each that stays float."""
+    nodes = node_map(graph_def)
+    consumers = consumers_map(graph_def)
+    layers = []
+    for node in graph_def.node:
+        if node.op != "MatMul":
+            continue
+        reason = _refusal(node, nodes, minimum_dim)
+        if reason is not None:
+            log.info("quantize_matmuls: MatMul '%s' stays float: %s", node.name, reason)
+            continue
+        weights = float_weights(nodes, node.input[1], rank=2)[0]
+        if node.attr["transpose_b"].b if "transpose_b" in node.attr else False:
+            weights = weights.T
+        adder, bias = bias_of(node, nodes, consumers, weights.shape[1])
+        producer = nodes.get(parse_input(node.input[0])[1])
+        input_range = ranges.get(node.name)
+        # A calibrated min >= 0 also allows the plain path: QuantizeV2 clips to the range anyway.
+        non_negative = (producer is not None and producer.op in NON_NEGATIVE_OPS) or (
+            input_range is not None and input_range[0] >= 0.0
+        )
+        layers.append(_Layer(
+            node, adder if adder is not None else node, weights,
+            bias if bias is not None else np.zeros(weights.shape[1], np.float32), input_range, non_negative,
+        ))
+    return layers
+
+
+def layer_probes(graph_def: graph_pb2.GraphDef, ranges: dict, minimum_dim: int = 32) -> list[LayerProbe]:
+    """What calibration measures for each MatMul layer this transform would take: its float input,
+    its float output (the bias add, else the MatMul) and the int8 layer's answer to that input
+    (the input through 8 bits over its calibrated range, or the batch's own range without one;
+    the weights as :func:`quantize_weights_symmetric` codes them)."""
+    probes = []
+    for layer in _candidates(graph_def, minimum_dim, ranges):
+        codes, bound = quantize_weights_symmetric(layer.weights)
+        decoded = (codes.astype(np.float64) * (bound / 127.0)).astype(np.float32)
+
+        def int8_output(x: np.ndarray, layer=layer, decoded=decoded) -> np.ndarray:
+            low, high = layer.input_range if layer.input_range is not None else (float(x.min()), float(x.max()))
+            low = 0.0 if layer.non_negative else min(low, 0.0)
+            return fake_quantize(x, low, max(high, low)) @ decoded + layer.bias
+
+        probes.append(LayerProbe(layer.matmul.name, canonical_input_name(layer.matmul.input[0]),
+                                 f"{layer.last.name}:0", int8_output))
+    return probes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +250,12 @@ def _chain(layers: dict[str, _Layer], consumers: dict, output_names: Iterable[st
 
 @register(
     "quantize_matmuls",
-    params={"minimum_dim": "32", "ranges_file": "(none: ranges measured per batch at run time)"},
+    params={
+        "minimum_dim": "32",
+        "ranges_file": "(none: ranges measured per batch at run time)",
+        "max_layer_error": f"{DEFAULT_MAX_LAYER_ERROR:g} (with calibration: a layer over it stays float)",
+        "keep_float": "(none; repeatable: MatMul names that stay float)",
+    },
 )
 def quantize_matmuls(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Run float MatMul (+ constant bias) layers as int8 MatMuls, float in and float out.
@@ -237,34 +296,20 @@ def quantize_matmuls(graph_def: graph_pb2.GraphDef, context: TransformContext) -
     minimum_dim = context.get_int("minimum_dim", 32)
     if minimum_dim < 1:
         raise TransformError(f"quantize_matmuls: minimum_dim must be >= 1, got {minimum_dim}")
-    ranges_path = context.get_string("ranges_file")
-    ranges = read_ranges_file("quantize_matmuls", ranges_path) if ranges_path else {}
-    nodes = node_map(graph_def)
+    bound, keep_float = guard_params("quantize_matmuls", context)
+    calibration = calibration_of("quantize_matmuls", context)
+    ranges = dict(calibration.ranges) if calibration is not None else {}
     consumers = consumers_map(graph_def)
     layers: dict[str, _Layer] = {}
-    for node in graph_def.node:
-        if node.op != "MatMul":
-            continue
-        reason = _refusal(node, nodes, minimum_dim)
+    for layer in _candidates(graph_def, minimum_dim, ranges):
+        name = layer.matmul.name
+        reason = guard_refusal(name, calibration, bound, keep_float)
         if reason is not None:
-            log.info("quantize_matmuls: MatMul '%s' stays float: %s", node.name, reason)
+            log.info("quantize_matmuls: MatMul '%s' stays float: %s", name, reason)
             continue
-        weights = float_weights(nodes, node.input[1], rank=2)[0]
-        if node.attr["transpose_b"].b if "transpose_b" in node.attr else False:
-            weights = weights.T
-        adder, bias = bias_of(node, nodes, consumers, weights.shape[1])
-        producer = nodes.get(parse_input(node.input[0])[1])
-        input_range = ranges.get(node.name)
-        # A calibrated min >= 0 also allows the plain path: QuantizeV2 clips to the range anyway.
-        non_negative = (producer is not None and producer.op in NON_NEGATIVE_OPS) or (
-            input_range is not None and input_range[0] >= 0.0
-        )
-        layers[node.name] = _Layer(
-            node, adder if adder is not None else node, weights,
-            bias if bias is not None else np.zeros(weights.shape[1], np.float32), input_range, non_negative,
-        )
-        if node.name not in ranges and ranges:
-            log.info("quantize_matmuls: MatMul '%s' is not in ranges_file; its input range is per batch", node.name)
+        layers[name] = layer
+        if name not in ranges and ranges:
+            log.info("quantize_matmuls: MatMul '%s' is not in ranges_file; its input range is per batch", name)
     check_range_names("quantize_matmuls", ranges, graph_def)
     if not layers:
         return graph_def
