@@ -54,3 +54,10 @@ def reads_a_file(models_dir):
 @pytest.fixture(scope="session")
 def wide_mlp(models_dir):
     return _built(models_dir, "wide_mlp", build_wide_mlp)
+
+
+@pytest.fixture(scope="session")
+def mixed_scale_wide_deep(models_dir):
+    from saved_model.models import build_mixed_scale_wide_deep
+
+    return _built(models_dir, "mixed_scale_wide_deep", build_mixed_scale_wide_deep)

@@ -294,3 +294,61 @@ def wide_mlp_inputs(rows: int = 256, seed: int = 0) -> dict[str, np.ndarray]:
 
 # Every layer int8 (the MLP's are narrower than quantize_matmuls' default minimum_dim of 32 on one side).
 INT8 = "remove_nodes(op=Identity) fold_constants(ignore_errors=true) quantize_matmuls(minimum_dim=1) strip_unused_nodes"
+
+
+class MixedScaleWideDeep(tf.Module):
+    """A wide & deep scorer whose first Dense reads embeddings (|e| < 1) beside raw numeric
+    features of very different scales (price in [0, 30], rating in [0, 1]): one 8-bit range
+    over [0, 30] resolves the embeddings in steps of 0.12, so that layer in int8 flips classes, the case
+    the per-layer guard is for. 34 -> 64 -> 64 -> 4, seeded weights."""
+
+    USERS, ITEMS = 50, 80
+
+    def __init__(self) -> None:
+        rng = np.random.default_rng(41)
+        self.user_table = tf.Variable(rng.normal(0, 0.3, (self.USERS, 16)).astype(np.float32))
+        self.item_table = tf.Variable(rng.normal(0, 0.3, (self.ITEMS, 16)).astype(np.float32))
+        first = rng.normal(0, np.sqrt(2 / 34), (34, 64))
+        first[32] *= 0.03  # price: moves the scores about as much as an embedding column, at 100x its scale
+        self.layers = [
+            (tf.Variable(first.astype(np.float32)), tf.Variable(rng.normal(0, 0.1, 64).astype(np.float32))),
+            (tf.Variable(rng.normal(0, np.sqrt(2 / 64), (64, 64)).astype(np.float32)),
+             tf.Variable(rng.normal(0, 0.1, 64).astype(np.float32))),
+            (tf.Variable(rng.normal(0, np.sqrt(2 / 64), (64, 4)).astype(np.float32)),
+             tf.Variable(np.zeros(4, np.float32))),
+        ]
+
+    @tf.function(input_signature=[
+        tf.TensorSpec([None], tf.int64, name="user"), tf.TensorSpec([None], tf.int64, name="item"),
+        tf.TensorSpec([None], tf.float32, name="price"), tf.TensorSpec([None], tf.float32, name="rating"),
+    ])
+    def scores(self, user, item, price, rating):
+        x = tf.concat([tf.gather(self.user_table, user), tf.gather(self.item_table, item),
+                       price[:, None], rating[:, None]], axis=1)
+        for index, (weights, bias) in enumerate(self.layers):
+            x = tf.nn.bias_add(tf.matmul(x, weights), bias)
+            if index < len(self.layers) - 1:
+                x = tf.nn.relu(x)
+        return {"scores": x}
+
+
+def build_mixed_scale_wide_deep(directory: str) -> None:
+    module = MixedScaleWideDeep()
+    tf.saved_model.save(module, directory, signatures={"serving_default": module.scores})
+
+
+def mixed_scale_inputs(rows: int = 1024, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "user": rng.integers(0, MixedScaleWideDeep.USERS, rows).astype(np.int64),
+        "item": rng.integers(0, MixedScaleWideDeep.ITEMS, rows).astype(np.int64),
+        "price": rng.uniform(0, 30, rows).astype(np.float32),
+        "rating": rng.uniform(0, 1, rows).astype(np.float32),
+    }
+
+
+# The int8 list of a user who calibrates: the folds, then both int8 transforms, at their defaults.
+CALIBRATED_INT8 = (
+    "remove_nodes(op=Identity) fold_constants(ignore_errors=true) fold_batch_norms fold_old_batch_norms "
+    "quantize_convs quantize_matmuls strip_unused_nodes sort_by_execution_order"
+)

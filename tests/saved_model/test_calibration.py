@@ -1,0 +1,203 @@
+"""Calibrated int8 in one call: calibration at the point of the list, through the model's call
+path, the per-layer guard and the agreement fallback."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from saved_model.models import CALIBRATED_INT8, mixed_scale_inputs
+
+from serving_optimiser.graph_transforms import TransformGraph
+from serving_optimiser.graph_transforms.calibration import Calibration, read_calibration_file
+from serving_optimiser.graph_transforms.errors import TransformError
+from serving_optimiser.graph_transforms.transforms.quantize_matmuls import QUANTIZED_OP, calibrate_ranges
+from serving_optimiser.saved_model import (
+    AgreementError,
+    SavedModelError,
+    calibrate_frozen_model,
+    freeze_saved_model,
+    optimise_saved_model,
+)
+
+FIRST, SECOND = "StatefulPartitionedCall/MatMul", "StatefulPartitionedCall/MatMul_1"
+GUARD_OFF = CALIBRATED_INT8.replace("quantize_matmuls", "quantize_matmuls(max_layer_error=10)")
+
+
+def _calibration_rows():
+    return {"serving_default": mixed_scale_inputs(512, seed=1)}
+
+
+def _held_out_rows():
+    return {"serving_default": mixed_scale_inputs(1024, seed=2)}
+
+
+def _ops(directory) -> dict[str, str]:
+    """Node name -> op of every node in the converted model's graph."""
+    from serving_optimiser.saved_model.reader import read_meta_graph
+
+    return {node.name: node.op for node in read_meta_graph(str(directory), ("serve",)).graph_def.node}
+
+
+def test_ranges_are_the_activations_min_and_max(mixed_scale_wide_deep):
+    frozen = freeze_saved_model(mixed_scale_wide_deep)
+    rows = _calibration_rows()
+    calibration = calibrate_frozen_model(frozen, rows, batch_rows=100)  # 6 batches, the last one short
+    module = tf.saved_model.load(str(mixed_scale_wide_deep))
+    features = rows["serving_default"]
+    x = tf.concat([tf.gather(module.user_table, features["user"]), tf.gather(module.item_table, features["item"]),
+                   features["price"][:, None], features["rating"][:, None]], axis=1).numpy()
+    weights, bias = (v.numpy() for v in module.layers[0])
+    hidden = np.maximum(x @ weights + bias, 0.0)
+    assert calibration.rows == 512
+    assert calibration.ranges[FIRST] == pytest.approx((x.min(), x.max()), rel=1e-6)
+    assert calibration.ranges[SECOND] == pytest.approx((hidden.min(), hidden.max()), rel=1e-5)
+    # The 64x4 logits layer is under quantize_matmuls' minimum_dim: measured for its range, no error.
+    assert sorted(calibration.layer_errors) == [FIRST, SECOND]
+
+
+def test_layer_errors_find_the_layer_that_mixes_scales(mixed_scale_wide_deep):
+    calibration = calibrate_frozen_model(freeze_saved_model(mixed_scale_wide_deep), _calibration_rows())
+    # Measured: 0.128 (steps of 30/255 over embeddings of spread 0.3) and 0.008.
+    assert 0.08 < calibration.layer_errors[FIRST] < 0.2
+    assert calibration.layer_errors[SECOND] < 0.02
+
+
+@pytest.mark.onednn
+def test_guard_keeps_the_mixed_scale_layer_float_and_the_classes(mixed_scale_wide_deep, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="serving_optimiser"):
+        report = optimise_saved_model(mixed_scale_wide_deep, tmp_path / "int8", CALIBRATED_INT8,
+                                      calibration_inputs=_calibration_rows(), sample_inputs=_held_out_rows())
+    ops = _ops(tmp_path / "int8")
+    assert ops[FIRST] == "MatMul"
+    assert ops[SECOND.replace("MatMul_1", "BiasAdd_1")] in (QUANTIZED_OP, "QuantizedMatMulWithBiasAndReluAndRequantize")
+    step = next(s for s in report["calibration"] if s["transform"] == "quantize_matmuls")
+    assert step["float_by_guard"] == [FIRST] and step["float_by_agreement"] == []
+    assert step["rows"] == 512
+    assert f"MatMul '{FIRST}' stays float: its int8 output error 0.128" in caplog.text
+    # Measured on the 1024 held-out rows: 99.90 % with the guard, 94.53 % without (next test).
+    assert report["min_class_agreement"] >= 0.995
+
+
+@pytest.mark.onednn
+def test_without_the_guard_the_layer_costs_classes_and_the_fallback_restores_them(mixed_scale_wide_deep, tmp_path):
+    unguarded = optimise_saved_model(mixed_scale_wide_deep, tmp_path / "unguarded", GUARD_OFF,
+                                     calibration_inputs=_calibration_rows(), sample_inputs=_held_out_rows())
+    assert FIRST not in _ops(tmp_path / "unguarded")  # absorbed by its int8 layer
+    assert unguarded["min_class_agreement"] < 0.97
+    report = optimise_saved_model(mixed_scale_wide_deep, tmp_path / "fallback", GUARD_OFF, min_agreement=0.995,
+                                  calibration_inputs=_calibration_rows(), sample_inputs=_held_out_rows())
+    step = next(s for s in report["calibration"] if s["transform"] == "quantize_matmuls")
+    assert step["float_by_agreement"] == [FIRST]  # the worst layer, and only it
+    assert _ops(tmp_path / "fallback")[FIRST] == "MatMul"
+    assert report["min_class_agreement"] >= 0.995
+
+
+@pytest.mark.onednn
+def test_fallback_that_cannot_reach_the_minimum_writes_nothing(mixed_scale_wide_deep, tmp_path):
+    # Rounding the weights to 2 levels is a loss no int8 layer explains: every layer goes back, then it fails.
+    destructive = "round_weights(num_steps=2) " + GUARD_OFF
+    with pytest.raises(AgreementError, match="with every calibrated layer back to float; .* not written") as caught:
+        optimise_saved_model(mixed_scale_wide_deep, tmp_path / "out", destructive, min_agreement=0.995,
+                             calibration_inputs=_calibration_rows(), sample_inputs=_held_out_rows())
+    step = next(s for s in caught.value.report["calibration"] if s["transform"] == "quantize_matmuls")
+    assert step["float_by_agreement"] == [FIRST, SECOND]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.onednn
+def test_convs_are_calibrated_after_the_batch_norm_folds(keras_cnn, tmp_path):
+    """The frozen graph's names are not the folded graph's: a ranges file calibrated on the
+    frozen graph fails, calibration at the point of the list does not."""
+    frozen = freeze_saved_model(keras_cnn)
+    images = np.random.default_rng(5).uniform(0, 1, (64, 12, 12, 3)).astype(np.float32)
+    feeds = {"image": images}
+    on_frozen = calibrate_ranges(frozen.graph_def, [{frozen.signatures["serving_default"].inputs["image"].name:
+                                                     images}])
+    path = tmp_path / "frozen_ranges.json"
+    path.write_text(json.dumps(on_frozen))
+    folds = "remove_nodes(op=Identity) fold_constants(ignore_errors=true) fold_batch_norms fold_old_batch_norms"
+    with pytest.raises(TransformError, match="ranges_file names nodes that are not in the graph"):
+        TransformGraph(frozen.graph_def, frozen.input_node_names(), frozen.output_node_names(),
+                       f"{folds} quantize_convs(ranges_file={path})")
+    report = optimise_saved_model(keras_cnn, tmp_path / "int8", CALIBRATED_INT8,
+                                  calibration_inputs={key: feeds for key in ("serve", "serving_default")})
+    step = next(s for s in report["calibration"] if s["transform"] == "quantize_convs")
+    # conv2 (32 -> 64, measured 0.012); conv1 reads 3 channels, under minimum_dim.
+    assert list(step["layer_errors"]) == ["StatefulPartitionedCall/functional_1/conv2_1/convolution"]
+    ops = set(_ops(tmp_path / "int8").values())
+    # Keras' ReLU layer is not a Relu op the fused kernel can absorb: the ReLU stays a float op after it.
+    assert {op for op in ops if op.startswith("QuantizedConv2D")} == {"QuantizedConv2DWithBiasAndRequantize"}
+    assert report["min_class_agreement"] >= 0.99
+
+
+def test_calibration_runs_through_loops_and_lookup_tables(tf1_iris, tmp_path):
+    """A TF 1 export with a string lookup table in its init op (a TF 1 Session of the frozen graph
+    has no table); the ranges come from the signature's own call."""
+    from saved_model.models import iris_inputs
+
+    frozen = freeze_saved_model(tf1_iris)
+    rows = iris_inputs(128, seed=3)
+    inputs = {key: rows for key, signature in frozen.signatures.items() if set(signature.inputs) == set(rows)}
+    calibration = calibrate_frozen_model(frozen, inputs)
+    assert calibration.ranges and all(low <= high for low, high in calibration.ranges.values())
+    assert calibration.layer_errors and max(calibration.layer_errors.values()) < 0.05
+
+
+def test_calibration_of_a_while_loop_model_skips_the_loop_body(tmp_path, caplog):
+    from zoo.models import build_while_cond_module
+
+    built = build_while_cond_module(str(tmp_path / "module"))
+    frozen = freeze_saved_model(tmp_path / "module")
+    inputs = {key: {name: built.inputs[name] for name in signature.inputs} for key, signature in
+              frozen.signatures.items()}
+    with caplog.at_level(logging.INFO, logger="serving_optimiser"):
+        calibration = calibrate_frozen_model(frozen, inputs)
+    assert "inside loops or conditional branches are not measured" in caplog.text
+    assert all(np.isfinite(pair).all() for pair in calibration.ranges.values())
+
+
+def test_calibration_file_round_trips_and_old_files_still_read(tmp_path):
+    calibration = Calibration({"a": (-1.0, 2.0)}, {"a": 0.25}, frozenset({"b"}), rows=7)
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(calibration.to_json()))
+    assert read_calibration_file("quantize_matmuls", str(path)) == calibration
+    path.write_text(json.dumps({"a": [-1.0, 2.0]}))
+    assert read_calibration_file("quantize_matmuls", str(path)) == Calibration({"a": (-1.0, 2.0)})
+    path.write_text(json.dumps({**calibration.to_json(), "layer_errors": {"a": -1}}))
+    with pytest.raises(TransformError, match="layer error of 'a' must be a number >= 0, found -1"):
+        read_calibration_file("quantize_matmuls", str(path))
+
+
+def test_bad_calibration_inputs_are_one_line_errors(mixed_scale_wide_deep, tmp_path):
+    rows = mixed_scale_inputs(16)
+    np.savez(tmp_path / "lacking.npz", **{k: v for k, v in rows.items() if k != "price"})
+    with pytest.raises(SavedModelError, match="no array for signature 'serving_default' input 'price'"):
+        optimise_saved_model(mixed_scale_wide_deep, tmp_path / "out", CALIBRATED_INT8,
+                             calibration_inputs=tmp_path / "lacking.npz")
+    np.savez(tmp_path / "extra.npz", **rows, weight=rows["price"])
+    with pytest.raises(SavedModelError, match="array 'weight' feeds no calibrated signature input"):
+        optimise_saved_model(mixed_scale_wide_deep, tmp_path / "out", CALIBRATED_INT8,
+                             calibration_inputs=tmp_path / "extra.npz")
+    with pytest.raises(SavedModelError, match="nowhere.npz: no such calibration inputs file"):
+        optimise_saved_model(mixed_scale_wide_deep, tmp_path / "out", CALIBRATED_INT8,
+                             calibration_inputs=tmp_path / "nowhere.npz")
+    assert not (tmp_path / "out").exists()
+
+
+def test_keep_float_and_bad_guard_params(mixed_scale_wide_deep, tmp_path, caplog):
+    frozen = freeze_saved_model(mixed_scale_wide_deep)
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(calibrate_frozen_model(frozen, _calibration_rows()).to_json()))
+    names = frozen.input_node_names(), frozen.output_node_names()
+    with caplog.at_level(logging.INFO, logger="serving_optimiser"):
+        graph_def = TransformGraph(frozen.graph_def, *names,
+                                   f"quantize_matmuls(ranges_file={path}, max_layer_error=1, keep_float={SECOND})")
+    ops = {node.name: node.op for node in graph_def.node}
+    assert FIRST not in ops and ops["StatefulPartitionedCall/BiasAdd"] == QUANTIZED_OP  # under max_layer_error=1
+    assert ops[SECOND] == "MatMul"
+    assert f"MatMul '{SECOND}' stays float: keep_float names it" in caplog.text
+    assert f"MatMul '{FIRST}' stays float" not in caplog.text
+    with pytest.raises(TransformError, match="max_layer_error must be positive, got 0"):
+        TransformGraph(frozen.graph_def, *names, "quantize_matmuls(max_layer_error=0)")
