@@ -98,7 +98,7 @@ def test_without_the_guard_the_layer_costs_classes_and_the_fallback_restores_the
 def test_fallback_that_cannot_reach_the_minimum_writes_nothing(mixed_scale_wide_deep, tmp_path):
     # Rounding the weights to 2 levels is a loss no int8 layer explains: every layer goes back, then it fails.
     destructive = "round_weights(num_steps=2) " + GUARD_OFF
-    with pytest.raises(AgreementError, match="with every calibrated layer back to float; .* not written") as caught:
+    with pytest.raises(AgreementError, match=r"with every calibrated layer back to float; .* not written") as caught:
         optimise_saved_model(mixed_scale_wide_deep, tmp_path / "out", destructive, min_agreement=0.995,
                              calibration_inputs=_calibration_rows(), sample_inputs=_held_out_rows())
     step = next(s for s in caught.value.report["calibration"] if s["transform"] == "quantize_matmuls")
@@ -180,7 +180,7 @@ def test_bad_calibration_inputs_are_one_line_errors(mixed_scale_wide_deep, tmp_p
     with pytest.raises(SavedModelError, match="array 'weight' feeds no calibrated signature input"):
         optimise_saved_model(mixed_scale_wide_deep, tmp_path / "out", CALIBRATED_INT8,
                              calibration_inputs=tmp_path / "extra.npz")
-    with pytest.raises(SavedModelError, match="nowhere.npz: no such calibration inputs file"):
+    with pytest.raises(SavedModelError, match=r"nowhere\.npz: no such calibration inputs file"):
         optimise_saved_model(mixed_scale_wide_deep, tmp_path / "out", CALIBRATED_INT8,
                              calibration_inputs=tmp_path / "nowhere.npz")
     assert not (tmp_path / "out").exists()
