@@ -247,12 +247,12 @@ def cache_dequantized_weights(graph_def: graph_pb2.GraphDef, init_node_names=())
                 trainable=False,
             )
         )
-    # A Dequantize has one output, so its readers read port 0 or wait for it (``^``).
+    # A Dequantize has one output, so its readers read port 0 or wait for it (``^``). The new
+    # nodes join after the renaming, so each Assign still reads its Dequantize.
     read_renames = {}
     for name, read in reads.items():
         read_renames.update({f"{name}:0": read, f"^{name}": f"^{read}"})
-    assigns = [variable_def.initializer_name for variable_def in variable_defs]
-    result = rename_node_inputs(graph_def, read_renames, nodes_to_ignore=assigns, follow_chains=False)
+    result = rename_node_inputs(graph_def, read_renames, follow_chains=False)
     result.node.extend(new_nodes)
     renames = {f"{name}:0": f"{read}:0" for name, read in reads.items()}
     return result, renames, variable_defs
