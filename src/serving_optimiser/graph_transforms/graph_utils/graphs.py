@@ -106,6 +106,7 @@ def remove_unreachable(
     reachable = reachable_names(node_map(graph_def), [*outputs, *keep])
     return filter_nodes(graph_def, lambda node: node.name in reachable)
 
+
 # ---------------------------------------------------------------------------------------------
 # Topological sort, exactly as the C++ SortByExecutionOrder
 # ---------------------------------------------------------------------------------------------
