@@ -25,6 +25,13 @@ def graph_from_text(text: str) -> graph_pb2.GraphDef:
     return text_format.Parse(text, graph_pb2.GraphDef())
 
 
+def graph_of(*nodes) -> graph_pb2.GraphDef:
+    """A GraphDef holding ``nodes`` (NodeDefs, e.g. from ``graph_utils.make_node``), in order."""
+    result = graph_pb2.GraphDef()
+    result.node.extend(nodes)
+    return result
+
+
 def const_text(name: str, values=(1.0, 2.0), dtype: str = "DT_FLOAT", device: str = "") -> str:
     """A 1-D Const node in GraphDef text format, for building graphs with ``graph_from_text``."""
     floats = " ".join(f"float_val: {v}" for v in values)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import tensorflow as tf
+from sample_graphs import NOTEBOOK_TRANSFORMS
 
 from serving_optimiser.graph_transforms.graph_io import load_graph_def
 from serving_optimiser.saved_model import optimise_saved_model
@@ -24,16 +25,7 @@ from serving_optimiser.saved_model.compare import within_rounding
 
 pytestmark = pytest.mark.xdist_group("control_flow_models")
 
-NOTEBOOK = [
-    "remove_nodes(op=Identity)",
-    "fold_constants(ignore_errors=true)",
-    "fold_batch_norms",
-    "fold_old_batch_norms",
-    "round_weights(num_steps=256)",
-    "quantize_weights",
-    "strip_unused_nodes",
-    "sort_by_execution_order",
-]
+NOTEBOOK = list(NOTEBOOK_TRANSFORMS)
 ALL = "all"
 VARIANTS = [*NOTEBOOK, ALL]
 LOSSY = {"round_weights(num_steps=256)", "quantize_weights", ALL}

@@ -15,8 +15,8 @@ from ..graph_transforms.graph_utils import (
     lookup_op_def,
     new_graph_like,
     node_name_from_input,
-    parse_input,
     remove_unreachable,
+    rename_nodes,
 )
 
 # Ops that exist to fail loudly: a control edge to one of them is a check, not an ordering.
@@ -43,25 +43,6 @@ def scope_name(signature_key: str) -> str:
     """A valid node-name scope for a signature key (``serving_default`` stays as it is)."""
     name = _NODE_NAME_INVALID.sub("_", signature_key)
     return name if name and re.match(r"[A-Za-z0-9.]", name) else f"signature_{name}"
-
-
-def _rename_input(input_string: str, renames: dict[str, str]) -> str:
-    is_control, name, port = parse_input(input_string)
-    name = renames.get(name, name)
-    if is_control:
-        return f"^{name}"
-    return name if port == 0 and ":" not in input_string else f"{name}:{port}"
-
-
-def rename_nodes(graph_def: graph_pb2.GraphDef, renames: dict[str, str]) -> graph_pb2.GraphDef:
-    """Rename nodes and every input that refers to them (``^`` and ``:port`` kept)."""
-    result = copy_graph(graph_def)
-    for node in result.node:
-        node.name = renames.get(node.name, node.name)
-        inputs = [_rename_input(i, renames) for i in node.input]
-        del node.input[:]
-        node.input.extend(inputs)
-    return result
 
 
 def prefix_nodes(graph_def: graph_pb2.GraphDef, prefix: str) -> graph_pb2.GraphDef:

@@ -24,7 +24,14 @@ from tensorflow.core.protobuf import meta_graph_pb2
 
 from ..atomic import atomic_directory
 from ..errors import first_line
-from ..graph_transforms.graph_utils import copy_graph, make_node, node_map, parse_input, reachable_names
+from ..graph_transforms.graph_utils import (
+    copy_graph,
+    make_node,
+    node_map,
+    parse_input,
+    reachable_names,
+    rename_node_inputs,
+)
 from ._files import check_output_directory
 from ._surgery import unique_name
 from .errors import SavedModelError, tensorflow_errors
@@ -240,17 +247,12 @@ def cache_dequantized_weights(graph_def: graph_pb2.GraphDef, init_node_names=())
                 trainable=False,
             )
         )
-    result = copy_graph(graph_def)
-    assigns = {f"{variable_def.initializer_name}" for variable_def in variable_defs}
-    for node in result.node:
-        inputs = []
-        for input_string in node.input:
-            is_control, name, _ = parse_input(input_string)
-            if name in reads and node.name not in assigns:
-                input_string = f"^{reads[name]}" if is_control else reads[name]
-            inputs.append(input_string)
-        del node.input[:]
-        node.input.extend(inputs)
+    # A Dequantize has one output, so its readers read port 0 or wait for it (``^``). The new
+    # nodes join after the renaming, so each Assign still reads its Dequantize.
+    read_renames = {}
+    for name, read in reads.items():
+        read_renames.update({f"{name}:0": read, f"^{name}": f"^{read}"})
+    result = rename_node_inputs(graph_def, read_renames, follow_chains=False)
     result.node.extend(new_nodes)
     renames = {f"{name}:0": f"{read}:0" for name, read in reads.items()}
     return result, renames, variable_defs

@@ -16,9 +16,11 @@ from ..graph_utils import (
     OpTypePattern,
     const_value,
     control_inputs,
+    data_inputs,
     make_tensor_proto,
     parse_input,
     pattern,
+    rename_node_inputs,
     replace_matching_op_types,
 )
 
@@ -102,11 +104,13 @@ def replace_matches(
 
     result, _ = replace_matching_op_types(graph_def, op_pattern, generate, allow_inconsistencies=True)
     if renames:
-        for node in result.node:
-            if any(i.startswith("^") and i[1:] in renames for i in node.input):
-                data = [i for i in node.input if not i.startswith("^")]
-                controls = [renames.get(i[1:], i[1:]) for i in node.input if i.startswith("^")]
-                set_inputs(node, data, controls)
+        # Only control inputs move: data readers of the old name were rebuilt by ``build``.
+        control_renames = {f"^{old}": f"^{new}" for old, new in renames.items()}
+        renamed = rename_node_inputs(result, control_renames, follow_chains=False)
+        for before, node in zip(result.node, renamed.node):
+            if before.input != node.input:
+                set_inputs(node, data_inputs(node), [c[1:] for c in control_inputs(node)])
+        result = renamed
     return result, folded
 
 

@@ -16,7 +16,6 @@ from ..graph_utils import (
     make_node,
     new_graph_like,
     node_name_from_input,
-    parse_input,
     pattern,
     rename_node_inputs,
     replace_matching_op_types,
@@ -72,13 +71,14 @@ def quantize_placeholders(graph_def: graph_pb2.GraphDef, input_range: tuple[floa
         renames[node.name] = dequantize.name
     if not renames:
         return graph_def
-    result = new_graph_like(graph_def, nodes)
-    for node in result.node:
-        for index, input_string in enumerate(node.input):
-            is_control, name, port = parse_input(input_string)
-            if not is_control and port == 0 and name in renames and node.name != renames[name]:
-                node.input[index] = renames[name]
-    return result
+    # Data reads of port 0 move to the Dequantize (a Placeholder has no other port); control
+    # inputs keep waiting for the Placeholder, and the Dequantize itself still reads it.
+    return rename_node_inputs(
+        new_graph_like(graph_def, nodes),
+        {f"{name}:0": dequantize for name, dequantize in renames.items()},
+        nodes_to_ignore=renames.values(),
+        follow_chains=False,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

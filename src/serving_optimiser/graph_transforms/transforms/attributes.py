@@ -10,7 +10,7 @@ from tensorflow.core.framework import graph_pb2
 
 from ..context import TransformContext
 from ..errors import TransformError
-from ..graph_utils import fix_colocation_attrs, lookup_op_def, new_graph_like, parse_input
+from ..graph_utils import fix_colocation_attrs, lookup_op_def, new_graph_like, rename_nodes
 from ..registry import register
 
 
@@ -156,15 +156,7 @@ def rename_node(graph_def: graph_pb2.GraphDef, context: TransformContext) -> gra
         raise TransformError(f"rename_node: a node named '{new_name}' already exists")
     if old_name not in names:
         raise TransformError(f"rename_node: no node named '{old_name}' in the graph")
-    result = new_graph_like(graph_def, graph_def.node)
-    for node in result.node:
-        if node.name == old_name:
-            node.name = new_name
-        for index, input_string in enumerate(node.input):
-            is_control, name, _ = parse_input(input_string)
-            if name == old_name:
-                prefix = "^" if is_control else ""
-                node.input[index] = prefix + new_name + input_string[len(prefix) + len(name):]
+    result = rename_nodes(new_graph_like(graph_def, graph_def.node), {old_name: new_name})
     return fix_colocation_attrs(result, {old_name: new_name})
 
 

@@ -9,7 +9,7 @@ from tensorflow.core.framework import graph_pb2
 
 from ..context import TransformContext
 from ..errors import TransformError
-from ..graph_utils import fix_colocation_attrs, new_graph_like, parse_input
+from ..graph_utils import find_invalid_inputs, fix_colocation_attrs, new_graph_like, node_name_from_input, rename_nodes
 from ..registry import register
 
 _DIGITS = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -54,16 +54,12 @@ def obfuscate_names(graph_def: graph_pb2.GraphDef, context: TransformContext) ->
     new_names = {
         node.name: node.name if node.name in protected else next(fresh) for node in graph_def.node
     }
-    result = new_graph_like(graph_def, graph_def.node)
-    for node in result.node:
-        old_name = node.name
-        node.name = new_names[old_name]
-        for index, input_string in enumerate(node.input):
-            is_control, name, _ = parse_input(input_string)
-            if name not in new_names:
-                raise TransformError(
-                    f"obfuscate_names: node '{old_name}' reads '{input_string}', but no node is named '{name}'"
-                )
-            prefix = "^" if is_control else ""
-            node.input[index] = prefix + new_names[name] + input_string[len(prefix) + len(name):]
+    invalid = find_invalid_inputs(graph_def)
+    if invalid:
+        reader, input_string = invalid[0]
+        raise TransformError(
+            f"obfuscate_names: node '{reader}' reads '{input_string}', "
+            f"but no node is named '{node_name_from_input(input_string)}'"
+        )
+    result = rename_nodes(new_graph_like(graph_def, graph_def.node), new_names)
     return fix_colocation_attrs(result, new_names)

@@ -127,9 +127,5 @@ def freeze_requantization_ranges(
                   float_scalar(f"{node.name}/frozen_max", high)]
         renames[f"{node.name}:0"] = f"{node.name}/frozen_min:0"
         renames[f"{node.name}:1"] = f"{node.name}/frozen_max:0"
-    result = rename_node_inputs(new_graph_like(graph_def, nodes), renames)
-    for node in result.node:
-        for index, input_string in enumerate(node.input):
-            if input_string.startswith("^") and input_string[1:] in by_node:
-                node.input[index] = f"^{input_string[1:]}/frozen_min"
-    return result
+        renames[f"^{node.name}"] = f"^{node.name}/frozen_min"
+    return rename_node_inputs(new_graph_like(graph_def, nodes), renames)
