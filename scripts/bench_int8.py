@@ -20,7 +20,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -43,20 +42,19 @@ MODEL_VARIANTS = [
 
 
 def ratios(times: dict[str, list[float]], reference: str = "float") -> dict[str, float]:
-    return {name: statistics.median(a / b for a, b in zip(t, times[reference])) for name, t in times.items()}
+    from serving_optimiser.timing import round_ratio
+
+    return {name: round_ratio([[a] for a in t], [[b] for b in times[reference]]) for name, t in times.items()}
 
 
 def interleaved(candidates: dict, rounds: int, seed: int) -> dict[str, list[float]]:
-    """candidate name -> per-round seconds of ``call()``; every round runs all, in random order."""
-    rng = np.random.default_rng(seed)
-    names = list(candidates)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(rounds):
-        for index in rng.permutation(len(names)):
-            start = time.perf_counter()
-            candidates[names[index]]()
-            times[names[index]].append(time.perf_counter() - start)
-    return times
+    """candidate name -> per-round seconds of ``call()``; every round runs all, in a seeded random
+    order (serving_optimiser.timing, as the latency stages do)."""
+    from serving_optimiser.timing import TimedModel, call_timer, interleaved_rounds
+
+    models = [TimedModel(name, call_timer(call), 0.0) for name, call in candidates.items()]
+    times = interleaved_rounds(models, 0, 1, rounds, np.random.default_rng(seed))
+    return {name: [seconds[0] for seconds in per_round] for name, per_round in times.items()}
 
 
 def layer_benchmark(rounds: int) -> None:
@@ -117,6 +115,7 @@ def model_benchmark(rounds: int, single_calls: int) -> None:
     from serving_optimiser.pipeline.evaluate import gzip_size
     from serving_optimiser.pipeline.export import export_saved_model
     from serving_optimiser.saved_model import SavedModelError, convert_to_saved_model, freeze_saved_model
+    from serving_optimiser.saved_model.compare import compare_outputs
 
     weights = sample_graphs.fit_iris_weights(seed=0)
     features, _ = sample_graphs.iris_samples(100_000, seed=7)
@@ -166,8 +165,8 @@ def model_benchmark(rounds: int, single_calls: int) -> None:
     print(f"  {'candidate':30s} {'100k s':>7s} {'x float':>8s} {'batch-1 ms':>10s} {'x float':>8s} "
           f"{'size B':>9s} {'x float':>8s} {'gzip x':>7s} {'agree':>8s} {'max|dp|':>8s}")
     for name in signatures:
-        agreement = float(np.mean(outputs[name]["class_ids"] == reference["class_ids"]))
-        max_diff = float(np.abs(outputs[name]["probabilities"] - reference["probabilities"]).max())
+        agreement = compare_outputs(reference["class_ids"], outputs[name]["class_ids"])["class_agreement"]
+        max_diff = compare_outputs(reference["probabilities"], outputs[name]["probabilities"])["max_abs_diff"]
         size, gz = sizes[name]
         print(f"  {name:30s} {statistics.median(batch_times[name]):7.3f} {batch_ratios[name]:8.3f} "
               f"{statistics.median(single_times[name]) / per_round * 1000:10.3f} {single_ratios[name]:8.3f} "

@@ -36,6 +36,20 @@ def local_timer(call: Call, inputs: Mapping[int, dict]) -> Timer:
     return timer
 
 
+def call_timer(call: Callable[[], object]) -> Timer:
+    """A timer of a call that holds its own inputs (the batch size is the caller's label only)."""
+
+    def timer(batch: int, calls: int) -> list[float]:
+        seconds = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            call()
+            seconds.append(time.perf_counter() - start)
+        return seconds
+
+    return timer
+
+
 @dataclass
 class TimedModel:
     name: str

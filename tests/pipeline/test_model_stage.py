@@ -72,7 +72,7 @@ def test_a_user_model_becomes_the_spec_and_two_disjoint_seeded_parts(tmp_path, u
 
 
 def test_labels_and_a_class_output(tmp_path, user_model, capsys):
-    saved, samples = user_model
+    _, samples = user_model
     with np.load(samples) as data:
         arrays = dict(data)
     labelled = tmp_path / "labelled.npz"
@@ -102,8 +102,10 @@ BAD = {
                     "array 'image' is float64, signature 'classify' takes float32"),
     "wrong-shape": (lambda tmp, m: {"samples": npz(tmp, "shape.npz", image=np.zeros((4, 8, 8), np.float32))},
                     "array 'image' has shape [4, 8, 8], signature 'classify' takes ['?', 8, 8, 1]"),
-    "unknown-class-output": (lambda tmp, m: {"class_output": "logits"},
-                             "'model.class_output' = logits: no such output of signature 'classify' (has probabilities)"),
+    "unknown-class-output": (
+        lambda tmp, m: {"class_output": "logits"},
+        "'model.class_output' = logits: no such output of signature 'classify' (has probabilities)",
+    ),
     "missing-labels": (lambda tmp, m: {"labels": "label"}, "'model.labels' = label: no such array in"),
     "not-an-npz": (lambda tmp, m: {"samples": str(m[0] / "saved_model.pb")}, "must be an .npz file"),
     "unknown-source": (lambda tmp, m: {"source": "onnx"}, "'model.source' = 'onnx' is not one of iris, saved_model"),
@@ -159,7 +161,7 @@ def test_the_iris_spec_comes_from_the_export_and_keeps_its_figures(tiny_export, 
     section = yaml.safe_load((ROOT / "params.yaml").read_text())["model"]
     model = ModelSection.from_section(section)
     model = ModelSection(**{**model.__dict__, "path": tiny_export, "samples": prepared})
-    spec, calibration, evaluation, labels = iris_samples(model, LABEL_VOCABULARY)
+    spec, _, evaluation, labels = iris_samples(model, LABEL_VOCABULARY)
     assert spec.signature == "predict" and spec.input_order == FEATURE_NAMES
     assert spec.compared == ["class_ids", "probabilities"] and spec.diff_output == "probabilities"
     assert set(spec.outputs) == {"class_ids", "classes", "logits", "probabilities"}

@@ -1,6 +1,8 @@
 """The convert_peer stage: one peer artefact of the exported model, or, where the peer's converter
-cannot convert this model, a directory holding one line that says why (the evaluate, latency and
-report stages pass it on, and the pipeline goes on with the other models)."""
+cannot convert this model (it refuses, or what it writes does not answer valid outputs: NaN, wrong
+shapes), a directory holding one line that says why (the evaluate, latency and report stages pass
+it on, and the pipeline goes on with the other models). Every peer converts the Iris export, so
+there a failure still stops the stage."""
 
 from __future__ import annotations
 
@@ -20,8 +22,11 @@ def convert_peer_stage(spec, exported: Path, samples_dir: Path, out: Path) -> st
         raise UserError(f"--out {out}: the directory must be named after the peer '{spec.name}'")
     samples = Samples.load(samples_dir)
     model = samples.spec
+    expected = {k: v for k, v in model.expected().items() if v[0] != "string" or k == "classes"}
     try:
         files = model_files(spec, exported, samples.calibration, model.signature)
+        written = convert_peer(spec, exported, out.parent, samples.calibration, model.label_vocabulary,
+                               model.signature, expected, files)
     except UserError as error:
         if model.source == "iris":
             raise  # every peer converts the Iris export: a failure there is a regression
@@ -29,8 +34,5 @@ def convert_peer_stage(spec, exported: Path, samples_dir: Path, out: Path) -> st
         with atomic_directory(out) as temporary:
             (temporary / UNSUPPORTED_FILE).write_text(reason + "\n")
         return f"convert_peer: {spec.name} cannot convert this model: {reason}"
-    expected = {k: v for k, v in model.expected().items() if v[0] != "string" or k == "classes"}
-    written = convert_peer(spec, exported, out.parent, samples.calibration, model.label_vocabulary, model.signature,
-                           expected, files)
     size = sum(path.stat().st_size for path in written.parent.iterdir())
     return f"convert_peer: {spec.name} ({spec.format}, {spec.quantization}) -> {written} ({size} bytes)"

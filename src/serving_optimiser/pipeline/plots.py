@@ -168,8 +168,8 @@ def read_rows(path: str | os.PathLike) -> list[Row]:
             rows = json.loads(path.read_text())
         except json.JSONDecodeError as error:
             raise UserError(f"{path}: not valid JSON ({error})") from None
-        # Also {model: {field: value}} (evaluate.json's shape): each entry becomes a row whose
-        # "model" is its key, so a chart can point at either file.
+        # Also {model: {field: value}} (an object keyed by model): each entry becomes a row whose
+        # "model" is its key, so a chart can point at either shape.
         if isinstance(rows, dict) and rows and all(isinstance(row, dict) for row in rows.values()):
             rows = [{"model": name} | row for name, row in rows.items()]
         if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
