@@ -57,7 +57,7 @@ def gather(models: list[str], details_dir: Path, latency_details_dir: Path) -> d
     """One flat record per model, the exported model first (and the export with oneDNN forced on,
     where it was timed), from the evaluate and latency stages' detail files (full precision)."""
     exported = _read(details_dir / f"{REFERENCE}.json")
-    exported.update(size_ratio=1.0, agreement=1.0, max_dp=0.0)
+    exported.update(size_ratio=1.0, max_dp=0.0)
     timed: dict[str, dict] = {}
     yardsticks: dict[str, list[dict]] = {name: [] for name in YARDSTICKS}
     last_latency = None
@@ -75,6 +75,12 @@ def gather(models: list[str], details_dir: Path, latency_details_dir: Path) -> d
         last_latency = latency
     # The peers whose converters cannot convert this model: one line each in the summary.
     exported["unsupported"] = unsupported
+    # The export against itself, in the figures the other models have (class agreement only for a
+    # model with a class output).
+    if any("agreement" in record for record in timed.values()) or not timed:
+        exported["agreement"] = 1.0
+    if any("max_rel_diff" in record for record in timed.values()):
+        exported["max_rel_diff"] = 0.0
     records: dict[str, dict] = {REFERENCE: exported}
     if last_latency is None:
         exported.update(batch_ratio=1.0, batch1_p50_ratio=1.0)
@@ -205,17 +211,21 @@ def results_table(records: dict[str, dict]) -> str:
     sizes = _sizes(records)
     big = batch_label(int(sizes[-1])) if sizes else "100k"
     small = batch_label(int(sizes[0])) if sizes else "1"
+    relative = any("max_rel_diff" in r for r in records.values())
     header = (
         "| model | size KB | size ratio | gzip KB | eval accuracy | agreement (100k) | max \\|Δp\\| (100k) "
-        f"| {big}-row call ms | ratio | batch-{small} p50 ms | ratio |"
+        + ("| max \\|Δ\\| / range " if relative else "")
+        + f"| {big}-row call ms | ratio | batch-{small} p50 ms | ratio |"
     )
-    lines = [header, "|" + "---|" * 11]
+    lines = [header, "|" + "---|" * (12 if relative else 11)]
     for name, r in records.items():
+        accuracy = f"{r['eval_accuracy']:.3f}" if "eval_accuracy" in r else "—"
+        agreement = f"{r['agreement']:.3%}" if "agreement" in r else "—"
         lines.append(
             f"| {name} | {r['size_bytes'] / 1024:.1f} | {r['size_ratio']:.3f} | {r['gzip_bytes'] / 1024:.1f} "
-            f"| {r.get('eval_accuracy', float('nan')):.3f} | {r.get('agreement', float('nan')):.3%} "
-            f"| {r['max_dp']:.4f} "
-            f"| {r.get('batch_ms', float('nan')):.0f} | {r.get('batch_ratio', float('nan')):.3f} "
+            f"| {accuracy} | {agreement} | {r['max_dp']:.4f} "
+            + (f"| {r['max_rel_diff']:.4%} " if relative else "")
+            + f"| {r.get('batch_ms', float('nan')):.0f} | {r.get('batch_ratio', float('nan')):.3f} "
             f"| {r.get('batch1_p50_ms', float('nan')):.3f} | {r.get('batch1_p50_ratio', float('nan')):.3f} |"
         )
     return "\n".join(lines)
