@@ -307,6 +307,25 @@ def chart_spec(chart: Chart, rows: Sequence[Row], models: Sequence[str] = ()) ->
     return spec
 
 
+def drawable_charts(charts: Iterable[Chart], root: str | os.PathLike = ".") -> tuple[list[Chart], list[str]]:
+    """The charts whose data this run has, and a line for each one it has not: a model the
+    pipeline did not train has no training curves, and one without a class output no class
+    agreement (every row's value null). Anything else wrong with the data still fails the chart."""
+    drawn, skipped = [], []
+    for chart in charts:
+        path = Path(root) / chart.file
+        if not path.is_file():
+            skipped.append(f"{chart.name}: no {chart.file} in this run")
+            continue
+        if path.suffix == ".json":
+            rows = read_rows(path)
+            if rows and all(row.get(chart.y) is None for row in rows):
+                skipped.append(f"{chart.name}: no model has a value for {chart.y} in {chart.file}")
+                continue
+        drawn.append(chart)
+    return drawn, skipped
+
+
 def build_specs(charts: Iterable[Chart], root: str | os.PathLike = ".") -> dict[str, dict]:
     """Vega-Lite spec of every chart, keyed by chart name, reading each data file once."""
     charts = list(charts)
