@@ -98,6 +98,11 @@ BAD = {
                           "'model.signature' = serving_default: no such signature in"),
     "npz-lacks-input": (lambda tmp, m: {"samples": npz(tmp, "other.npz", pixels=np.zeros((4, 8, 8, 1), np.float32))},
                         "'model.samples' = {tmp}/other.npz: array 'pixels' is no input of signature 'classify'"),
+    "npz-without-the-input": (
+        lambda tmp, m: {"samples": npz(tmp, "labels-only.npz", label=np.zeros(4, np.int64)), "labels": "label",
+                        "class_output": OUTPUT},
+        "'model.samples' = {tmp}/labels-only.npz: no array for signature 'classify' input(s) image (has none)",
+    ),
     "wrong-dtype": (lambda tmp, m: {"samples": npz(tmp, "f64.npz", image=np.zeros((4, 8, 8, 1)))},
                     "array 'image' is float64, signature 'classify' takes float32"),
     "wrong-shape": (lambda tmp, m: {"samples": npz(tmp, "shape.npz", image=np.zeros((4, 8, 8), np.float32))},
