@@ -17,7 +17,6 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--template-only", action="store_true", help="write only the DVC template (needs no data)")
     args = parser.parse_args(argv)
 
-    from serving_optimiser.errors import UserError
     from serving_optimiser.pipeline.plots import (
         DEFAULT_CHARTS,
         drawable_charts,
@@ -35,8 +34,6 @@ def main(argv: list[str]) -> None:
     charts, skipped = drawable_charts(DEFAULT_CHARTS, args.root)
     for line in skipped:
         print(f"plots: skipped {line}")
-    if not charts:
-        raise UserError(f"{args.root}: no plot data (run the pipeline first: make all)")
     outputs = write_plots(charts, root=args.root, html_path=args.html, image_dir=args.image_dir, formats=formats,
                           dvc_template_path=args.dvc_template, title="serving_optimiser: results of the pipeline")
     for path in [outputs.html, *outputs.images, outputs.dvc_template]:

@@ -323,6 +323,10 @@ def test_charts_without_data_in_this_run_are_skipped_with_a_line(tmp_path):
     assert sorted(chart.name for chart in charts) == ["batch1_latency", "batch_curve", "size_vs_latency"]
     assert "size_vs_agreement: no model has a value for agreement in metrics/plots.json" in skipped
     assert any(line.startswith("training_loss: no dvclive/") for line in skipped)
+    (tmp_path / "metrics" / "batch_curve.json").unlink()  # a metrics file missing is an error, not a skip
+    assert "batch_curve" in [chart.name for chart in drawable_charts(DEFAULT_CHARTS, tmp_path)[0]]
+    (tmp_path / "metrics" / "batch_curve.json").write_text(json.dumps(
+        [{"model": "exported", "batch_size": 1, "per_row_us": 5.0, "p50_ms": 0.005, "ratio": 1.0}]))
     assert set(build_specs(charts, tmp_path)) == {"batch1_latency", "batch_curve", "size_vs_latency"}
     rows[1]["agreement"] = 0.99  # one model has it, one has not: that is broken data, not a missing chart
     (tmp_path / "metrics" / "plots.json").write_text(json.dumps(rows))
