@@ -62,6 +62,7 @@ def layer_benchmark(rounds: int) -> None:
 
     from serving_optimiser.graph_transforms import TransformGraph
     from serving_optimiser.graph_transforms.transforms.quantize_matmuls import calibrate_ranges
+    from serving_optimiser.saved_model.compare import compare_outputs
 
     rng = np.random.default_rng(0)
     rows, width = 100_000, 512
@@ -100,7 +101,7 @@ def layer_benchmark(rounds: int) -> None:
     print(f"  {'candidate':30s} {'median s':>9s} {'x float':>8s} {'max |err|':>10s}")
     layer_ratios = ratios(times)
     for name in graphs:
-        error = float(np.abs(results[name] - results["float"]).max())
+        error = compare_outputs(results["float"], results[name])["max_abs_diff"]
         print(f"  {name:30s} {statistics.median(times[name]):9.3f} {layer_ratios[name]:8.3f} {error:10.4f}")
     for session in sessions.values():
         session.close()
@@ -185,6 +186,7 @@ def mobilenet_benchmark(rounds: int) -> None:
 
     from serving_optimiser.graph_transforms import TransformGraph
     from serving_optimiser.graph_transforms.transforms.quantize_matmuls import calibrate_ranges
+    from serving_optimiser.saved_model.compare import compare_outputs
 
     print(f"\nMobileNetV2 (frozen Keras, random weights, fold_batch_norms), {rounds} interleaved rounds; "
           "ranges calibrated on 2 batches of other images")
@@ -213,14 +215,15 @@ def mobilenet_benchmark(rounds: int) -> None:
         calls = {n: functools.partial(s.run, logits, feed) for n, s in sessions.items()}
         times = interleaved(calls, rounds, seed=4)
         expected, actual = results["float"], results["int8"]
+        compared = compare_outputs(expected, actual)
         top5 = np.argsort(-expected, axis=1)[:, :5]
         top5_hits = np.mean([row in top for row, top in zip(actual.argmax(1), top5)])
         quantised = sum(n.op.startswith("QuantizedConv2D") or n.op.startswith("QuantizedDepthwise") for n in int8.node)
         convs = sum(n.op in ("Conv2D", "DepthwiseConv2dNative") for n in prepared.node)
         print(f"  {f'alpha {alpha}, {size}x{size}':22s} {batch:5d} {statistics.median(times['float']) * 1e3:9.1f} "
               f"{statistics.median(times['int8']) * 1e3:8.1f} {ratios(times)['int8']:8.3f} "
-              f"{np.mean(expected.argmax(1) == actual.argmax(1)) * 100:6.1f}% {top5_hits * 100:6.1f}% "
-              f"{np.abs(actual - expected).max() / np.abs(expected).max():16.4f} {quantised:4d} of {convs}")
+              f"{compared['class_agreement'] * 100:6.1f}% {top5_hits * 100:6.1f}% "
+              f"{compared['max_abs_diff'] / np.abs(expected).max():16.4f} {quantised:4d} of {convs}")
         for session in sessions.values():
             session.close()
 
