@@ -66,7 +66,7 @@ push: setup ## Push DVC-tracked artefacts to the default remote
 pull: setup ## Pull the committed artefacts from the default remote (no retraining), or say why not
 	@python scripts/pull.py
 
-metrics: setup ## Show the current metrics (all of them: dvc metrics show)
+metrics: setup ## Print reports/summary.md: every model's figures, the best per objective, the machine
 	@python scripts/show_results.py
 
 metrics-diff: setup ## Metrics and params against BASE (default main) as markdown

@@ -20,7 +20,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -43,20 +42,19 @@ MODEL_VARIANTS = [
 
 
 def ratios(times: dict[str, list[float]], reference: str = "float") -> dict[str, float]:
-    return {name: statistics.median(a / b for a, b in zip(t, times[reference])) for name, t in times.items()}
+    from serving_optimiser.timing import round_ratio
+
+    return {name: round_ratio([[a] for a in t], [[b] for b in times[reference]]) for name, t in times.items()}
 
 
 def interleaved(candidates: dict, rounds: int, seed: int) -> dict[str, list[float]]:
-    """candidate name -> per-round seconds of ``call()``; every round runs all, in random order."""
-    rng = np.random.default_rng(seed)
-    names = list(candidates)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(rounds):
-        for index in rng.permutation(len(names)):
-            start = time.perf_counter()
-            candidates[names[index]]()
-            times[names[index]].append(time.perf_counter() - start)
-    return times
+    """candidate name -> per-round seconds of ``call()``; every round runs all, in a seeded random
+    order (serving_optimiser.timing, as the latency stages do)."""
+    from serving_optimiser.timing import TimedModel, call_timer, interleaved_rounds
+
+    models = [TimedModel(name, call_timer(call), 0.0) for name, call in candidates.items()]
+    times = interleaved_rounds(models, 0, 1, rounds, np.random.default_rng(seed))
+    return {name: [seconds[0] for seconds in per_round] for name, per_round in times.items()}
 
 
 def layer_benchmark(rounds: int) -> None:
@@ -64,6 +62,7 @@ def layer_benchmark(rounds: int) -> None:
 
     from serving_optimiser.graph_transforms import TransformGraph
     from serving_optimiser.graph_transforms.transforms.quantize_matmuls import calibrate_ranges
+    from serving_optimiser.saved_model.compare import compare_outputs
 
     rng = np.random.default_rng(0)
     rows, width = 100_000, 512
@@ -102,7 +101,7 @@ def layer_benchmark(rounds: int) -> None:
     print(f"  {'candidate':30s} {'median s':>9s} {'x float':>8s} {'max |err|':>10s}")
     layer_ratios = ratios(times)
     for name in graphs:
-        error = float(np.abs(results[name] - results["float"]).max())
+        error = compare_outputs(results["float"], results[name])["max_abs_diff"]
         print(f"  {name:30s} {statistics.median(times[name]):9.3f} {layer_ratios[name]:8.3f} {error:10.4f}")
     for session in sessions.values():
         session.close()
@@ -117,6 +116,7 @@ def model_benchmark(rounds: int, single_calls: int) -> None:
     from serving_optimiser.pipeline.evaluate import gzip_size
     from serving_optimiser.pipeline.export import export_saved_model
     from serving_optimiser.saved_model import SavedModelError, convert_to_saved_model, freeze_saved_model
+    from serving_optimiser.saved_model.compare import compare_outputs
 
     weights = sample_graphs.fit_iris_weights(seed=0)
     features, _ = sample_graphs.iris_samples(100_000, seed=7)
@@ -166,8 +166,8 @@ def model_benchmark(rounds: int, single_calls: int) -> None:
     print(f"  {'candidate':30s} {'100k s':>7s} {'x float':>8s} {'batch-1 ms':>10s} {'x float':>8s} "
           f"{'size B':>9s} {'x float':>8s} {'gzip x':>7s} {'agree':>8s} {'max|dp|':>8s}")
     for name in signatures:
-        agreement = float(np.mean(outputs[name]["class_ids"] == reference["class_ids"]))
-        max_diff = float(np.abs(outputs[name]["probabilities"] - reference["probabilities"]).max())
+        agreement = compare_outputs(reference["class_ids"], outputs[name]["class_ids"])["class_agreement"]
+        max_diff = compare_outputs(reference["probabilities"], outputs[name]["probabilities"])["max_abs_diff"]
         size, gz = sizes[name]
         print(f"  {name:30s} {statistics.median(batch_times[name]):7.3f} {batch_ratios[name]:8.3f} "
               f"{statistics.median(single_times[name]) / per_round * 1000:10.3f} {single_ratios[name]:8.3f} "
@@ -186,6 +186,7 @@ def mobilenet_benchmark(rounds: int) -> None:
 
     from serving_optimiser.graph_transforms import TransformGraph
     from serving_optimiser.graph_transforms.transforms.quantize_matmuls import calibrate_ranges
+    from serving_optimiser.saved_model.compare import compare_outputs
 
     print(f"\nMobileNetV2 (frozen Keras, random weights, fold_batch_norms), {rounds} interleaved rounds; "
           "ranges calibrated on 2 batches of other images")
@@ -214,14 +215,15 @@ def mobilenet_benchmark(rounds: int) -> None:
         calls = {n: functools.partial(s.run, logits, feed) for n, s in sessions.items()}
         times = interleaved(calls, rounds, seed=4)
         expected, actual = results["float"], results["int8"]
+        compared = compare_outputs(expected, actual)
         top5 = np.argsort(-expected, axis=1)[:, :5]
         top5_hits = np.mean([row in top for row, top in zip(actual.argmax(1), top5)])
         quantised = sum(n.op.startswith("QuantizedConv2D") or n.op.startswith("QuantizedDepthwise") for n in int8.node)
         convs = sum(n.op in ("Conv2D", "DepthwiseConv2dNative") for n in prepared.node)
         print(f"  {f'alpha {alpha}, {size}x{size}':22s} {batch:5d} {statistics.median(times['float']) * 1e3:9.1f} "
               f"{statistics.median(times['int8']) * 1e3:8.1f} {ratios(times)['int8']:8.3f} "
-              f"{np.mean(expected.argmax(1) == actual.argmax(1)) * 100:6.1f}% {top5_hits * 100:6.1f}% "
-              f"{np.abs(actual - expected).max() / np.abs(expected).max():16.4f} {quantised:4d} of {convs}")
+              f"{compared['class_agreement'] * 100:6.1f}% {top5_hits * 100:6.1f}% "
+              f"{compared['max_abs_diff'] / np.abs(expected).max():16.4f} {quantised:4d} of {convs}")
         for session in sessions.values():
             session.close()
 

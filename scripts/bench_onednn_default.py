@@ -4,8 +4,9 @@ Zen 2/3, Intel Skylake-SP and older): the float export as TensorFlow serves it t
 needs it), at a large batch and at batch 1.
 
 The oneDNN setting is fixed per process, so each configuration runs in a child process of its
-own, all three alive at once; the rounds interleave them in a seeded random order, and ratios are
-medians of per-round ratios to the default-off export, as the latency stages do. On a CPU whose
+own (the latency stages' worker, serving_optimiser.pipeline.latency.WorkerModel), all three alive
+at once; the rounds interleave them in a seeded random order and ratios are medians of per-round
+ratios to the default-off export: the latency stages' timing, serving_optimiser.timing. On a CPU whose
 default is on (VNNI, BF16, AMX), TF_ENABLE_ONEDNN_OPTS=0 emulates the off default and
 ``--isa AVX2`` (ONEDNN_MAX_CPU_ISA) the AVX2 kernels.
 
@@ -14,12 +15,7 @@ Not a pipeline stage: a measurement to run by hand after `make all`, e.g.
 """
 
 import argparse
-import json
 import os
-import statistics
-import subprocess
-import sys
-import time
 
 from serving_optimiser.pipeline.stage import run_stage
 
@@ -27,90 +23,46 @@ CONFIGURATIONS = (("export, oneDNN off (default there)", "exported", "0"), ("exp
                   ("int8, oneDNN on", "int8", "1"))
 
 
-def child(model_dir: str, data: str, rows: int, seed: int) -> None:
-    """Load one model, warm it up, then time what the parent asks for, one JSON line per answer."""
-    from serving_optimiser.runtime import quiet_tensorflow
-
-    quiet_tensorflow()
-    import tensorflow as tf
-
-    from serving_optimiser.pipeline.data import read_iris_csv, sample_around
-
-    predict = tf.saved_model.load(model_dir).signatures["predict"]
-    batch = {k: tf.constant(v) for k, v in sample_around(read_iris_csv(data), rows, seed).items()}
-    single = {k: v[:1] for k, v in batch.items()}
-
-    def timed(features) -> float:
-        start = time.perf_counter()
-        predict(**features)["probabilities"].numpy()
-        return time.perf_counter() - start
-
-    for _ in range(3):
-        timed(batch)
-    for _ in range(50):
-        timed(single)
-    print(json.dumps({"ready": True}), flush=True)
-    for line in sys.stdin:
-        kind, count = line.split()
-        seconds = [timed(batch if kind == "batch" else single) for _ in range(int(count))]
-        print(json.dumps({"seconds": statistics.median(seconds)}), flush=True)
-
-
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--exported", default="models/exported")
     parser.add_argument("--int8", default="models/converted/int8")
-    parser.add_argument("--data", default="data/prepared/eval.csv", help="rows the batch is drawn around")
+    parser.add_argument("--samples", default="data/samples", help="the model stage's rows, the batch is drawn around")
     parser.add_argument("--isa", help="ONEDNN_MAX_CPU_ISA for every child (e.g. AVX2); default: the CPU's own")
     parser.add_argument("--batch-rows", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--single-calls", type=int, default=100, help="batch-1 calls per model per round")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child:
-        child(args.child, args.data, args.batch_rows, args.seed)
-        return
 
-    import numpy as np
+    from pathlib import Path
 
+    from serving_optimiser.pipeline.latency import WorkerModel
     from serving_optimiser.pipeline.machine import describe_machine, machine_line
+    from serving_optimiser.timing import TimedModel, measure_side_by_side
 
-    paths = {"exported": args.exported, "int8": args.int8}
-    children = []
-    for _, model, onednn in CONFIGURATIONS:
-        env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn, "TF_CPP_MIN_LOG_LEVEL": "3"}
-        if args.isa:
-            env["ONEDNN_MAX_CPU_ISA"] = args.isa
-        command = [sys.executable, __file__, "--child", paths[model], "--data", args.data,
-                   "--batch-rows", str(args.batch_rows), "--seed", str(args.seed)]
-        children.append(subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
-    for process in children:
-        json.loads(process.stdout.readline())
-
-    def ask(process, request: str) -> float:
-        process.stdin.write(request + "\n")
-        process.stdin.flush()
-        return json.loads(process.stdout.readline())["seconds"]
-
-    rng = np.random.default_rng(args.seed)
-    times = {"batch": [[] for _ in children], "single": [[] for _ in children]}
-    for round_index in range(args.rounds):
-        for kind, request in (("batch", "batch 1"), ("single", f"single {args.single_calls}")):
-            for index in rng.permutation(len(children)):
-                times[kind][index].append(ask(children[index], request))
-        print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr)
-    for process in children:
-        process.stdin.close()
-        process.wait()
+    paths = {"exported": Path(args.exported), "int8": Path(args.int8)}
+    workers = []
+    try:
+        for _, model, onednn in CONFIGURATIONS:
+            env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn, "TF_CPP_MIN_LOG_LEVEL": "3"}
+            if args.isa:
+                env["ONEDNN_MAX_CPU_ISA"] = args.isa
+            workers.append(WorkerModel(paths[model], Path(args.samples), args.batch_rows, args.seed, env))
+        models = [TimedModel(label, worker.timer, worker.load_seconds)
+                  for (label, _, _), worker in zip(CONFIGURATIONS, workers, strict=True)]
+        calls = {1: args.single_calls, args.batch_rows: 1}
+        measured = measure_side_by_side(models, sorted(calls), args.rounds, calls.get, args.seed)
+    finally:
+        for worker in workers:
+            worker.close()
 
     print(f"CPU: {machine_line(describe_machine())}; children: ONEDNN_MAX_CPU_ISA={args.isa or 'default'}")
     print(f"{'configuration':<36} {args.batch_rows}-row ms   ratio   batch-1 p50 ms   ratio")
-    for index, (label, _, _) in enumerate(CONFIGURATIONS):
-        ratios = {kind: statistics.median(a / b for a, b in zip(times[kind][index], times[kind][0], strict=True))
-                  for kind in times}
-        print(f"{label:<36} {statistics.median(times['batch'][index]) * 1000:>12.0f} {ratios['batch']:>7.3f} "
-              f"{statistics.median(times['single'][index]) * 1000:>16.3f} {ratios['single']:>7.3f}")
+    for label, _, _ in CONFIGURATIONS:
+        batch, single = measured[label]["batches"][str(args.batch_rows)], measured[label]["batches"]["1"]
+        print(f"{label:<36} {batch['p50_ms']:>12.0f} {batch['ratio']:>7.3f} "
+              f"{single['p50_ms']:>16.3f} {single['ratio']:>7.3f}")
 
 
 if __name__ == "__main__":

@@ -71,20 +71,18 @@ def measure_latency(exported: Path, base: Path, repeats: int = 7, calls: int = 2
         image = tf.constant(np.random.default_rng(0).standard_normal((1, 96, 96, 3)).astype(np.float32))
         function(**{input_key: image})
         functions[label] = (function, image, time.perf_counter() - start)
-    medians: dict[str, list[float]] = {label: [] for label in functions}
-    for _ in range(repeats):  # interleaved, so machine drift hits every variant alike
-        for label, (function, image, _) in functions.items():
-            feeds = {input_key: image}
-            for _ in range(10):
-                function(**feeds)
-            times = []
-            for _ in range(calls):
-                start = time.perf_counter()
-                function(**feeds)
-                times.append(time.perf_counter() - start)
-            medians[label].append(1000 * float(np.median(times)))
+    from serving_optimiser.timing import TimedModel, call_timer, measure_side_by_side
+
+    # Interleaved in a seeded order, ratios the median of per-round ratios: the latency stages' timing.
+    models = [
+        TimedModel(label, call_timer(lambda f=function, i=image: f(**{input_key: i})), load_s)
+        for label, (function, image, load_s) in functions.items()
+    ]
+    measured = measure_side_by_side(models, [1], repeats, lambda batch: calls, seed=0)
     for label, (_, _, load_s) in functions.items():
-        print(f"latency {label:<28} load+first call {load_s:.2f} s, batch-1 p50 {np.median(medians[label]):.3f} ms")
+        single = measured[label]["batches"]["1"]
+        print(f"latency {label:<28} load+first call {load_s:.2f} s, batch-1 p50 {single['p50_ms']:.3f} ms "
+              f"({single['ratio']:.3f} x the export)")
 
 
 def main(argv: list[str]) -> int:

@@ -11,16 +11,9 @@ the SavedModel timed in the same round, as evaluate does.
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from serving_optimiser.pipeline.stage import run_stage
-
-
-def timed(predictor, features) -> float:
-    start = time.perf_counter()
-    predictor(features)
-    return time.perf_counter() - start
 
 
 def main(argv: list[str]) -> None:
@@ -50,19 +43,21 @@ def main(argv: list[str]) -> None:
         tf.config.threading.set_inter_op_parallelism_threads(1)
 
     from serving_optimiser.errors import UserError
-    from serving_optimiser.peers import load_predictor
+    from serving_optimiser.peers.predictor import load_predictor
     from serving_optimiser.pipeline.data import read_iris_csv, sample_around
     from serving_optimiser.pipeline.evaluate import gzip_size
     from serving_optimiser.pipeline.machine import describe_machine
-    from serving_optimiser.pipeline.params import load_params, require_list, section
+    from serving_optimiser.pipeline.params import PipelineParams
+    from serving_optimiser.saved_model.compare import compare_outputs
+    from serving_optimiser.timing import TimedModel, interleaved_rounds, local_timer, round_ratio
 
-    vocabulary = require_list(section(load_params(args.params), "data", args.params), "label_vocabulary", str, "data")
+    vocabulary = PipelineParams.load(args.params).label_vocabulary()
     peers_dir = Path(args.peers_dir)
     if not peers_dir.is_dir():
         raise UserError(f"{peers_dir}: no such directory (run the convert_peer stages first)")
     directories = {"tf_exported": Path(args.exported)} | {p.name: p for p in sorted(peers_dir.iterdir()) if p.is_dir()}
     predictors = {
-        name: load_predictor(path, threads=args.threads, label_vocabulary=vocabulary)
+        name: load_predictor(path, threads=args.threads, label_vocabulary=vocabulary, signature="predict")
         for name, path in directories.items()
     }
     frame = read_iris_csv(args.data, vocabulary)
@@ -74,19 +69,17 @@ def main(argv: list[str]) -> None:
         outputs[name] = predictor.checked(batch, vocabulary)
         for _ in range(20):
             predictor(single)
+    # The latency stages' way of timing (serving_optimiser.timing): rounds in a seeded order, ratios
+    # the median of per-round ratios to the export.
+    inputs = {args.batch_rows: batch, 1: single}
+    models = [TimedModel(name, local_timer(predictor, inputs), predictor.load_seconds)
+              for name, predictor in predictors.items()]
     names = list(predictors)
     rng = np.random.default_rng(args.seed)
-    batch_times = {name: [] for name in names}
-    single_times = {name: [] for name in names}
-    for round_index in range(args.rounds):
-        for index in rng.permutation(len(names)):
-            batch_times[names[index]].append(timed(predictors[names[index]], batch))
-        print(f"bench_peers: {args.batch_rows}-row round {round_index + 1}/{args.rounds}", file=sys.stderr)
+    batch_times = interleaved_rounds(models, args.batch_rows, 1, args.rounds, rng)
+    print(f"bench_peers: {args.rounds} rounds of one {args.batch_rows}-row call done", file=sys.stderr)
     calls = max(1, args.single_calls // args.rounds)
-    for _ in range(args.rounds):
-        for index in rng.permutation(len(names)):
-            predictor = predictors[names[index]]
-            single_times[names[index]].append([timed(predictor, single) for _ in range(calls)])
+    single_times = interleaved_rounds(models, 1, calls, args.rounds, rng)
 
     reference = outputs["tf_exported"]
     rounds = f"{args.rounds} rounds, {calls * args.rounds} batch-1 calls"
@@ -100,15 +93,14 @@ def main(argv: list[str]) -> None:
         path = directories[name]
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
         singles = np.concatenate(single_times[name]) * 1000
-        batch_ratio = statistics.median(a / b for a, b in zip(batch_times[name], batch_times["tf_exported"]))
-        p50_ratio = statistics.median(
-            float(np.median(a)) / float(np.median(b)) for a, b in zip(single_times[name], single_times["tf_exported"])
-        )
-        agreement = float(np.mean(outputs[name]["class_ids"] == reference["class_ids"]))
-        max_diff = float(np.max(np.abs(outputs[name]["probabilities"] - reference["probabilities"])))
+        batch_ratio = round_ratio(batch_times[name], batch_times["tf_exported"])
+        p50_ratio = round_ratio(single_times[name], single_times["tf_exported"])
+        # The comparison optimise_saved_model and the evaluate stages report (saved_model.compare).
+        agreement = compare_outputs(reference["class_ids"], outputs[name]["class_ids"])["class_agreement"]
+        max_diff = compare_outputs(reference["probabilities"], outputs[name]["probabilities"])["max_abs_diff"]
         print(
             f"{name:<20} {size:>10} {gzip_size(path):>10} {predictors[name].load_seconds:>7.3f} "
-            f"{statistics.median(batch_times[name]) * 1000:>8.1f} {batch_ratio:>6.3f} "
+            f"{statistics.median(np.concatenate(batch_times[name])) * 1000:>8.1f} {batch_ratio:>6.3f} "
             f"{np.percentile(singles, 50):>9.4f} {np.percentile(singles, 99):>9.4f} {p50_ratio:>6.3f} "
             f"{agreement:>8.5f} {max_diff:>9.2e}"
         )

@@ -34,40 +34,26 @@ BATCH_CALLS = 3  # large-batch calls per candidate per round
 COMPARE_TIMEOUT_S = 300.0
 
 
-def timed(function, feeds: dict, calls: int) -> float:
-    """Median seconds of ``calls`` calls."""
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        function(**feeds)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def latency_ratios(functions: dict, feeds: dict, rounds: int, calls: int, seed: int) -> tuple[dict, float]:
-    """Candidate -> median over rounds of (its time / the original's time in that round), and the
-    original's median time."""
-    rng = np.random.default_rng(seed)
-    names = list(functions)
-    for name in names:  # first calls build kernels and oneDNN primitives
-        timed(functions[name], feeds, 2)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(rounds):
-        for index in rng.permutation(len(names)):
-            times[names[index]].append(timed(functions[names[index]], feeds, calls))
-    ratios = {n: statistics.median(a / b for a, b in zip(times[n], times["original"])) for n in names}
-    return ratios, statistics.median(times["original"])
+    """Candidate -> median over rounds of (its median call / the original's in that round), and the
+    original's median time: the latency stages' timing (serving_optimiser.timing)."""
+    from serving_optimiser.timing import TimedModel, call_timer, interleaved_rounds, round_ratio
+
+    models = [TimedModel(name, call_timer(lambda f=function: f(**feeds)), 0.0) for name, function in functions.items()]
+    for model in models:  # first calls build kernels and oneDNN primitives
+        model.timer(0, 2)
+    times = interleaved_rounds(models, 0, calls, rounds, np.random.default_rng(seed))
+    ratios = {name: round_ratio(times[name], times["original"]) for name in times}
+    return ratios, statistics.median(float(np.median(round_times)) for round_times in times["original"])
 
 
 def relative_difference(expected: dict, actual: dict) -> float:
-    """The largest max |Δ| / range over the float outputs (class ids are the agreement's)."""
-    worst = 0.0
-    for name, value in expected.items():
-        if value.dtype.kind != "f":
-            continue
-        span = float(np.max(value) - np.min(value)) or 1.0
-        worst = max(worst, float(np.max(np.abs(actual[name].astype(np.float64) - value))) / span)
-    return worst
+    """The largest max |Δ| / range over the float outputs (class ids are the agreement's), as the
+    evaluate stages gate a model without a class output."""
+    from serving_optimiser.pipeline.evaluate import relative_diff
+
+    return max((relative_diff(value, actual[name]) for name, value in expected.items() if value.dtype.kind == "f"),
+               default=0.0)
 
 
 def bench_model(name: str, base: Path, rounds: int, batch: int) -> list[dict]:

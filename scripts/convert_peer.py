@@ -1,5 +1,6 @@
 """Stage convert_peer@PEER: the exported SavedModel -> one peer artefact (LiteRT, ONNX or OpenVINO) of
-params.yaml's 'peers.variants', checked on the train split before it is written."""
+params.yaml's 'peers.variants', checked on the calibration rows before it is written; a peer that
+cannot convert this model writes one line saying why instead, and the pipeline goes on."""
 
 import argparse
 from pathlib import Path
@@ -9,30 +10,21 @@ from serving_optimiser.pipeline.stage import run_stage
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("name", help="a key of 'peers.variants' in params.yaml")
-    parser.add_argument("--exported", required=True)
-    parser.add_argument("--train", required=True, help="calibration and check rows")
+    parser.add_argument("name", help="a key of 'peers.variants' in the params file")
+    parser.add_argument("--exported", required=True, type=Path)
+    parser.add_argument("--samples", required=True, type=Path, help="the model stage's directory")
     parser.add_argument("--out", required=True, type=Path, help="the artefact's directory (models/peers/NAME)")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
 
-    from serving_optimiser.errors import UserError
-    from serving_optimiser.peers.convert import convert_peer
-    from serving_optimiser.peers.params import PeersParams
-    from serving_optimiser.pipeline.data import features_and_labels, read_iris_csv
-    from serving_optimiser.pipeline.params import check_stage_keys, load_params, require_list, section
+    from serving_optimiser.pipeline.entries import peers_section
+    from serving_optimiser.pipeline.params import PipelineParams
+    from serving_optimiser.pipeline.peer_stage import convert_peer_stage
 
-    if args.out.name != args.name:
-        raise UserError(f"--out {args.out}: the directory must be named after the peer '{args.name}'")
-    params = load_params(args.params)
-    vocabulary = require_list(section(params, "data", args.params), "label_vocabulary", str, "data", args.params)
-    peers = PeersParams.from_section(section(params, "peers", args.params), args.params)
-    check_stage_keys(peers.variants, "peers.variants", args.params)
-    spec = peers.variant(args.name, args.params)
-    features, _ = features_and_labels(read_iris_csv(args.train, vocabulary), vocabulary)
-    written = convert_peer(spec, args.exported, args.out.parent, features, vocabulary)
-    size = sum(path.stat().st_size for path in written.parent.iterdir())
-    print(f"convert_peer: {args.name} ({spec.format}, {spec.quantization}) -> {written} ({size} bytes)")
+    params = PipelineParams.load(args.params)
+    params.section("peers")  # a missing section is named, not None
+    spec = peers_section(params).variant(args.name, params.path)
+    print(convert_peer_stage(spec, args.exported, args.samples, args.out))
 
 
 if __name__ == "__main__":

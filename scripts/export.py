@@ -13,11 +13,10 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
 
     from serving_optimiser.pipeline.export import export_saved_model
-    from serving_optimiser.pipeline.params import load_params, require_list, section
+    from serving_optimiser.pipeline.params import PipelineParams
     from serving_optimiser.pipeline.train import load_weights
 
-    params = load_params(args.params)
-    vocabulary = require_list(section(params, "data", args.params), "label_vocabulary", str, "data", args.params)
+    vocabulary = PipelineParams.load(args.params).label_vocabulary()
     export_saved_model(load_weights(args.weights), args.out, vocabulary)
     print(f"export: SavedModel written to {args.out}")
 

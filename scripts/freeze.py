@@ -2,6 +2,7 @@
 plus the notebook's graph summary before and after freezing."""
 
 import argparse
+from pathlib import Path
 
 from serving_optimiser.pipeline.stage import run_stage
 
@@ -9,25 +10,14 @@ from serving_optimiser.pipeline.stage import run_stage
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--saved-model", required=True)
+    parser.add_argument("--samples", required=True, type=Path, help="the model stage's directory (its signature)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--out-summary", required=True)
     args = parser.parse_args(argv)
 
-    from serving_optimiser.pipeline.describe import describe_graph, saved_model_graph_def
-    from serving_optimiser.pipeline.io import write_json
-    from serving_optimiser.saved_model import freeze_saved_model
+    from serving_optimiser.pipeline.freeze import freeze_stage
 
-    frozen = freeze_saved_model(args.saved_model)
-    frozen.save(args.out)
-    summary = {
-        "exported": describe_graph(saved_model_graph_def(args.saved_model)),
-        "frozen": describe_graph(frozen.graph_def),
-    }
-    write_json(args.out_summary, summary)
-    print(
-        f"freeze: {summary['exported']['total_nodes']} -> {summary['frozen']['total_nodes']} nodes, "
-        f"{summary['frozen']['variable_count']} variables left -> {args.out}"
-    )
+    print(freeze_stage(args.saved_model, args.samples, args.out, args.out_summary))
 
 
 if __name__ == "__main__":

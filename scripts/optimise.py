@@ -7,7 +7,7 @@ from serving_optimiser.pipeline.stage import run_stage
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("variant", help="a key of the 'optimise' section of params.yaml")
+    parser.add_argument("variant", help="a key of the 'optimise' section of the params file")
     parser.add_argument("--frozen", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--params", default="params.yaml")
@@ -17,15 +17,14 @@ def main(argv: list[str]) -> None:
     from serving_optimiser.graph_transforms.catalogue import check_transforms
     from serving_optimiser.graph_transforms.errors import TransformError
     from serving_optimiser.graph_transforms.parser import parse_transforms
-    from serving_optimiser.pipeline.params import check_stage_keys, load_params, require_list, section
+    from serving_optimiser.pipeline.params import PipelineParams
 
-    variants = section(load_params(args.params), "optimise", args.params)
-    check_stage_keys(variants, "optimise", args.params)
-    transforms = require_list(variants, args.variant, str, "optimise", args.params)
-    try:  # before TensorFlow loads: a typo in params.yaml is reported at once
+    params = PipelineParams.load(args.params)
+    transforms = params.transforms(args.variant)
+    try:  # before TensorFlow loads: a typo in the params file is reported at once
         check_transforms(parse_transforms(" ".join(transforms)))
     except TransformError as error:
-        raise UserError(f"{args.params}: 'optimise.{args.variant}': {error}") from None
+        raise UserError(f"{params.path}: 'optimise.{args.variant}': {error}") from None
     from serving_optimiser.graph_transforms import TransformGraph
     from serving_optimiser.saved_model import FrozenModel
 

@@ -17,15 +17,25 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--template-only", action="store_true", help="write only the DVC template (needs no data)")
     args = parser.parse_args(argv)
 
-    from serving_optimiser.pipeline.plots import dvc_template_html, javascript_bundle, write_plots, write_text
+    from serving_optimiser.pipeline.plots import (
+        DEFAULT_CHARTS,
+        drawable_charts,
+        dvc_template_html,
+        javascript_bundle,
+        write_plots,
+        write_text,
+    )
 
     if args.template_only:
         write_text(args.dvc_template, dvc_template_html(javascript_bundle()))
         print(f"plots: {args.dvc_template}")
         return
     formats = [name.strip() for name in args.formats.split(",") if name.strip()]
-    outputs = write_plots(root=args.root, html_path=args.html, image_dir=args.image_dir, formats=formats,
-                          dvc_template_path=args.dvc_template, title="serving_optimiser: results of the Iris pipeline")
+    charts, skipped = drawable_charts(DEFAULT_CHARTS, args.root)
+    for line in skipped:
+        print(f"plots: skipped {line}")
+    outputs = write_plots(charts, root=args.root, html_path=args.html, image_dir=args.image_dir, formats=formats,
+                          dvc_template_path=args.dvc_template, title="serving_optimiser: results of the pipeline")
     for path in [outputs.html, *outputs.images, outputs.dvc_template]:
         print(f"plots: {path}")
 

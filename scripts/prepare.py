@@ -15,13 +15,13 @@ def main(argv: list[str]) -> None:
 
     from serving_optimiser.atomic import atomic_directory
     from serving_optimiser.pipeline.data import read_iris_csv, stratified_split
-    from serving_optimiser.pipeline.params import load_params, require, require_list, section
+    from serving_optimiser.pipeline.params import PipelineParams, require
 
-    params = load_params(args.params)
-    vocabulary = require_list(section(params, "data", args.params), "label_vocabulary", str, "data", args.params)
-    prepare = section(params, "prepare", args.params)
-    eval_fraction = float(require(prepare, "eval_fraction", float, "prepare", args.params))
-    seed = require(prepare, "seed", int, "prepare", args.params)
+    params = PipelineParams.load(args.params)
+    vocabulary = params.label_vocabulary()
+    prepare = params.section("prepare")
+    eval_fraction = float(require(prepare, "eval_fraction", float, "prepare", params.path))
+    seed = require(prepare, "seed", int, "prepare", params.path)
 
     frame = read_iris_csv(args.data, vocabulary)
     train, evaluation = stratified_split(frame, eval_fraction, seed)

@@ -19,14 +19,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
 
-    from serving_optimiser.pipeline.evaluate import peers_section
-    from serving_optimiser.pipeline.params import load_params, section
+    from serving_optimiser.pipeline.entries import model_names
+    from serving_optimiser.pipeline.params import PipelineParams
     from serving_optimiser.pipeline.report import gather, results_table, write_report
 
-    params = load_params(args.params)
-    peers = peers_section(params, args.params)
-    models = sorted(section(params, "optimise", args.params)) + sorted(peers.variants if peers else [])
-    records = gather(models, args.details_dir, args.latency_details_dir)
+    records = gather(model_names(PipelineParams.load(args.params)), args.details_dir, args.latency_details_dir)
     write_report(records, args.out_plots, args.out_curve, args.out_table, args.out_summary)
     print(results_table(records))
 

@@ -15,18 +15,12 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
 
     from serving_optimiser.pipeline.data import features_and_labels, read_iris_csv
-    from serving_optimiser.pipeline.params import load_params, require_list, section
-    from serving_optimiser.pipeline.train import (
-        TrainParams,
-        dense_weights,
-        log_history,
-        save_weights,
-        train_model,
-    )
+    from serving_optimiser.pipeline.params import PipelineParams
+    from serving_optimiser.pipeline.train import dense_weights, log_history, save_weights, train_model
 
-    params = load_params(args.params)
-    vocabulary = require_list(section(params, "data", args.params), "label_vocabulary", str, "data", args.params)
-    train_params = TrainParams.from_section(section(params, "train", args.params))
+    params = PipelineParams.load(args.params)
+    vocabulary = params.label_vocabulary()
+    train_params = params.train()
 
     features, labels = features_and_labels(read_iris_csv(args.train, vocabulary), vocabulary)
     print(f"train: {train_params.epochs} epochs on {len(labels)} rows", file=sys.stderr)

@@ -38,6 +38,21 @@ def peer_export(tmp_path_factory, peer_split, train_features):
 
 
 @pytest.fixture(scope="session")
+def peer_samples(tmp_path_factory, peer_split, peer_export):
+    """The model stage's directory for the small export (its predict signature, as the pipeline's)."""
+    from serving_optimiser.pipeline.model import write_samples
+    from serving_optimiser.pipeline.params import ModelSection
+
+    prepared = tmp_path_factory.mktemp("prepared")
+    peer_split[0].to_csv(prepared / "train.csv", index=False)
+    peer_split[1].to_csv(prepared / "eval.csv", index=False)
+    model = ModelSection("iris", peer_export, "predict", prepared, None, None, 0.5, 7, "params.yaml")
+    out = tmp_path_factory.mktemp("samples") / "samples"
+    write_samples(model, LABEL_VOCABULARY, out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def peer_artefacts(tmp_path_factory, peer_export, train_features):
     from serving_optimiser.peers.convert import convert_peer
 

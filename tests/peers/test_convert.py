@@ -10,11 +10,14 @@ import pytest
 from peers_helpers import SPECS, first_rows
 
 from serving_optimiser.errors import UserError
-from serving_optimiser.peers import OUTPUT_NAMES, load_predictor
 from serving_optimiser.peers.convert import calibration_subset, convert_peer, model_bytes, model_files
+from serving_optimiser.peers.predictor import load_predictor
 from serving_optimiser.pipeline.data import FEATURE_NAMES, LABEL_VOCABULARY
 from serving_optimiser.pipeline.export import export_saved_model
 from serving_optimiser.runtime import native_output_silenced
+
+# The Iris export's predict signature's outputs (the peers map class_ids to classes).
+OUTPUT_NAMES = ("class_ids", "classes", "logits", "probabilities")
 
 # The module shares the session's trained model and artefacts: keep it on one xdist worker.
 pytestmark = pytest.mark.xdist_group("peers")
@@ -169,8 +172,9 @@ def test_openvino_ir_without_its_weights_or_truncated_fails_naming_it(peer_artef
     with pytest.raises(UserError) as info:
         load_predictor(broken, label_vocabulary=LABEL_VOCABULARY)
     assert_fails_naming(info.value, broken, "not a valid OpenVINO model")
-    with pytest.raises(UserError, match="needs the label vocabulary"):
-        load_predictor(source)
+    # Without a vocabulary there is nothing to spell class ids with: the numeric outputs only.
+    outputs = load_predictor(source)({name: np.ones(2, np.float32) for name in FEATURE_NAMES})
+    assert sorted(outputs) == ["class_ids", "logits", "probabilities"]
 
 
 def test_calibration_rows_are_spread_over_the_split(train_features):
@@ -210,10 +214,10 @@ def test_conversion_whose_outputs_hold_nan_fails_and_writes_nothing(name, nan_ex
 
 
 def test_conversion_with_the_wrong_output_shape_fails(peer_export, train_features, tmp_path):
-    # Four labels for a three-class model: the outputs are [N, 3] where [N, 4] is expected.
-    vocabulary = [*LABEL_VOCABULARY, "unknown"]
+    # The signature says four classes where the model has three: [N, 3] where [N, 4] is expected.
+    expected = {"logits": ("float32", [None, 4])}
     with pytest.raises(UserError) as info:
-        convert_peer(SPECS["onnx_fp32"], peer_export, tmp_path, train_features, vocabulary)
+        convert_peer(SPECS["onnx_fp32"], peer_export, tmp_path, train_features, LABEL_VOCABULARY, expected=expected)
     assert_fails_naming(info.value, tmp_path / "onnx_fp32" / "model.onnx", "output 'logits' must be float32 [120, 4]")
     assert list(tmp_path.iterdir()) == []
 

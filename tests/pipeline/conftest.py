@@ -25,3 +25,19 @@ def tiny_export(tmp_path_factory, tiny_trained):
     directory = tmp_path_factory.mktemp("export") / "exported"
     export_saved_model(tiny_trained[1], directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_samples(tmp_path_factory, iris_split, tiny_export):
+    """The model stage's directory (data/samples) for the tiny export and the Iris split."""
+    from serving_optimiser.pipeline.data import LABEL_VOCABULARY
+    from serving_optimiser.pipeline.model import write_samples
+    from serving_optimiser.pipeline.params import ModelSection
+
+    prepared = tmp_path_factory.mktemp("prepared")
+    iris_split[0].to_csv(prepared / "train.csv", index=False)
+    iris_split[1].to_csv(prepared / "eval.csv", index=False)
+    model = ModelSection("iris", tiny_export, "predict", prepared, None, None, 0.5, 7, "params.yaml")
+    out = tmp_path_factory.mktemp("samples") / "samples"
+    write_samples(model, LABEL_VOCABULARY, out)
+    return out

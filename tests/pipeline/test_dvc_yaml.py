@@ -1,5 +1,6 @@
-"""dvc.yaml cannot drift from the code: every stage depends on every package file its script
-imports (found with ``ast``), and every path a script writes is a declared output of its stage."""
+"""dvc.yaml cannot drift from the code: every stage depends on exactly the package files its
+script imports (found with ``ast``): none missing, none extra (a directory only where every module
+in it is imported), and every path a script writes is a declared output of its stage."""
 
 import re
 import shlex
@@ -12,7 +13,9 @@ from pipeline_helpers import ROOT
 
 SRC = ROOT / "src"
 # The registry imports every module in transforms/ at run time (pkgutil), which ast can't see.
-DYNAMIC_IMPORTS = {SRC / "serving_optimiser/graph_transforms/registry.py": SRC / "serving_optimiser/graph_transforms"}
+DYNAMIC_IMPORTS = {
+    SRC / "serving_optimiser/graph_transforms/registry.py": SRC / "serving_optimiser/graph_transforms/transforms"
+}
 
 
 def stages() -> dict[str, dict]:
@@ -30,16 +33,47 @@ def covered(path: Path, deps: set[str]) -> bool:
     return any(relative == Path(dep) or Path(dep) in relative.parents for dep in deps)
 
 
+def needed_files(script: Path) -> set[Path]:
+    needed = import_closure(script, SRC)
+    for path in list(needed):
+        if path in DYNAMIC_IMPORTS:
+            needed |= set(DYNAMIC_IMPORTS[path].rglob("*.py"))
+    return needed
+
+
+def package_deps(deps: set[str]) -> set[str]:
+    return {dep for dep in deps if dep.startswith("src/")}
+
+
 @pytest.mark.parametrize("name", sorted(stages()))
 def test_stage_depends_on_every_package_file_its_script_imports(name):
     stage = stages()[name]
     script = ROOT / shlex.split(stage["cmd"])[1]
     deps = declared_paths(stage["deps"])
     assert str(script.relative_to(ROOT)) in deps
-    needed = import_closure(script, SRC)
-    needed |= {DYNAMIC_IMPORTS[path] for path in needed if path in DYNAMIC_IMPORTS}
-    missing = sorted(str(path.relative_to(ROOT)) for path in needed if not covered(path, deps))
+    missing = sorted(str(path.relative_to(ROOT)) for path in needed_files(script) if not covered(path, deps))
     assert not missing, f"dvc.yaml stage '{name}' misses deps: {missing}"
+
+
+@pytest.mark.parametrize("name", sorted(stages()))
+def test_stage_depends_on_no_package_file_its_script_does_not_import(name):
+    """An extra dep reruns the stage for nothing (editing a peer runtime must not retrain Iris)."""
+    stage = stages()[name]
+    needed = needed_files(ROOT / shlex.split(stage["cmd"])[1])
+    extra = []
+    for dep in sorted(package_deps(declared_paths(stage["deps"]))):
+        path = ROOT / dep
+        files = set(path.rglob("*.py")) if path.is_dir() else {path}
+        if not files or not files <= needed:
+            extra.append(dep)
+    assert not extra, f"dvc.yaml stage '{name}' depends on package files its script never imports: {extra}"
+
+
+def test_the_extra_deps_check_catches_a_directory_wider_than_the_closure():
+    """The check above can fail: the peers directory is wider than what the model stage imports."""
+    model_stage = ROOT / shlex.split(stages()["model"]["cmd"])[1]
+    peers = set((SRC / "serving_optimiser/peers").rglob("*.py"))
+    assert not peers <= needed_files(model_stage)
 
 
 @pytest.mark.parametrize("name", sorted(stages()))

@@ -9,12 +9,30 @@ import pytest
 
 from serving_optimiser.errors import UserError
 from serving_optimiser.pipeline import evaluate, latency, report
-from serving_optimiser.pipeline.data import features_and_labels, sample_around
+from serving_optimiser.pipeline.data import FEATURE_NAMES, features_and_labels, sample_around
+from serving_optimiser.pipeline.model import ModelSpec
 
 PARAMS = evaluate.EvaluateParams(
-    signature="predict", batch_rows=2000, seed=7, sample_rows=3, min_class_agreement=0.99, max_eval_rows_lost=1
+    batch_rows=2000, seed=7, sample_rows=3, min_class_agreement=0.99, max_eval_rows_lost=1, max_relative_diff=0.05
 )
 VOCABULARY = ["setosa", "virginica", "versicolor"]
+# What the model stage records for the Iris export's predict signature.
+SPEC = ModelSpec(
+    source="iris", signature="predict", input_order=FEATURE_NAMES,
+    inputs={name: {"dtype": "float32", "shape": [None]} for name in FEATURE_NAMES},
+    outputs={"class_ids": {"dtype": "int64", "shape": [None, 1]}, "classes": {"dtype": "string", "shape": [None, 1]},
+             "logits": {"dtype": "float32", "shape": [None, 3]},
+             "probabilities": {"dtype": "float32", "shape": [None, 3]}},
+    class_output="class_ids", diff_output="probabilities", compared=["class_ids", "probabilities"],
+    label_vocabulary=VOCABULARY, has_labels=True,
+)
+# A model without a class output: the gate is max |Δ| relative to the output's range.
+REGRESSION = ModelSpec(
+    source="saved_model", signature="serving_default", input_order=["x"], inputs={"x": {"dtype": "float32",
+                                                                                        "shape": [None, 2]}},
+    outputs={"y": {"dtype": "float32", "shape": [None, 2]}}, class_output=None, diff_output=None, compared=["y"],
+    label_vocabulary=None, has_labels=False,
+)
 
 
 def test_sizes_count_every_file_and_gzip_is_reproducible(tiny_export):
@@ -28,7 +46,17 @@ def test_sizes_count_every_file_and_gzip_is_reproducible(tiny_export):
 def test_fidelity_counts_agreement_and_max_difference():
     reference = {"class_ids": np.array([[0], [1], [2], [2]]), "probabilities": np.zeros((4, 3))}
     candidate = {"class_ids": np.array([[0], [1], [1], [2]]), "probabilities": np.full((4, 3), 0.25)}
-    assert evaluate.fidelity(reference, candidate) == (0.75, 0.25)
+    assert evaluate.fidelity(reference, candidate, SPEC) == {"agreement": 0.75, "max_dp": 0.25}
+
+
+def test_without_a_class_output_fidelity_is_relative_to_the_outputs_range():
+    reference = {"y": np.array([[0.0, 10.0], [5.0, -10.0]], np.float32)}
+    candidate = {"y": np.array([[0.5, 10.0], [5.0, -9.0]], np.float32)}
+    assert evaluate.fidelity(reference, candidate, REGRESSION) == {"max_dp": 1.0, "max_rel_diff": 0.05}
+    failures = evaluate.gate_failures({"max_rel_diff": 0.06}, PARAMS)
+    assert failures == ["max |Δ| 6.0000% of the output's range on the 2000-row batch is over "
+                        "evaluate.max_relative_diff=0.05"]
+    assert evaluate.gate_failures({"max_rel_diff": 0.05}, PARAMS) == []
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +67,14 @@ def data(iris_split):
 
 @pytest.fixture(scope="module")
 def reference(tiny_export, data):
-    return evaluate.evaluate_model("exported", tiny_export, data[0], data[1], VOCABULARY, PARAMS, threads=2)
+    return evaluate.evaluate_model("exported", tiny_export, data[0], data[1], SPEC, PARAMS, threads=2)
 
 
 def test_a_copy_of_the_exported_model_agrees_completely(tmp_path, tiny_export, data, reference):
     twin = tmp_path / "twin"
     shutil.copytree(tiny_export, twin)
-    result = evaluate.evaluate_model("twin", twin, data[0], data[1], VOCABULARY, PARAMS, threads=2)
-    evaluate.compare(result, reference.outputs, reference.figures)
+    result = evaluate.evaluate_model("twin", twin, data[0], data[1], SPEC, PARAMS, threads=2)
+    evaluate.compare(result, reference.outputs, reference.figures, SPEC)
     figures = result.figures
     assert figures["agreement"] == figures["eval_agreement"] == 1.0
     assert figures["max_dp"] == 0.0 and figures["size_ratio"] == 1.0 and figures["eval_rows_lost"] == 0
@@ -60,10 +88,11 @@ def test_a_copy_of_the_exported_model_agrees_completely(tmp_path, tiny_export, d
 
 
 def test_outputs_round_trip_through_the_reference_file(tmp_path, reference):
-    evaluate.save_outputs(tmp_path / "reference.npz", reference.outputs)
+    evaluate.save_outputs(tmp_path / "reference.npz", reference.outputs, SPEC)
     loaded = evaluate.load_outputs(tmp_path / "reference.npz")
+    assert {key for outputs in loaded.values() for key in outputs} == set(SPEC.compared)
     for data_set in ("eval", "batch"):
-        for key in evaluate.COMPARED_OUTPUTS:
+        for key in SPEC.compared:
             np.testing.assert_array_equal(loaded[data_set][key], reference.outputs[data_set][key])
 
 
@@ -91,12 +120,12 @@ def test_a_model_answering_nan_fails_naming_it(tmp_path, data):
     module = Broken()
     tf.saved_model.save(module, str(tmp_path / "broken"), signatures={"predict": module.predict})
     with pytest.raises(UserError, match=r"^broken: .*(NaN|finite)"):
-        evaluate.evaluate_model("broken", tmp_path / "broken", data[0], data[1], VOCABULARY, PARAMS, threads=2)
+        evaluate.evaluate_model("broken", tmp_path / "broken", data[0], data[1], SPEC, PARAMS, threads=2)
 
 
 def test_missing_model_directory_is_named(tmp_path, data):
     with pytest.raises(UserError, match=r"ghost: .*ghost not found"):
-        evaluate.evaluate_model("ghost", tmp_path / "ghost", data[0], data[1], VOCABULARY, PARAMS, threads=2)
+        evaluate.evaluate_model("ghost", tmp_path / "ghost", data[0], data[1], SPEC, PARAMS, threads=2)
 
 
 TIMING = latency.LatencyParams(
@@ -159,13 +188,11 @@ def test_bad_latency_params_fail_in_one_line(change, expected):
     assert "\n" not in str(info.value) and expected in str(info.value), str(info.value)
 
 
-def test_a_worker_times_the_export_under_its_own_onednn_setting(tiny_export, iris_split, tmp_path):
+def test_a_worker_times_the_export_under_its_own_onednn_setting(tiny_export, tiny_samples, tmp_path):
     import os
 
-    eval_csv = tmp_path / "eval.csv"
-    iris_split[1].to_csv(eval_csv, index=False)
     environment = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    worker = latency.WorkerModel(tiny_export, eval_csv, VOCABULARY, "predict", 64, 7, environment)
+    worker = latency.WorkerModel(tiny_export, tiny_samples, 64, 7, environment)
     try:
         assert worker.settings["onednn_opts"] == "0" and worker.load_seconds > 0
         seconds = worker.timer(64, 3)
@@ -174,7 +201,7 @@ def test_a_worker_times_the_export_under_its_own_onednn_setting(tiny_export, iri
     finally:
         worker.close()
     with pytest.raises(UserError, match=r"^latency worker for the exported model exited: .*ghost"):
-        latency.WorkerModel(tmp_path / "ghost", eval_csv, VOCABULARY, "predict", 64, 7, environment)
+        latency.WorkerModel(tmp_path / "ghost", tiny_samples, 64, 7, environment)
 
 
 def test_process_settings_say_how_tensorflow_ran():
@@ -263,6 +290,16 @@ def test_report_gathers_every_model_and_the_export_timed_both_ways(tmp_path, rep
                                                   "p50_ms": 50.0, "ratio": 0.5}
     header = outputs[2].read_text().splitlines()[0]
     assert header.startswith("model,size_bytes,") and header.endswith(",per_row_us_5k,ratio_5k,how")
+
+
+def test_a_peer_that_cannot_convert_is_one_line_in_the_summary(tmp_path, report_inputs):
+    details, timings, _ = report_inputs
+    (details / "openvino_fp32.json").write_text(json.dumps({"unsupported": "cnn: OpenVINO converts only ..."}))
+    records = report.gather(["openvino_fp32", "small"], details, timings)
+    assert list(records) == ["exported", "small"]
+    summary = report.summary_markdown(records)
+    assert "## Peers that cannot convert this model\n\n- openvino_fp32: cnn: OpenVINO converts only ...\n" in summary
+    assert "| openvino_fp32 |" not in summary
 
 
 def test_report_without_a_forced_variant_names_the_one_setting(tmp_path, report_inputs):

@@ -17,14 +17,19 @@ def test_every_shipped_section_parses_through_its_stage():
     """The shipped params.yaml is what each stage accepts (not what its values are)."""
     from serving_optimiser.graph_transforms.catalogue import check_transforms
     from serving_optimiser.graph_transforms.parser import parse_transforms
-    from serving_optimiser.pipeline.evaluate import peers_section
+    from serving_optimiser.pipeline.entries import ModelEntry, model_names, peers_section
     from serving_optimiser.pipeline.latency import LatencyParams
+    from serving_optimiser.pipeline.params import PipelineParams
 
     params = load_params(ROOT / "params.yaml")
     TrainParams.from_section(section(params, "train"))
     EvaluateParams.from_section(section(params, "evaluate"))
     LatencyParams.from_section(section(params, "latency"))
-    assert peers_section(params).variants
+    resolved = PipelineParams(params, ROOT / "params.yaml")
+    assert peers_section(resolved).variants
+    assert resolved.model().source == "iris" and resolved.model().signature == "predict"
+    assert ModelEntry.find(resolved, "int8").needs_onednn and not ModelEntry.find(resolved, "lossless").needs_onednn
+    assert model_names(resolved)[:2] == ["int8", "int8_dynamic"]
     for variant, transforms in section(params, "optimise").items():
         parsed = parse_transforms(" ".join(transforms))
         assert parsed, variant
@@ -66,3 +71,41 @@ def test_unreadable_and_malformed_yaml(tmp_path):
     bad.write_text(yaml.safe_dump({"prepare": {}}))
     with pytest.raises(UserError, match="missing section 'train'"):
         section(load_params(bad), "train")
+
+
+def broken(name, key=None, value=None):
+    def change(params):
+        if key is None:
+            params.pop(name)
+        else:
+            params[name][key] = value
+    return change
+
+
+@pytest.mark.parametrize(
+    ("reader", "change", "expected"),
+    [
+        ("train", broken("train", "epochs", 0), "'train.epochs' must be positive"),
+        ("evaluate", broken("evaluate", "max_relative_diff", "5%"), "'evaluate.max_relative_diff' must be float"),
+        ("evaluate", broken("evaluate", "signature", "predict"), "unknown key(s) evaluate.signature"),
+        ("latency", broken("latency", "repeats", 2), "'latency.repeats' must be at least 5"),
+        ("label_vocabulary", broken("data", "label_vocabulary", ["a", "a"]), "lists a label twice"),
+        ("model", broken("model"), "missing section 'model'"),
+        ("model", broken("model", "eval_fraction", 1.5), "'model.eval_fraction' = 1.5 must be between 0 and 1"),
+        ("variants", broken("optimise", "my variant", ["fold_constants"]), "is not a valid variant name"),
+    ],
+    ids=["train", "evaluate", "evaluate-old-key", "latency", "vocabulary", "model-missing", "model-fraction",
+         "variants"],
+)
+def test_every_reader_names_the_file_it_read(tmp_path, reader, change, expected):
+    """--params may point anywhere: the error names that file, not a hard-coded params.yaml."""
+    from serving_optimiser.pipeline.params import PipelineParams
+
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    change(data)
+    path = tmp_path / "elsewhere.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(UserError) as info:
+        getattr(PipelineParams.load(path), reader)()
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and expected in message, message

@@ -306,3 +306,30 @@ def test_dvc_plots_show_with_the_template_config_draws_offline(written, tmp_path
 
     default = open_page(repo / "cdn_plots" / "index.html", "body > div[id]", timeout_ms=20_000)
     assert default.outside_requests and not any(drawn(container) for container in default.containers)
+
+
+def test_charts_without_data_in_this_run_are_skipped_with_a_line(tmp_path):
+    """A user's model has no training curves and, without a class output, no class agreement:
+    those charts are left out, saying why; a chart with some bad rows still fails."""
+    from serving_optimiser.pipeline.plots import DEFAULT_CHARTS, build_specs, drawable_charts
+
+    (tmp_path / "metrics").mkdir()
+    rows = [{"model": name, "size_bytes": size, "agreement": None, "max_dp": 0.01, "batch_ratio": 0.9,
+             "batch1_p50_ratio": 1.0, "batch1_p50_ms": 0.5} for name, size in (("exported", 100), ("int8", 30))]
+    (tmp_path / "metrics" / "plots.json").write_text(json.dumps(rows))
+    (tmp_path / "metrics" / "batch_curve.json").write_text(json.dumps(
+        [{"model": "exported", "batch_size": 1, "per_row_us": 5.0, "p50_ms": 0.005, "ratio": 1.0}]))
+    charts, skipped = drawable_charts(DEFAULT_CHARTS, tmp_path)
+    assert sorted(chart.name for chart in charts) == ["batch1_latency", "batch_curve", "size_vs_latency"]
+    assert "size_vs_agreement: no model has a value for agreement in metrics/plots.json" in skipped
+    assert any(line.startswith("training_loss: no dvclive/") for line in skipped)
+    (tmp_path / "metrics" / "batch_curve.json").unlink()  # a metrics file missing is an error, not a skip
+    assert "batch_curve" in [chart.name for chart in drawable_charts(DEFAULT_CHARTS, tmp_path)[0]]
+    (tmp_path / "metrics" / "batch_curve.json").write_text(json.dumps(
+        [{"model": "exported", "batch_size": 1, "per_row_us": 5.0, "p50_ms": 0.005, "ratio": 1.0}]))
+    assert set(build_specs(charts, tmp_path)) == {"batch1_latency", "batch_curve", "size_vs_latency"}
+    rows[1]["agreement"] = 0.99  # one model has it, one has not: that is broken data, not a missing chart
+    (tmp_path / "metrics" / "plots.json").write_text(json.dumps(rows))
+    charts, _ = drawable_charts(DEFAULT_CHARTS, tmp_path)
+    with pytest.raises(UserError, match="row 0: agreement=None is not a finite number"):
+        build_specs(charts, tmp_path)

@@ -1,8 +1,8 @@
 """LiteRT peers: the exported SavedModel through TF 2.21's ``tf.lite.TFLiteConverter`` (fp32,
 fp16 weights, int8 dynamic range, full-integer int8), served by ai-edge-litert's interpreter.
 
-The converted model keeps the signature's four outputs, ``classes`` included: LiteRT holds string
-tensors, and its Gather on the vocabulary constant returns the same bytes as TensorFlow's.
+The converted model keeps every output of the signature, string ones included: LiteRT holds
+string tensors (the Iris export's Gather on its vocabulary returns the same bytes as TensorFlow's).
 """
 
 from __future__ import annotations
@@ -17,18 +17,18 @@ from typing import Self
 import numpy as np
 
 from ..errors import UserError, first_line
-from ..pipeline.data import FEATURE_NAMES
 from ..runtime import native_output_silenced
-from .predictor import DEFAULT_THREADS, Predictor, feature_arrays
+from .params import LITERT_QUANTIZATIONS
+from .predictor import DEFAULT_SIGNATURE, DEFAULT_THREADS, Predictor, input_arrays, input_rows
 
-QUANTIZATIONS = ("none", "float16", "int8_dynamic", "int8_full")
+QUANTIZATIONS = LITERT_QUANTIZATIONS
 
 
 def litert_model_bytes(
     exported: str | Path,
     quantization: str,
     calibration: Mapping[str, np.ndarray] | None = None,
-    signature: str = "predict",
+    signature: str = DEFAULT_SIGNATURE,
 ) -> bytes:
     """The ``.tflite`` flatbuffer of ``exported``'s ``signature``.
 
@@ -66,9 +66,10 @@ def litert_model_bytes(
 
 
 def _calibration_rows(calibration: Mapping[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-    rows = len(calibration[FEATURE_NAMES[0]])
+    """One row per step, every input of the signature (the converter matches them by key)."""
+    rows = input_rows("LiteRT calibration", calibration)
     for index in range(rows):
-        yield {name: np.asarray(calibration[name][index : index + 1], dtype=np.float32) for name in FEATURE_NAMES}
+        yield {key: np.asarray(values[index : index + 1]) for key, values in calibration.items()}
 
 
 @dataclass
@@ -76,7 +77,7 @@ class _Prepared:
     """An interpreter allocated for one batch size, with its tensor indices."""
 
     interpreter: object
-    inputs: list[int]
+    inputs: dict[str, int]
     outputs: list[tuple[str, int]]
 
 
@@ -97,6 +98,7 @@ class LiteRTPredictor(Predictor):
         self._threads = threads
         self._signature = signature
         self._prepared: OrderedDict[int, _Prepared] = OrderedDict()
+        self._dtypes: dict[str, object] = {}
 
     @classmethod
     def load(
@@ -105,7 +107,7 @@ class LiteRTPredictor(Predictor):
         *,
         threads: int = DEFAULT_THREADS,
         label_vocabulary: Sequence[str] | None = None,
-        signature: str = "predict",
+        signature: str = DEFAULT_SIGNATURE,
         name: str | None = None,
     ) -> Self:
         artefact = name or str(path)
@@ -115,11 +117,13 @@ class LiteRTPredictor(Predictor):
         except OSError as error:
             raise UserError(f"{artefact}: cannot read ({error.strerror})") from None
         predictor = cls(artefact, content, threads, signature)
-        predictor._prepare(1)
+        predictor._prepare({}, 1)
         predictor.load_seconds = time.perf_counter() - start
         return predictor
 
-    def _prepare(self, rows: int) -> _Prepared:
+    def _prepare(self, inputs: Mapping[str, np.ndarray], rows: int) -> _Prepared:
+        """The interpreter for ``rows`` rows; each input resized to its array's shape (to the
+        signature's shape with ``rows`` first before the first call: the load's batch-1 set-up)."""
         prepared = self._prepared.get(rows)
         if prepared is not None:
             self._prepared.move_to_end(rows)
@@ -140,25 +144,28 @@ class LiteRTPredictor(Predictor):
             input_details, output_details = runner.get_input_details(), runner.get_output_details()
             # The runner holds the interpreter's internals, and resizing refuses while anything does.
             del runner
-            missing = [feature for feature in FEATURE_NAMES if feature not in input_details]
-            if missing:
-                raise UserError(f"{self.artefact}: no input(s) {', '.join(missing)} in signature '{self._signature}'")
-            inputs = [input_details[feature]["index"] for feature in FEATURE_NAMES]
-            for index in inputs:
-                interpreter.resize_tensor_input(index, [rows], strict=True)
+            self.input_keys = tuple(sorted(input_details))
+            self._dtypes = {key: input_details[key]["dtype"] for key in self.input_keys}
+            for key in self.input_keys:
+                detail = input_details[key]
+                shape = list(np.shape(inputs[key])) if key in inputs else [rows, *detail["shape_signature"][1:]]
+                if any(d < 0 for d in shape):
+                    shape = [rows, *(max(d, 1) for d in detail["shape"][1:])]
+                interpreter.resize_tensor_input(detail["index"], shape, strict=True)
             interpreter.allocate_tensors()
-        prepared = _Prepared(interpreter, inputs, [(key, detail["index"]) for key, detail in output_details.items()])
+        prepared = _Prepared(interpreter, {key: input_details[key]["index"] for key in self.input_keys},
+                             [(key, detail["index"]) for key, detail in output_details.items()])
         self._prepared[rows] = prepared
         if len(self._prepared) > self.max_shapes:
             self._prepared.popitem(last=False)
         return prepared
 
-    def __call__(self, features: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        arrays = feature_arrays(self.artefact, features)
-        prepared = self._prepare(arrays[0].shape[0])
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = input_rows(self.artefact, inputs, self.input_keys)
+        prepared = self._prepare(inputs, rows)
         interpreter = prepared.interpreter
-        for index, array in zip(prepared.inputs, arrays):
-            interpreter.set_tensor(index, array)
+        for key, array in input_arrays(self.artefact, inputs, self._dtypes).items():
+            interpreter.set_tensor(prepared.inputs[key], array)
         interpreter.invoke()
         # get_tensor copies: the next call reuses the interpreter's buffers.
         return {key: interpreter.get_tensor(index) for key, index in prepared.outputs}

@@ -2,10 +2,10 @@
 ``quantize_dynamic`` (int8 weights, activations quantized per call), served by an ONNX Runtime
 session.
 
-The ONNX model keeps ``class_ids``, ``logits`` and ``probabilities`` but not ``classes``: ONNX
-Runtime hands string tensors back as Python ``str`` objects, so matching TensorFlow's bytes would
-re-encode every row on every call; mapping ``class_ids`` through the label vocabulary gives the
-same bytes at the cost of one numpy take.
+The ONNX model keeps the signature's numeric outputs but not its string ones (the Iris export's
+``classes``): ONNX Runtime hands string tensors back as Python ``str`` objects, so matching
+TensorFlow's bytes would re-encode every row on every call; mapping ``class_ids`` through the
+label vocabulary gives the same bytes at the cost of one numpy take.
 """
 
 from __future__ import annotations
@@ -20,15 +20,26 @@ from typing import Self
 import numpy as np
 
 from ..errors import UserError, first_line
-from ..pipeline.data import FEATURE_NAMES
 from ..runtime import native_output_silenced
-from .predictor import DEFAULT_THREADS, Predictor, feature_arrays, vocabulary_array
+from .params import ONNX_QUANTIZATIONS
+from .predictor import (
+    DEFAULT_SIGNATURE,
+    DEFAULT_THREADS,
+    NUMPY_DTYPES,
+    Predictor,
+    input_arrays,
+    numeric_outputs,
+    vocabulary_array,
+    with_classes,
+)
 
-QUANTIZATIONS = ("none", "int8_dynamic")
-NUMERIC_OUTPUTS = ("class_ids", "logits", "probabilities")
+QUANTIZATIONS = ONNX_QUANTIZATIONS
+# ONNX Runtime's input type names -> numpy dtypes
+ONNX_TYPES = {f"tensor({name.replace('float32', 'float').replace('float64', 'double')})": dtype
+              for name, dtype in NUMPY_DTYPES.items()}
 
 
-def onnx_model_bytes(exported: str | Path, quantization: str, opset: int, signature: str = "predict") -> bytes:
+def onnx_model_bytes(exported: str | Path, quantization: str, opset: int, signature: str = DEFAULT_SIGNATURE) -> bytes:
     """The ``.onnx`` protobuf of ``exported``'s ``signature``, inputs and outputs named as the signature's.
 
     - ``none``: tf2onnx's float32 conversion of the frozen signature.
@@ -47,12 +58,10 @@ def onnx_model_bytes(exported: str | Path, quantization: str, opset: int, signat
         graph_def, inputs, outputs, renames = tf_loader.from_saved_model(
             str(exported), None, None, tag=["serve"], signatures=[signature], return_tensors_to_rename=True
         )
-        kept = [tensor for tensor in outputs if renames.get(tensor) in NUMERIC_OUTPUTS]
-        if len(kept) != len(NUMERIC_OUTPUTS):
-            raise UserError(
-                f"{exported}: signature '{signature}' lacks outputs {', '.join(NUMERIC_OUTPUTS)} "
-                f"(has {', '.join(sorted(map(str, renames.values())))})"
-            )
+        numeric = numeric_outputs(exported, signature)
+        kept = [tensor for tensor in outputs if renames.get(tensor) in numeric]
+        if not kept:
+            raise UserError(f"{exported}: signature '{signature}' has no numeric output for ONNX")
         try:
             model, _ = convert.from_graph_def(
                 graph_def, name=signature, input_names=inputs, output_names=kept, opset=opset, tensors_to_rename=renames
@@ -104,14 +113,16 @@ def _stable_initializer_names(model) -> None:
 
 class OnnxPredictor(Predictor):
     """A ``.onnx`` model through an ONNX Runtime CPU session: ``threads`` intra-op threads, one
-    inter-op thread, sequential execution, all graph optimisations. ``classes`` comes from
-    ``class_ids`` and ``label_vocabulary`` (required)."""
+    inter-op thread, sequential execution, all graph optimisations. Given ``label_vocabulary``,
+    ``classes`` comes from ``class_ids`` (see :func:`~serving_optimiser.peers.predictor.with_classes`)."""
 
     format = "onnx"
 
-    def __init__(self, artefact: str, session, vocabulary: np.ndarray, load_seconds: float) -> None:
-        super().__init__(artefact, load_seconds)
+    def __init__(self, artefact: str, session, vocabulary: np.ndarray | None, load_seconds: float) -> None:
+        self._dtypes = {node.name: ONNX_TYPES.get(node.type, np.float32) for node in session.get_inputs()}
+        super().__init__(artefact, load_seconds, sorted(self._dtypes))
         self._session = session
+        self._outputs = [node.name for node in session.get_outputs()]
         self._vocabulary = vocabulary
 
     @classmethod
@@ -121,12 +132,10 @@ class OnnxPredictor(Predictor):
         *,
         threads: int = DEFAULT_THREADS,
         label_vocabulary: Sequence[str] | None = None,
-        signature: str = "predict",
+        signature: str = DEFAULT_SIGNATURE,
         name: str | None = None,
     ) -> Self:
         artefact = name or str(path)
-        if not label_vocabulary:
-            raise UserError(f"{artefact}: an ONNX artefact needs the label vocabulary to map class ids to classes")
         with native_output_silenced():
             import onnxruntime as ort
             from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
@@ -149,18 +158,9 @@ class OnnxPredictor(Predictor):
             ) as error:
                 raise UserError(f"{artefact}: not a valid ONNX model ({first_line(error)})") from None
             seconds = time.perf_counter() - start
-        inputs = {node.name for node in session.get_inputs()}
-        outputs = {node.name for node in session.get_outputs()}
-        missing = [f"input {n}" for n in FEATURE_NAMES if n not in inputs]
-        missing += [f"output {n}" for n in NUMERIC_OUTPUTS if n not in outputs]
-        if missing:
-            raise UserError(f"{artefact}: no {', '.join(missing)} in the ONNX graph")
-        return cls(artefact, session, vocabulary_array(label_vocabulary), seconds)
+        vocabulary = vocabulary_array(label_vocabulary) if label_vocabulary else None
+        return cls(artefact, session, vocabulary, seconds)
 
-    def __call__(self, features: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        arrays = feature_arrays(self.artefact, features)
-        values = self._session.run(NUMERIC_OUTPUTS, dict(zip(FEATURE_NAMES, arrays)))
-        outputs = dict(zip(NUMERIC_OUTPUTS, values))
-        # An out-of-range id is left for validate_outputs to name rather than failing the take here.
-        outputs["classes"] = self._vocabulary.take(outputs["class_ids"], mode="clip")
-        return outputs
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self._session.run(self._outputs, input_arrays(self.artefact, inputs, self._dtypes))
+        return with_classes(dict(zip(self._outputs, values)), self._vocabulary)

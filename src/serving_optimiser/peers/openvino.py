@@ -2,10 +2,11 @@
 post-training quantisation (int8), written as OpenVINO IR (``model.xml`` + ``model.bin``) and
 served by OpenVINO's CPU plugin.
 
-``convert_model`` reads a SavedModel's ``serving_default`` signature, which the export defines as
-the same signature as ``predict``. Like the ONNX peers, the IR keeps ``class_ids``, ``logits`` and
-``probabilities`` but not ``classes``: OpenVINO hands string tensors back as numpy ``str``
-arrays, so matching TensorFlow's bytes would re-encode every row on every call; mapping
+``convert_model`` reads a SavedModel's ``serving_default`` signature only (the Iris export defines
+it as the same signature as ``predict``), so another signature converts only where
+``serving_default`` is the same one. Like the ONNX peers, the IR keeps the numeric outputs but not
+the string ones (the Iris export's ``classes``): OpenVINO hands string tensors back as numpy
+``str`` arrays, so matching TensorFlow's bytes would re-encode every row on every call; mapping
 ``class_ids`` through the label vocabulary gives the same bytes with one numpy take.
 
 OpenVINO and NNCF send usage telemetry when ``openvino_telemetry`` imports; every import here
@@ -27,12 +28,20 @@ from typing import Self
 import numpy as np
 
 from ..errors import UserError, first_line
-from ..pipeline.data import FEATURE_NAMES
 from ..runtime import native_output_silenced
-from .predictor import DEFAULT_THREADS, Predictor, feature_arrays, vocabulary_array
+from .params import OPENVINO_QUANTIZATIONS
+from .predictor import (
+    DEFAULT_SIGNATURE,
+    DEFAULT_THREADS,
+    Predictor,
+    input_arrays,
+    input_rows,
+    saved_model_signature,
+    vocabulary_array,
+    with_classes,
+)
 
-QUANTIZATIONS = ("none", "int8")
-NUMERIC_OUTPUTS = ("class_ids", "logits", "probabilities")
+QUANTIZATIONS = OPENVINO_QUANTIZATIONS
 FILES = ("model.xml", "model.bin")
 # What every OpenVINO peer is compiled with (serving.md's fair settings): latency over
 # throughput, a fixed thread count, and float32 for the layers that are float. Without the
@@ -59,26 +68,42 @@ def compile_config(threads: int) -> dict[str, object]:
     return {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": PRECISION}
 
 
-def _numeric_model(exported: str | Path):
-    """``exported`` as an ``openvino.Model`` with the three numeric outputs only."""
+def _numeric_model(exported: str | Path, signature: str):
+    """``exported`` as an ``openvino.Model`` with the numeric outputs of ``signature`` only."""
     import openvino as ov
 
+    wanted = saved_model_signature(exported, signature)
+    if signature != DEFAULT_SIGNATURE:
+        default = saved_model_signature(exported, DEFAULT_SIGNATURE) if _has_signature(exported) else None
+        if default is None or (default.inputs, default.outputs) != (wanted.inputs, wanted.outputs):
+            raise UserError(
+                f"{exported}: OpenVINO converts only the '{DEFAULT_SIGNATURE}' signature, which is not '{signature}'"
+            )
     try:
         model = ov.convert_model(str(exported))
     except (RuntimeError, ValueError, OSError) as error:
         raise UserError(f"{exported}: OpenVINO conversion failed: {first_line(error)}") from None
     outputs = {name: output for output in model.outputs for name in output.get_names()}
-    missing = [name for name in NUMERIC_OUTPUTS if name not in outputs]
+    numeric = sorted(key for key, tensor in wanted.outputs.items() if tensor.dtype != "string")
+    missing = [name for name in numeric if name not in outputs]
     if missing:
         raise UserError(
             f"{exported}: serving_default lacks output(s) {', '.join(missing)} (has {', '.join(sorted(outputs))})"
         )
     inputs = {name for parameter in model.get_parameters() for name in parameter.output(0).get_names()}
-    if sorted(inputs) != sorted(FEATURE_NAMES):
-        raise UserError(f"{exported}: serving_default inputs are {', '.join(sorted(inputs))}, expected the features")
-    numeric = ov.Model([outputs[name] for name in NUMERIC_OUTPUTS], model.get_parameters(), "predict")
-    stable_names(numeric)
-    return numeric
+    if not set(wanted.inputs) <= inputs:
+        raise UserError(
+            f"{exported}: serving_default inputs are {', '.join(sorted(inputs))}, expected {', '.join(wanted.inputs)}"
+        )
+    numeric_model = ov.Model([outputs[name] for name in numeric], model.get_parameters(), signature)
+    stable_names(numeric_model)
+    return numeric_model
+
+
+def _has_signature(exported: str | Path) -> bool:
+    from ..saved_model.reader import read_meta_graph
+
+    return DEFAULT_SIGNATURE in read_meta_graph(str(exported)).signature_def
 
 
 _AUTOMATIC_NAME = re.compile(r"([A-Za-z][A-Za-z0-9]*)_\d+")
@@ -131,11 +156,8 @@ def _quantised(model, calibration: Mapping[str, np.ndarray], minimum_dim: int):
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
-    rows = len(calibration[FEATURE_NAMES[0]])
-    items = [
-        {name: np.asarray(calibration[name][index : index + 1], dtype=np.float32) for name in FEATURE_NAMES}
-        for index in range(rows)
-    ]
+    rows = input_rows("OpenVINO calibration", calibration)
+    items = [{key: np.asarray(values[i : i + 1]) for key, values in calibration.items()} for i in range(rows)]
     ignored = narrow_matmuls(model, minimum_dim)
     return nncf.quantize(
         model,
@@ -153,6 +175,7 @@ def openvino_model_files(
     quantization: str,
     calibration: Mapping[str, np.ndarray] | None = None,
     minimum_dim: int | None = None,
+    signature: str = DEFAULT_SIGNATURE,
 ) -> dict[str, bytes]:
     """The IR files (``model.xml``, ``model.bin``) of ``exported``.
 
@@ -170,7 +193,7 @@ def openvino_model_files(
     with _openvino_quiet():
         import openvino as ov
 
-        model = _numeric_model(exported)
+        model = _numeric_model(exported, signature)
         if quantization == "int8":
             model = _quantised(model, calibration, minimum_dim)
             stable_names(model)
@@ -180,18 +203,26 @@ def openvino_model_files(
             return {name: (Path(scratch) / name).read_bytes() for name in FILES}
 
 
+def _tensor_key(names: set[str]) -> str:
+    """The key of an IR input or output among its tensor names: the signature's key (no ``:`` or
+    ``/``, unlike the graph tensor names OpenVINO keeps beside it)."""
+    plain = sorted(name for name in names if ":" not in name and "/" not in name)
+    return (plain or sorted(names))[0]
+
+
 class OpenVINOPredictor(Predictor):
     """An OpenVINO IR (``model.xml`` with ``model.bin`` beside it) compiled for the CPU plugin with
-    :func:`compile_config`, one infer request reused for every call. ``classes`` comes from
-    ``class_ids`` and ``label_vocabulary`` (required)."""
+    :func:`compile_config`, one infer request reused for every call. Given ``label_vocabulary``,
+    ``classes`` comes from ``class_ids`` (see :func:`~serving_optimiser.peers.predictor.with_classes`)."""
 
     format = "openvino"
 
-    def __init__(self, artefact: str, compiled, vocabulary: np.ndarray, load_seconds: float) -> None:
-        super().__init__(artefact, load_seconds)
+    def __init__(self, artefact: str, compiled, vocabulary: np.ndarray | None, load_seconds: float) -> None:
+        self._dtypes = {_tensor_key(node.get_names()): node.get_element_type().to_dtype() for node in compiled.inputs}
+        super().__init__(artefact, load_seconds, sorted(self._dtypes))
         self.compiled = compiled
         self._request = compiled.create_infer_request()
-        self._outputs = [compiled.output(name) for name in NUMERIC_OUTPUTS]
+        self._outputs = [(_tensor_key(node.get_names()), node) for node in compiled.outputs]
         self._vocabulary = vocabulary
 
     @classmethod
@@ -201,12 +232,10 @@ class OpenVINOPredictor(Predictor):
         *,
         threads: int = DEFAULT_THREADS,
         label_vocabulary: Sequence[str] | None = None,
-        signature: str = "predict",
+        signature: str = DEFAULT_SIGNATURE,
         name: str | None = None,
     ) -> Self:
         artefact = name or str(path)
-        if not label_vocabulary:
-            raise UserError(f"{artefact}: an OpenVINO artefact needs the label vocabulary to map class ids to classes")
         weights = Path(path).with_suffix(".bin")
         if not weights.is_file():
             raise UserError(f"{artefact}: no {weights.name} beside it (an OpenVINO IR is model.xml + model.bin)")
@@ -220,13 +249,8 @@ class OpenVINOPredictor(Predictor):
             except RuntimeError as error:
                 raise UserError(f"{artefact}: not a valid OpenVINO model ({first_line(error)})") from None
             seconds = time.perf_counter() - start
-        inputs = {name for node in compiled.inputs for name in node.get_names()}
-        outputs = {name for node in compiled.outputs for name in node.get_names()}
-        missing = [f"input {n}" for n in FEATURE_NAMES if n not in inputs]
-        missing += [f"output {n}" for n in NUMERIC_OUTPUTS if n not in outputs]
-        if missing:
-            raise UserError(f"{artefact}: no {', '.join(missing)} in the OpenVINO model")
-        return cls(artefact, compiled, vocabulary_array(label_vocabulary), seconds)
+        vocabulary = vocabulary_array(label_vocabulary) if label_vocabulary else None
+        return cls(artefact, compiled, vocabulary, seconds)
 
     def runtime_precisions(self) -> dict[str, set[str]]:
         """What the CPU plugin runs each kind of layer in (its runtime model: ``FullyConnected``:
@@ -237,10 +261,7 @@ class OpenVINOPredictor(Predictor):
             precisions.setdefault(info["layerType"].astype(str), set()).add(info["runtimePrecision"].astype(str))
         return precisions
 
-    def __call__(self, features: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        arrays = feature_arrays(self.artefact, features)
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         # share_inputs: no copy of the rows; the outputs are copied, the next call reuses the buffers.
-        results = self._request.infer(dict(zip(FEATURE_NAMES, arrays)), share_inputs=True)
-        outputs = {name: results[output] for name, output in zip(NUMERIC_OUTPUTS, self._outputs)}
-        outputs["classes"] = self._vocabulary.take(outputs["class_ids"], mode="clip")
-        return outputs
+        results = self._request.infer(input_arrays(self.artefact, inputs, self._dtypes), share_inputs=True)
+        return with_classes({key: results[output] for key, output in self._outputs}, self._vocabulary)

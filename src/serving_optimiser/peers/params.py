@@ -1,4 +1,4 @@
-"""The ``peers`` section of params.yaml: runtime threads and one entry per peer artefact, checked
+"""The ``peers`` section of the params file: runtime threads and one entry per peer artefact, checked
 key by key so a bad entry fails with one line naming it.
 
     peers:
@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..pipeline.params import DEFAULT_PARAMS_FILE, require, require_positive
-from .litert import QUANTIZATIONS as LITERT_QUANTIZATIONS
-from .onnx_runtime import QUANTIZATIONS as ONNX_QUANTIZATIONS
-from .openvino import QUANTIZATIONS as OPENVINO_QUANTIZATIONS
+from ..params_file import DEFAULT_PARAMS_FILE, require, require_positive
 
+# Each format's quantisations (its module documents them): listed here, not imported from the
+# runtime modules, so reading params needs none of them.
+LITERT_QUANTIZATIONS = ("none", "float16", "int8_dynamic", "int8_full")
+ONNX_QUANTIZATIONS = ("none", "int8_dynamic")
+OPENVINO_QUANTIZATIONS = ("none", "int8")
 QUANTIZATIONS = {"litert": LITERT_QUANTIZATIONS, "onnx": ONNX_QUANTIZATIONS, "openvino": OPENVINO_QUANTIZATIONS}
 # The file load_predictor opens (an OpenVINO IR also has model.bin beside its model.xml).
 EXTENSIONS = {"litert": "tflite", "onnx": "onnx", "openvino": "xml"}

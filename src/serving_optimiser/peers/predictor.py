@@ -1,10 +1,11 @@
-"""One predictor interface over the exported model and its peer artefacts: load an artefact, call
-it on a feature dict, get the TF signature's four outputs back with the TF model's shapes and
-dtypes, whichever runtime serves it.
+"""One predictor interface over a SavedModel signature and its peer artefacts: load an artefact,
+call it on a dict of input arrays by the signature's input keys, get its outputs back by output
+key, whichever runtime serves it. Nothing here knows one model: input and output keys, dtypes and
+shapes come from the signature (or the artefact converted from it).
 
-The four outputs, for N rows and C classes, as the exported ``predict`` signature returns them:
-``class_ids`` int64 [N, 1], ``classes`` object array of bytes [N, 1], ``logits`` float32
-[N, C], ``probabilities`` float32 [N, C].
+The peers return the signature's numeric outputs (ONNX Runtime and OpenVINO hand strings back as
+Python ``str``); given a label vocabulary, a peer without a string ``classes`` output maps
+``class_ids`` through it, so a classifier's peers return the ``classes`` TensorFlow would.
 """
 
 from __future__ import annotations
@@ -18,25 +19,31 @@ from typing import ClassVar, Self
 import numpy as np
 
 from ..errors import UserError, first_line
-from ..pipeline.data import FEATURE_NAMES
 from ..runtime import native_output_silenced
 
-OUTPUT_NAMES = ("class_ids", "classes", "logits", "probabilities")
 DEFAULT_THREADS = 2
+DEFAULT_SIGNATURE = "serving_default"
+# numpy dtypes of the signature dtype names a peer can feed (strings are never fed to a peer).
+NUMPY_DTYPES = {
+    "float16": np.float16, "float32": np.float32, "float64": np.float64, "int8": np.int8, "int16": np.int16,
+    "int32": np.int32, "int64": np.int64, "uint8": np.uint8, "uint16": np.uint16, "bool": np.bool_,
+}
 
 
 class Predictor(abc.ABC):
-    """A loaded artefact: ``predictor(features) -> {output name: array}``.
+    """A loaded artefact: ``predictor(inputs) -> {output key: array}``.
 
     ``artefact`` names the artefact in every error message; ``load_seconds`` is the wall time
-    of ``load`` (reading, parsing and preparing the runtime for batch-1 calls).
+    of ``load`` (reading, parsing and preparing the runtime for batch-1 calls); ``input_keys``
+    are the keys a call needs.
     """
 
     format: ClassVar[str]
 
-    def __init__(self, artefact: str, load_seconds: float = 0.0) -> None:
+    def __init__(self, artefact: str, load_seconds: float = 0.0, input_keys: Sequence[str] = ()) -> None:
         self.artefact = artefact
         self.load_seconds = load_seconds
+        self.input_keys = tuple(input_keys)
 
     @classmethod
     @abc.abstractmethod
@@ -46,38 +53,66 @@ class Predictor(abc.ABC):
         *,
         threads: int = DEFAULT_THREADS,
         label_vocabulary: Sequence[str] | None = None,
-        signature: str = "predict",
+        signature: str = DEFAULT_SIGNATURE,
         name: str | None = None,
     ) -> Self:
         """Load ``path``; ``name`` replaces the path in error messages (e.g. a temporary copy)."""
 
     @abc.abstractmethod
-    def __call__(self, features: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The four outputs for the rows of ``features`` (one 1-D float32 array per feature)."""
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The outputs for the rows of ``inputs`` (one array per input key, rows first)."""
 
     def checked(
-        self, features: Mapping[str, np.ndarray], label_vocabulary: Sequence[str] | None = None
+        self,
+        inputs: Mapping[str, np.ndarray],
+        label_vocabulary: Sequence[str] | None = None,
+        expected: Mapping[str, tuple[str, list[int | None] | None]] | None = None,
     ) -> dict[str, np.ndarray]:
-        """``self(features)``, validated by :func:`validate_outputs`."""
-        outputs = self(features)
-        validate_outputs(self.artefact, outputs, feature_rows(self.artefact, features), label_vocabulary)
+        """``self(inputs)``, validated by :func:`validate_outputs`."""
+        outputs = self(inputs)
+        validate_outputs(self.artefact, outputs, input_rows(self.artefact, inputs, self.input_keys),
+                         label_vocabulary, expected)
         return outputs
 
 
-def feature_rows(artefact: str, features: Mapping[str, np.ndarray]) -> int:
-    missing = [name for name in FEATURE_NAMES if name not in features]
+def input_rows(artefact: str, inputs: Mapping[str, np.ndarray], keys: Sequence[str] = ()) -> int:
+    """The row count of ``inputs``: every key of ``keys`` present, every array non-empty with the
+    same first dimension."""
+    missing = [key for key in keys if key not in inputs]
     if missing:
-        raise UserError(f"{artefact}: missing input feature(s) {', '.join(missing)}")
-    rows = {np.shape(features[name]) for name in FEATURE_NAMES}
-    if len(rows) != 1 or len(next(iter(rows))) != 1 or next(iter(rows))[0] == 0:
-        raise UserError(f"{artefact}: input features must be non-empty 1-D arrays of one length, got shapes {rows}")
-    return next(iter(rows))[0]
+        raise UserError(f"{artefact}: missing input(s) {', '.join(missing)}")
+    shapes = {key: np.shape(inputs[key]) for key in (keys or inputs)}
+    rows = {shape[0] if shape else None for shape in shapes.values()}
+    if len(rows) != 1 or None in rows or 0 in rows:
+        got = ", ".join(f"{key} {list(shape)}" for key, shape in shapes.items())
+        raise UserError(f"{artefact}: inputs must be non-empty arrays with one row count, got {got}")
+    return rows.pop()
 
 
-def feature_arrays(artefact: str, features: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    """The features in ``FEATURE_NAMES`` order as contiguous float32 (no copy when they already are)."""
-    feature_rows(artefact, features)
-    return [np.ascontiguousarray(features[name], dtype=np.float32) for name in FEATURE_NAMES]
+def input_arrays(
+    artefact: str, inputs: Mapping[str, np.ndarray], dtypes: Mapping[str, object]
+) -> dict[str, np.ndarray]:
+    """The inputs a runtime takes, by key, as contiguous arrays of its dtypes (no copy when they
+    already are)."""
+    input_rows(artefact, inputs, list(dtypes))
+    return {key: np.ascontiguousarray(inputs[key], dtype=dtype) for key, dtype in dtypes.items()}
+
+
+def saved_model_signature(exported: str | Path, signature: str):
+    """The :class:`~serving_optimiser.saved_model.model.SignatureInfo` of ``exported``'s
+    ``signature`` (read from its protobuf, nothing run), or a one-line error naming both."""
+    from ..saved_model.reader import read_meta_graph, signature_info_from_proto
+
+    meta_graph = read_meta_graph(str(exported))
+    if signature not in meta_graph.signature_def:
+        raise UserError(f"{exported}: no signature '{signature}' (has {', '.join(sorted(meta_graph.signature_def))})")
+    return signature_info_from_proto(signature, meta_graph.signature_def[signature])
+
+
+def numeric_outputs(exported: str | Path, signature: str) -> list[str]:
+    """The output keys of ``signature`` that a peer keeps: every one but the string outputs."""
+    info = saved_model_signature(exported, signature)
+    return sorted(key for key, tensor in info.outputs.items() if tensor.dtype != "string")
 
 
 def vocabulary_array(label_vocabulary: Sequence[str]) -> np.ndarray:
@@ -85,38 +120,67 @@ def vocabulary_array(label_vocabulary: Sequence[str]) -> np.ndarray:
     return np.array([label.encode() for label in label_vocabulary], dtype=object)
 
 
+def with_classes(outputs: dict[str, np.ndarray], vocabulary: np.ndarray | None) -> dict[str, np.ndarray]:
+    """``outputs`` plus ``classes`` from ``class_ids`` and the vocabulary, where they have ids, the
+    vocabulary is known and they lack the string output."""
+    if vocabulary is not None and "class_ids" in outputs and "classes" not in outputs:
+        # An out-of-range id is left for validate_outputs to name rather than failing the take here.
+        outputs["classes"] = vocabulary.take(outputs["class_ids"], mode="clip")
+    return outputs
+
+
+def _shape_text(shape) -> str:
+    return str(["?" if d is None else d for d in shape]) if shape is not None else "of any rank"
+
+
 def validate_outputs(
     artefact: str,
     outputs: Mapping[str, np.ndarray],
     rows: int,
     label_vocabulary: Sequence[str] | None = None,
+    expected: Mapping[str, tuple[str, list[int | None] | None]] | None = None,
 ) -> None:
-    """Raise a one-line UserError naming ``artefact`` unless ``outputs`` are the four outputs for
-    ``rows`` rows with the TF model's shapes and dtypes, finite, and consistent with each other
-    (class ids in range and the argmax of the logits; classes spelling the vocabulary's labels)."""
-    missing = [name for name in OUTPUT_NAMES if name not in outputs]
+    """Raise a one-line UserError naming ``artefact`` unless ``outputs`` are valid for ``rows`` rows.
+
+    Every output: numpy, ``rows`` rows first, float ones finite. ``expected`` (output key ->
+    (dtype name, shape with None for any size), the signature's): each present, with that dtype and
+    shape, rows in the first dimension where it is None. A classifier head (``class_ids`` beside
+    ``logits``, ``classes``): ids in range and the argmax of the logits, classes spelling the
+    vocabulary's labels.
+    """
+    missing = [key for key in expected or () if key not in outputs]
     if missing:
         raise UserError(f"{artefact}: missing output(s) {', '.join(missing)} (has {', '.join(sorted(outputs))})")
-    logits = outputs["logits"]
-    n_classes = len(label_vocabulary) if label_vocabulary is not None else np.shape(logits)[-1]
-    expected = {
-        "class_ids": (np.dtype(np.int64), (rows, 1)),
-        "classes": (np.dtype(object), (rows, 1)),
-        "logits": (np.dtype(np.float32), (rows, n_classes)),
-        "probabilities": (np.dtype(np.float32), (rows, n_classes)),
-    }
-    for name, (dtype, shape) in expected.items():
-        value = outputs[name]
-        if not isinstance(value, np.ndarray) or value.dtype != dtype or value.shape != shape:
+    for key, (dtype, shape) in (expected or {}).items():
+        value = outputs[key]
+        want_dtype = np.dtype(object) if dtype == "string" else np.dtype(NUMPY_DTYPES.get(dtype, dtype))
+        want_shape = None if shape is None else [rows if i == 0 and d is None else d for i, d in enumerate(shape)]
+        fits = isinstance(value, np.ndarray) and value.dtype == want_dtype and (
+            want_shape is None or (value.ndim == len(want_shape)
+                                   and all(d is None or d == s for d, s in zip(want_shape, value.shape))))
+        if not fits:
             got = f"{value.dtype} {list(value.shape)}" if isinstance(value, np.ndarray) else type(value).__name__
-            raise UserError(f"{artefact}: output '{name}' must be {dtype} {list(shape)}, got {got}")
-    for name in ("logits", "probabilities"):
-        bad = ~np.isfinite(outputs[name])
+            raise UserError(f"{artefact}: output '{key}' must be {want_dtype} {_shape_text(want_shape)}, got {got}")
+    for key, value in outputs.items():
+        if not isinstance(value, np.ndarray) or value.ndim == 0 or value.shape[0] != rows:
+            got = f"shape {list(value.shape)}" if isinstance(value, np.ndarray) else type(value).__name__
+            raise UserError(f"{artefact}: output '{key}' must have {rows} rows first, got {got}")
+    for key, value in outputs.items():
+        if value.dtype.kind not in "fc":
+            continue
+        bad = ~np.isfinite(value)
         if bad.any():
             row = int(np.argwhere(bad)[0][0])
-            kind = "NaN" if np.isnan(outputs[name]).any() else "Inf"
-            raise UserError(f"{artefact}: output '{name}' has {int(bad.sum())} {kind} values (first in row {row})")
-    class_ids = outputs["class_ids"][:, 0]
+            kind = "NaN" if np.isnan(value).any() else "Inf"
+            raise UserError(f"{artefact}: output '{key}' has {int(bad.sum())} {kind} values (first in row {row})")
+    if "class_ids" in outputs and "logits" in outputs:
+        _check_classifier_head(artefact, outputs, label_vocabulary)
+
+
+def _check_classifier_head(artefact: str, outputs: Mapping[str, np.ndarray], label_vocabulary) -> None:
+    logits = outputs["logits"]
+    n_classes = len(label_vocabulary) if label_vocabulary is not None else np.shape(logits)[-1]
+    class_ids = outputs["class_ids"].reshape(len(logits), -1)[:, 0]
     if class_ids.min() < 0 or class_ids.max() >= n_classes:
         raise UserError(f"{artefact}: output 'class_ids' holds ids outside [0, {n_classes})")
     # A full-integer model's int8 logits can tie where float ones did not, so class ids are held
@@ -125,7 +189,9 @@ def validate_outputs(
     if (picked < logits.max(axis=1)).any():
         row = int(np.flatnonzero(picked < logits.max(axis=1))[0])
         raise UserError(f"{artefact}: output 'class_ids' is not the argmax of 'logits' (first in row {row})")
-    classes = outputs["classes"][:, 0]
+    if "classes" not in outputs:
+        return
+    classes = outputs["classes"].reshape(len(logits), -1)[:, 0]
     if not all(isinstance(label, bytes) for label in classes[:1]):
         raise UserError(f"{artefact}: output 'classes' must hold bytes, got {type(classes[0]).__name__}")
     if label_vocabulary is not None:
@@ -148,10 +214,12 @@ class TFPredictor(Predictor):
     format = "tf"
 
     def __init__(self, artefact: str, loaded, signature_fn, constant, load_seconds: float) -> None:
-        super().__init__(artefact, load_seconds)
+        specs = signature_fn.structured_input_signature[1]
+        super().__init__(artefact, load_seconds, sorted(specs))
         self._loaded = loaded  # the signature's variables live as long as the loaded object
         self._signature = signature_fn
         self._constant = constant
+        self._dtypes = {key: spec.dtype for key, spec in specs.items()}
 
     @classmethod
     def load(
@@ -160,7 +228,7 @@ class TFPredictor(Predictor):
         *,
         threads: int = DEFAULT_THREADS,
         label_vocabulary: Sequence[str] | None = None,
-        signature: str = "predict",
+        signature: str = DEFAULT_SIGNATURE,
         name: str | None = None,
     ) -> Self:
         artefact = name or str(path)
@@ -179,9 +247,10 @@ class TFPredictor(Predictor):
             raise UserError(f"{artefact}: no signature '{signature}' (has {', '.join(sorted(loaded.signatures))})")
         return cls(artefact, loaded, loaded.signatures[signature], tf.constant, seconds)
 
-    def __call__(self, features: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        arrays = feature_arrays(self.artefact, features)
-        outputs = self._signature(**{name: self._constant(a) for name, a in zip(FEATURE_NAMES, arrays)})
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        input_rows(self.artefact, inputs, self.input_keys)
+        tensors = {key: self._constant(np.asarray(inputs[key]), dtype=dtype) for key, dtype in self._dtypes.items()}
+        outputs = self._signature(**tensors)
         return {name: value.numpy() for name, value in outputs.items()}
 
 
@@ -209,7 +278,7 @@ def load_predictor(
     *,
     threads: int = DEFAULT_THREADS,
     label_vocabulary: Sequence[str] | None = None,
-    signature: str = "predict",
+    signature: str = DEFAULT_SIGNATURE,
     name: str | None = None,
 ) -> Predictor:
     """Load any artefact: a SavedModel directory, or a ``model.tflite`` / ``model.onnx`` /

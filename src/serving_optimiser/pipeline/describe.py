@@ -29,3 +29,4 @@ def saved_model_graph_def(saved_model_dir: str) -> graph_pb2.GraphDef:
     from ..saved_model.reader import read_meta_graph
 
     return read_meta_graph(saved_model_dir).graph_def
+

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
+import json
 import logging
 import tarfile
 from dataclasses import dataclass
@@ -18,80 +19,17 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .params import require, require_positive
+from .entries import REFERENCE, ModelEntry
+from .model import ModelSpec, Samples, rows_around
+from .params import EvaluateParams
+
+__all__ = ["REFERENCE", "EvaluateParams", "Evaluation", "evaluate_stage"]
 
 log = logging.getLogger(__name__)
 
-REFERENCE = "exported"
-# What a model's outputs are compared on; the reference outputs file holds these per data set.
-COMPARED_OUTPUTS = ("class_ids", "probabilities")
-
-
-@dataclass(frozen=True)
-class EvaluateParams:
-    signature: str
-    batch_rows: int
-    seed: int
-    sample_rows: int
-    min_class_agreement: float
-    max_eval_rows_lost: int
-
-    @classmethod
-    def from_section(cls, section: dict) -> EvaluateParams:
-        agreement = float(require(section, "min_class_agreement", float, "evaluate"))
-        if not 0 <= agreement <= 1:
-            raise UserError(f"params.yaml: 'evaluate.min_class_agreement' must be in [0, 1], got {agreement}")
-        rows_lost = require(section, "max_eval_rows_lost", int, "evaluate")
-        if rows_lost < 0:
-            raise UserError(f"params.yaml: 'evaluate.max_eval_rows_lost' must be >= 0, got {rows_lost}")
-        return cls(
-            signature=require(section, "signature", str, "evaluate"),
-            batch_rows=require_positive(section, "batch_rows", int, "evaluate"),
-            seed=require(section, "seed", int, "evaluate"),
-            sample_rows=require_positive(section, "sample_rows", int, "evaluate"),
-            min_class_agreement=agreement,
-            max_eval_rows_lost=rows_lost,
-        )
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    """Where a model's name comes from in params.yaml, and how it must run."""
-
-    name: str
-    kind: str  # "exported", "variant" (an optimise list) or "peer" (a LiteRT / ONNX artefact)
-    needs_onednn: bool  # its ops run only on oneDNN's kernels (quantize_matmuls)
-    threads: int  # the peer runtimes' threads (TensorFlow's are process-wide)
-
-    @property
-    def is_reference(self) -> bool:
-        return self.kind == REFERENCE
-
-    @classmethod
-    def find(cls, params: dict, name: str, path: str | Path = "params.yaml") -> ModelEntry:
-        """Read without importing TensorFlow, so a stage can pin its kernels before it loads."""
-        from ..graph_transforms.catalogue import needs_onednn
-
-        peers = peers_section(params, path)
-        threads = peers.threads if peers else 2
-        if name == REFERENCE:
-            return cls(name, REFERENCE, False, threads)
-        variants = params.get("optimise") or {}
-        if name in variants:
-            return cls(name, "variant", needs_onednn(variants[name]), threads)
-        if peers and name in peers.variants:
-            return cls(name, "peer", False, threads)
-        known = sorted([*variants, *(peers.variants if peers else ())])
-        raise UserError(f"{path}: no model '{name}' in 'optimise' or 'peers.variants' (has {', '.join(known)})")
-
-
-def peers_section(params: dict, path: str | Path = "params.yaml"):
-    """The ``peers`` section, checked, or None when params.yaml has none."""
-    if "peers" not in params:
-        return None
-    from ..peers.params import PeersParams
-
-    return PeersParams.from_section(params["peers"], path)
+# A peer's directory holds this file instead of an artefact when its converter cannot convert
+# the model (the convert_peer stage's one line, which evaluate, latency and report pass on).
+UNSUPPORTED_FILE = "unsupported.txt"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,61 +101,102 @@ def signature_dump(directory: Path) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_model(name: str, path: Path, vocabulary: list[str], signature: str, threads: int):
+def load_model(name: str, path: Path, spec: ModelSpec, threads: int):
     """A predictor for ``path`` (see :mod:`serving_optimiser.peers.predictor`), named ``name`` in
     its errors."""
-    from ..peers import load_predictor
+    from ..peers.predictor import load_predictor
 
     if not path.exists():
         raise UserError(f"{name}: {path} not found (run the stage that builds it first)")
-    return load_predictor(path, threads=threads, label_vocabulary=vocabulary, signature=signature, name=name)
+    return load_predictor(path, threads=threads, label_vocabulary=spec.label_vocabulary, signature=spec.signature,
+                          name=name)
+
+
+def unsupported(path: Path) -> str | None:
+    """Why a peer could not be converted (its stage's one line), or None for a real artefact."""
+    marker = path / UNSUPPORTED_FILE
+    return marker.read_text().strip() if path.is_dir() and marker.is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------
-# Figures
+# Figures (every comparison through saved_model.compare, as optimise_saved_model reports it)
 # ---------------------------------------------------------------------------------------------
 
 
-def class_ids(outputs: dict[str, np.ndarray]) -> np.ndarray:
-    return outputs["class_ids"].reshape(-1).astype(np.int64)
+def class_ids(outputs: dict[str, np.ndarray], spec: ModelSpec) -> np.ndarray:
+    """The class of each row: the argmax of a float class output, or the ids it holds."""
+    values = outputs[spec.class_output]
+    if values.dtype.kind == "f" and values.ndim >= 2 and values.shape[-1] >= 2:
+        return np.argmax(values, axis=-1).reshape(len(values), -1)[:, 0].astype(np.int64)
+    return values.reshape(len(values), -1)[:, 0].astype(np.int64)
 
 
-def fidelity(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> tuple[float, float]:
-    """(class agreement, max |probability difference|) of ``candidate`` against ``reference``."""
-    agreement = float(np.mean(class_ids(reference) == class_ids(candidate)))
-    max_diff = float(np.max(np.abs(reference["probabilities"] - candidate["probabilities"])))
-    return agreement, max_diff
+def relative_diff(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """max |Δ| over the reference output's range (max - min; its largest magnitude where the
+    range is 0, and 1 where that is 0 too)."""
+    from ..saved_model.compare import compare_outputs
+
+    ref = np.asarray(reference, dtype=np.float64)
+    scale = float(ref.max() - ref.min()) or float(np.abs(ref).max()) or 1.0
+    return compare_outputs(reference, candidate)["max_abs_diff"] / scale
 
 
-def accuracy_figures(outputs: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, float | int]:
-    correct = class_ids(outputs) == labels
+def fidelity(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], spec: ModelSpec) -> dict[str, float]:
+    """Class agreement (with a class output), max |Δ| of the diff output (or of every compared
+    output) and, without a class output, max |Δ| relative to each output's range."""
+    from ..saved_model.compare import compare_outputs
+
+    compared = {key: compare_outputs(reference[key], candidate[key]) for key in spec.compared}
+    figures = {}
+    if spec.class_output:
+        figures["agreement"] = compared[spec.class_output]["class_agreement"]
+    diffs = [spec.diff_output] if spec.diff_output else spec.compared
+    figures["max_dp"] = max(compared[key]["max_abs_diff"] for key in diffs)
+    if not spec.class_output:
+        figures["max_rel_diff"] = max(relative_diff(reference[key], candidate[key]) for key in spec.compared)
+    return figures
+
+
+def accuracy_figures(outputs: dict[str, np.ndarray], labels: np.ndarray, spec: ModelSpec) -> dict[str, float | int]:
+    correct = class_ids(outputs, spec) == labels
     return {"eval_accuracy": round(float(np.mean(correct)), 6), "eval_rows_correct": int(np.sum(correct))}
 
 
 def sample_rows(rows: int, count: int) -> np.ndarray:
-    """Evenly spaced eval rows: the split is ordered by class, so these show every class."""
+    """Evenly spaced eval rows: the Iris split is ordered by class, so these show every class."""
     return np.unique(np.linspace(0, rows - 1, num=min(count, rows)).round().astype(int))
 
 
-def sample_predictions(outputs: dict[str, np.ndarray], vocabulary: list[str], rows: int) -> list[dict]:
-    """The notebook's printed prediction, for a few eval rows: row, class and probabilities."""
-    ids = class_ids(outputs)
-    return [
-        {"row": int(row), "class": vocabulary[int(ids[row])],
-         "probabilities": [round(float(p), 4) for p in outputs["probabilities"][row]]}
-        for row in sample_rows(len(ids), rows)
-    ]
+def sample_predictions(outputs: dict[str, np.ndarray], spec: ModelSpec, rows: int) -> list[dict]:
+    """The notebook's printed prediction, for a few eval rows: row, class (the vocabulary's label
+    where there is one) and the diff output's values (the first 10 of a row)."""
+    shown = spec.diff_output or spec.compared[0]
+    total = len(outputs[shown])
+    ids = class_ids(outputs, spec) if spec.class_output else None
+    predictions = []
+    for row in sample_rows(total, rows):
+        entry = {"row": int(row)}
+        if ids is not None:
+            entry["class"] = spec.label_vocabulary[int(ids[row])] if spec.label_vocabulary else int(ids[row])
+        entry[shown] = [round(float(v), 4) for v in np.asarray(outputs[shown][row]).reshape(-1)[:10]]
+        predictions.append(entry)
+    return predictions
 
 
 def gate_failures(figures: dict, params: EvaluateParams) -> list[str]:
     """Why a model fails the gate, if it does (an empty list when it passes)."""
     failures = []
-    if figures["agreement"] < params.min_class_agreement:
+    if "agreement" in figures and figures["agreement"] < params.min_class_agreement:
         failures.append(
             f"class agreement {figures['agreement']:.4%} on the {params.batch_rows}-row batch "
             f"is under evaluate.min_class_agreement={params.min_class_agreement}"
         )
-    if figures["eval_rows_lost"] > params.max_eval_rows_lost:
+    if "max_rel_diff" in figures and figures["max_rel_diff"] > params.max_relative_diff:
+        failures.append(
+            f"max |Δ| {figures['max_rel_diff']:.4%} of the output's range on the {params.batch_rows}-row batch "
+            f"is over evaluate.max_relative_diff={params.max_relative_diff}"
+        )
+    if "eval_rows_lost" in figures and figures["eval_rows_lost"] > params.max_eval_rows_lost:
         failures.append(
             f"{figures['eval_rows_lost']} eval rows lost against the exported model "
             f"(evaluate.max_eval_rows_lost={params.max_eval_rows_lost})"
@@ -229,11 +208,11 @@ def rounded(metrics: dict) -> dict:
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
 
 
-def save_outputs(path: Path, outputs: dict[str, dict[str, np.ndarray]]) -> None:
+def save_outputs(path: Path, outputs: dict[str, dict[str, np.ndarray]], spec: ModelSpec) -> None:
     """The reference model's outputs per data set, for every variant's evaluation to compare to."""
     from ..atomic import atomic_file
 
-    arrays = {f"{data}/{key}": values[key] for data, values in outputs.items() for key in COMPARED_OUTPUTS}
+    arrays = {f"{data}/{key}": values[key] for data, values in outputs.items() for key in spec.compared}
     with atomic_file(path, "wb") as stream:
         np.savez(stream, **arrays)
 
@@ -244,7 +223,7 @@ def load_outputs(path: Path) -> dict[str, dict[str, np.ndarray]]:
     result: dict[str, dict[str, np.ndarray]] = {}
     with np.load(path) as data:
         for name in data.files:
-            data_set, key = name.split("/")
+            data_set, key = name.split("/", 1)
             result.setdefault(data_set, {})[key] = data[name]
     return result
 
@@ -264,8 +243,8 @@ def evaluate_model(
     name: str,
     path: Path,
     data: dict[str, dict[str, np.ndarray]],
-    labels: np.ndarray,
-    vocabulary: list[str],
+    labels: np.ndarray | None,
+    spec: ModelSpec,
     params: EvaluateParams,
     threads: int,
     optimised_graph: Path | None = None,
@@ -275,14 +254,18 @@ def evaluate_model(
     A broken conversion fails here, naming the model: NaN or Inf in an output, a wrong shape or
     dtype, class ids that are not the argmax of the logits.
     """
-    predictor = load_model(name, path, vocabulary, params.signature, threads)
-    outputs = {data_set: predictor.checked(features, vocabulary) for data_set, features in data.items()}
+    predictor = load_model(name, path, spec, threads)
+    expected = spec.expected()
+    if predictor.format != "tf":  # a peer keeps the numeric outputs only
+        expected = {k: v for k, v in expected.items() if v[0] != "string" or k == "classes"}
+    outputs = {data_set: predictor.checked(rows, spec.label_vocabulary, expected) for data_set, rows in data.items()}
     size = model_size(path)
     figures = {"size_bytes": size["size_bytes"], "gzip_bytes": size["size_gzip_bytes"]}
-    figures.update(accuracy_figures(outputs["eval"], labels))
+    if labels is not None:
+        figures.update(accuracy_figures(outputs["eval"], labels, spec))
     if (path / "saved_model.pb").is_file():
         figures.update(saved_model_counts(path))
-    figures["sample_predictions"] = sample_predictions(outputs["eval"], vocabulary, params.sample_rows)
+    figures["sample_predictions"] = sample_predictions(outputs["eval"], spec, params.sample_rows)
     if optimised_graph is not None:
         from ..saved_model import FrozenModel
         from .describe import describe_graph
@@ -297,14 +280,17 @@ def evaluate_model(
     return Evaluation(figures, outputs)
 
 
-def compare(evaluation: Evaluation, reference_outputs: dict[str, dict[str, np.ndarray]], reference: dict) -> None:
-    """Add fidelity against the exported model (its outputs and figures): on the 100,000-row
-    batch, which the gate and the headline use, and on the eval split."""
+def compare(evaluation: Evaluation, reference_outputs: dict[str, dict[str, np.ndarray]], reference: dict,
+            spec: ModelSpec) -> None:
+    """Add fidelity against the exported model (its outputs and figures): on the batch drawn
+    around the eval rows, which the gate and the headline use, and on the eval rows."""
     figures = evaluation.figures
-    figures["agreement"], figures["max_dp"] = fidelity(reference_outputs["batch"], evaluation.outputs["batch"])
-    figures["eval_agreement"], figures["eval_max_dp"] = fidelity(reference_outputs["eval"], evaluation.outputs["eval"])
+    figures.update(fidelity(reference_outputs["batch"], evaluation.outputs["batch"], spec))
+    figures.update({f"eval_{key}": value
+                    for key, value in fidelity(reference_outputs["eval"], evaluation.outputs["eval"], spec).items()})
     figures["size_ratio"] = figures["size_bytes"] / reference["size_bytes"]
-    figures["eval_rows_lost"] = reference["eval_rows_correct"] - figures["eval_rows_correct"]
+    if "eval_rows_correct" in reference:
+        figures["eval_rows_lost"] = reference["eval_rows_correct"] - figures["eval_rows_correct"]
 
 
 def headline(figures: dict) -> dict:
@@ -314,10 +300,66 @@ def headline(figures: dict) -> dict:
     result = {
         "size_kb": round(figures["size_bytes"] / 1024, 1),
         "gzip_kb": round(figures["gzip_bytes"] / 1024, 1),
-        "acc": round(figures["eval_accuracy"], 4),
     }
-    if "agreement" in figures:
+    if "eval_accuracy" in figures:
+        result["acc"] = round(figures["eval_accuracy"], 4)
+    if "size_ratio" in figures:
         result["size_x"] = round(figures["size_ratio"], 3)
-        result["agree"] = round(figures["agreement"], 5)
+        if "agreement" in figures:
+            result["agree"] = round(figures["agreement"], 5)
         result["max_dp"] = round(figures["max_dp"], 4)
+        if "max_rel_diff" in figures:
+            result["rel_dp"] = round(figures["max_rel_diff"], 4)
     return result
+
+
+def evaluation_data(samples: Samples, params: EvaluateParams) -> dict[str, dict[str, np.ndarray]]:
+    """The eval rows, and the batch drawn around them (seeded) that the gate and headline use."""
+    return {"eval": samples.evaluation, "batch": rows_around(samples.evaluation, params.batch_rows, params.seed)}
+
+
+def evaluate_stage(
+    entry: ModelEntry,
+    model_path: Path,
+    samples_dir: Path,
+    params: EvaluateParams,
+    out_metrics: Path,
+    out_details: Path,
+    *,
+    optimised: Path | None = None,
+    reference: Path | None = None,
+    reference_details: Path | None = None,
+    out_reference: Path | None = None,
+    out_signatures: Path | None = None,
+) -> str:
+    """The evaluate stage for one model: its figures, compared to the exported model's (or, for
+    the exported model itself, the reference outputs), gated; returns the line the stage prints."""
+    from ..atomic import atomic_file
+    from .io import write_json
+
+    name = entry.name
+    reason = unsupported(model_path) if entry.kind == "peer" else None
+    if reason is not None:
+        # Not a failure: the report lists the peers that cannot convert this model, one line each.
+        write_json(out_details, {"unsupported": reason})
+        write_json(out_metrics, {"unsupported": True})
+        return f"evaluate: {name}: not converted ({reason})"
+    samples = Samples.load(samples_dir)
+    spec = samples.spec
+    result = evaluate_model(name, model_path, evaluation_data(samples, params), samples.labels, spec, params,
+                            entry.threads, optimised)
+    if entry.is_reference:
+        save_outputs(out_reference, result.outputs, spec)
+    else:
+        exported = json.loads(reference_details.read_text())
+        compare(result, load_outputs(reference), exported, spec)
+        failures = gate_failures(result.figures, params)
+        if failures:
+            raise UserError(f"{name}: fails the gate: {'; '.join(failures)}")
+    write_json(out_details, rounded(result.figures))
+    if out_signatures is not None:
+        with atomic_file(out_signatures) as stream:
+            stream.write(signature_dump(model_path))
+    figures = headline(result.figures)
+    write_json(out_metrics, figures)
+    return f"evaluate: {name}: " + ", ".join(f"{key} {value}" for key, value in figures.items())

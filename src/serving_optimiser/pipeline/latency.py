@@ -15,65 +15,24 @@ from __future__ import annotations
 import json
 import logging
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
-from .params import require, require_list, require_positive
+from ..timing import TimedModel, local_timer, measure_side_by_side, timed_load
+from .params import LatencyParams
+
+__all__ = ["LatencyParams", "TimedModel", "latency_stage", "local_timer", "measure_latency", "timed_load"]
 
 log = logging.getLogger(__name__)
 
-Call = Callable[[dict], object]
-# timer(batch size, calls) -> seconds of each call
-Timer = Callable[[int, int], list[float]]
-
-
-@dataclass(frozen=True)
-class LatencyParams:
-    batch_sizes: tuple[int, ...]  # ascending
-    repeats: int
-    calls_per_round: int
-    rows_per_round: int
-    load_repeats: int
-    seed: int
-
-    @classmethod
-    def from_section(cls, section: dict, path: str | Path = "params.yaml") -> LatencyParams:
-        repeats = require_positive(section, "repeats", int, "latency", path)
-        if repeats < 5:
-            raise UserError(f"{path}: 'latency.repeats' must be at least 5 (median of >= 5), got {repeats}")
-        sizes = require_list(section, "batch_sizes", int, "latency", path)
-        bad = [size for size in sizes if size < 1]
-        if bad:
-            raise UserError(f"{path}: 'latency.batch_sizes' must be positive row counts, got {bad[0]}")
-        if len(set(sizes)) != len(sizes):
-            raise UserError(f"{path}: 'latency.batch_sizes' lists a size twice: {sizes}")
-        known = {"batch_sizes", "repeats", "calls_per_round", "rows_per_round", "load_repeats", "seed"}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            keys = ", ".join(f"latency.{key}" for key in unknown)
-            raise UserError(f"{path}: unknown key(s) {keys} (expected {', '.join(sorted(known))})")
-        return cls(
-            batch_sizes=tuple(sorted(sizes)),
-            repeats=repeats,
-            calls_per_round=require_positive(section, "calls_per_round", int, "latency", path),
-            rows_per_round=require_positive(section, "rows_per_round", int, "latency", path),
-            load_repeats=require_positive(section, "load_repeats", int, "latency", path),
-            seed=require(section, "seed", int, "latency", path),
-        )
-
-    def calls(self, batch: int) -> int:
-        """Calls per model per round at ``batch`` rows: ``calls_per_round``, fewer where that would
-        pass ``rows_per_round`` rows, and at least one (a 100,000-row call is timed once a round)."""
-        return max(1, min(self.calls_per_round, self.rows_per_round // batch))
+RUNTIMES = {"tf": "TensorFlow", "litert": "LiteRT (XNNPACK)", "onnx": "ONNX Runtime", "openvino": "OpenVINO CPU"}
 
 
 def batch_label(rows: int) -> str:
@@ -91,90 +50,10 @@ def batch_inputs(rows: Mapping[str, np.ndarray], sizes: Sequence[int]) -> dict[i
     return {size: {name: np.ascontiguousarray(values[:size]) for name, values in rows.items()} for size in sizes}
 
 
-def local_timer(call: Call, inputs: Mapping[int, dict]) -> Timer:
-    def timer(batch: int, calls: int) -> list[float]:
-        features = inputs[batch]
-        seconds = []
-        for _ in range(calls):
-            start = time.perf_counter()
-            call(features)  # a call returns materialised arrays (numpy), so the work is done
-            seconds.append(time.perf_counter() - start)
-        return seconds
-
-    return timer
-
-
-@dataclass
-class TimedModel:
-    name: str
-    timer: Timer
-    load_seconds: float
-    how: str = ""  # how it ran: runtime and oneDNN setting, for the report
-    first_call_seconds: float = 0.0
-
-
-def timed_load(load: Callable[[], Call], repeats: int) -> tuple[Call, float]:
-    """Load ``repeats`` times; return the last model's call and the median load time."""
-    timings = []
-    call = None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call = load()
-        timings.append(time.perf_counter() - start)
-    return call, statistics.median(timings)
-
-
 def measure_latency(models: list[TimedModel], params: LatencyParams) -> dict[str, dict]:
-    """Per model and batch size: p50 and p99 per call, p50 per row, and the ratio to the first
-    model (the exported one).
-
-    Batch sizes run largest first (a 100,000-row call leaves caches and the allocator in a state
-    that slows the next small calls, so the small ones come after). At each size every model gets
-    two warm-up calls (oneDNN's first run per shape, LiteRT's re-allocation), then ``repeats``
-    rounds; each round times ``params.calls(size)`` calls of every model, in a seeded random
-    order. A ratio is the median over rounds of the model's median call over the first model's
-    in the same round, so drift and one-off stalls hit both sides alike.
-    """
-    sizes = params.batch_sizes
-    for model in models:
-        model.first_call_seconds = model.timer(sizes[0], 1)[0]
-    rng = np.random.default_rng(params.seed)
-    rounds: dict[str, dict[int, list[list[float]]]] = {m.name: {} for m in models}
-    for size in sorted(sizes, reverse=True):
-        calls = params.calls(size)
-        for model in models:
-            model.timer(size, 2)
-        for model in models:
-            rounds[model.name][size] = []
-        for _ in range(params.repeats):
-            for index in rng.permutation(len(models)):
-                rounds[models[index].name][size].append(models[index].timer(size, calls))
-        log.info("batch %d: %d rounds of %d call(s) per model done", size, params.repeats, calls)
-    reference = models[0].name
-    result = {}
-    for model in models:
-        batches = {}
-        for size in sizes:
-            seconds = np.concatenate(rounds[model.name][size]) * 1000
-            ratios = (
-                float(np.median(mine)) / float(np.median(theirs))
-                for mine, theirs in zip(rounds[model.name][size], rounds[reference][size])
-            )
-            p50 = float(np.percentile(seconds, 50))
-            batches[str(size)] = {
-                "p50_ms": p50,
-                "p99_ms": float(np.percentile(seconds, 99)),
-                "per_row_us": p50 * 1000 / size,
-                "ratio": statistics.median(ratios),
-                "calls": int(seconds.size),
-            }
-        result[model.name] = {
-            "how": model.how,
-            "load_s": model.load_seconds,
-            "first_call_ms": model.first_call_seconds * 1000,
-            "batches": batches,
-        }
-    return result
+    """:func:`serving_optimiser.timing.measure_side_by_side` with the latency section's settings:
+    the first model (the exported one) is the yardstick of every ratio."""
+    return measure_side_by_side(models, params.batch_sizes, params.repeats, params.calls, params.seed)
 
 
 def headline_figures(measured: Mapping) -> dict[str, float]:
@@ -209,6 +88,86 @@ def process_settings() -> dict[str, str | int]:
     return kernel_settings()
 
 
+def latency_stage(entry, exported: Path, model_path: Path, samples_dir: Path, machine_file: Path,
+                  timing: LatencyParams, out_metrics: Path, out_details: Path) -> str:
+    """The latency stage for one model (a variant or a peer, ``entry``): its calls at every batch
+    size against the exported model's, side by side, how each ran, the machine, and its fidelity
+    as this machine's kernels compute it; returns the line the stage prints.
+
+    A variant whose int8 ops need oneDNN runs with TF_ENABLE_ONEDNN_OPTS=1 where oneDNN would be
+    off; then the exported model is timed twice: under the caller's setting, in a worker process,
+    as the yardstick of every ratio, and with oneDNN on in this process (exported_onednn).
+    """
+    from . import evaluate
+    from .io import write_json
+    from .machine import onednn_setting
+    from .model import Samples, rows_around
+
+    reason = evaluate.unsupported(model_path) if entry.kind == "peer" else None
+    if reason is not None:
+        write_json(out_details, {"unsupported": reason})
+        write_json(out_metrics, {"unsupported": True})
+        return f"latency: {entry.name}: not converted ({reason})"
+    try:
+        machine = json.loads(machine_file.read_text())
+        default = bool(machine["onednn_default"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"--machine {machine_file}: not the machine stage's description (run it first)") from None
+    caller = dict(os.environ)
+    onednn_on, why = onednn_setting(caller.get("TF_ENABLE_ONEDNN_OPTS"), default)
+    forced = entry.needs_onednn and not onednn_on
+    if forced:
+        # The variant's int8 ops have no kernel without oneDNN's rewrites, which TensorFlow turns
+        # on by default only on CPUs with AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX.
+        os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
+
+    samples = Samples.load(samples_dir)
+    largest_size = max(timing.batch_sizes)
+    inputs = batch_inputs(rows_around(samples.evaluation, largest_size, timing.seed), timing.batch_sizes)
+    predictors = {}
+    for name, path in ((evaluate.REFERENCE, exported), (entry.name, model_path)):
+        predictors[name] = timed_load(
+            lambda name=name, path=path: evaluate.load_model(name, path, samples.spec, entry.threads),
+            timing.load_repeats,
+        )
+    tensorflow = f"TensorFlow, oneDNN {why}"
+    forced_how = "TensorFlow, oneDNN on (TF_ENABLE_ONEDNN_OPTS=1"
+    runtime = RUNTIMES[predictors[entry.name][0].format]
+    if entry.kind == "peer":
+        how = f"{runtime}, {entry.threads} threads"
+    else:
+        how = f"{forced_how}: its int8 ops need it)" if forced else tensorflow
+    models = [TimedModel(name, local_timer(call, inputs), seconds) for name, (call, seconds) in predictors.items()]
+    models[0].how, models[1].how = (f"{forced_how})" if forced else tensorflow), how
+    worker = None
+    try:
+        if forced:
+            worker = WorkerModel(exported, samples_dir, largest_size, timing.seed, caller)
+            models[0].name = "exported_onednn"
+            models.insert(0, TimedModel(evaluate.REFERENCE, worker.timer, worker.load_seconds, tensorflow))
+        # Fidelity as this machine's kernels compute it (the evaluate stage's is pinned, the same
+        # everywhere); they differ where kernels round differently per ISA (int8, the peer runtimes).
+        largest = inputs[largest_size]
+        here = evaluate.fidelity(predictors[evaluate.REFERENCE][0](largest), predictors[entry.name][0](largest),
+                                 samples.spec)
+        measured = measure_latency(models, timing)
+    finally:
+        if worker is not None:
+            worker.close()
+    figures = {name: rounded(values) for name, values in measured.items()}
+    fidelity = {f"{key}_this_machine": round(value, 6) for key, value in here.items()}
+    process = process_settings() | {"peer_runtime_threads": entry.threads}
+    write_json(out_details, {"machine": machine, "process": process, "measured": figures, "fidelity": fidelity})
+    mine = figures[entry.name]["batches"]
+    smallest = min(timing.batch_sizes)
+    # Short names and 3 decimals keep `dvc metrics show` within 120 columns (README has the legend);
+    # the whole curve is in the details file and the report.
+    write_json(out_metrics, {f"t{batch_label(size)}_x": round(mine[str(size)]["ratio"], 3)
+                             for size in (smallest, largest_size)})
+    curve = ", ".join(f"{batch_label(size)}: {mine[str(size)]['ratio']:.3f}x" for size in timing.batch_sizes)
+    return f"latency: {entry.name} ({how}): {curve} the export's time"
+
+
 # ---------------------------------------------------------------------------------------------
 # A model timed in a worker process (another oneDNN setting than this process's)
 # ---------------------------------------------------------------------------------------------
@@ -217,17 +176,16 @@ def process_settings() -> dict[str, str | int]:
 class WorkerModel:
     """A TensorFlow SavedModel loaded and timed in a child process started with ``environment``.
 
-    The child draws the same rows (``eval_csv``, ``rows``, ``seed``: the parent's
-    :func:`~serving_optimiser.pipeline.data.sample_around`), loads the model, and answers each
+    The child draws the same rows (``samples_dir``, ``rows``, ``seed``: the parent's
+    :func:`~serving_optimiser.pipeline.model.rows_around`), loads the model, and answers each
     request "BATCH CALLS" with the seconds of each call, timed inside the child, so the pipe's
     cost is not in the figures. Its requests are answered one at a time, so it never runs while
     a model in this process does.
     """
 
-    def __init__(self, model_path: Path, eval_csv: Path, vocabulary: Sequence[str], signature: str,
-                 rows: int, seed: int, environment: Mapping[str, str]) -> None:
-        spec = {"model": str(model_path), "eval": str(eval_csv), "vocabulary": list(vocabulary),
-                "signature": signature, "rows": rows, "seed": seed}
+    def __init__(self, model_path: Path, samples_dir: Path, rows: int, seed: int,
+                 environment: Mapping[str, str]) -> None:
+        spec = {"model": str(model_path), "samples": str(samples_dir), "rows": rows, "seed": seed}
         # stderr to a file, not a pipe: a chatty child could fill a pipe and block.
         self._errors = tempfile.TemporaryFile(mode="w+")
         self._process = subprocess.Popen(
@@ -265,12 +223,13 @@ def _serve(spec: dict) -> None:
     # Answers go to the original stdout; anything native code prints goes to stderr instead.
     answers = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
-    from .data import read_iris_csv, sample_around
     from .evaluate import load_model
+    from .model import Samples, rows_around
 
-    rows = sample_around(read_iris_csv(Path(spec["eval"]), spec["vocabulary"]), spec["rows"], spec["seed"])
+    samples = Samples.load(spec["samples"])
+    rows = rows_around(samples.evaluation, spec["rows"], spec["seed"])
     start = time.perf_counter()
-    predictor = load_model("exported", Path(spec["model"]), spec["vocabulary"], spec["signature"], 2)
+    predictor = load_model("exported", Path(spec["model"]), samples.spec, 2)
     load_seconds = time.perf_counter() - start
     cache: dict[int, dict] = {}
 

@@ -1,88 +1,273 @@
-"""Reading ``params.yaml``: one section per stage, checked key by key so a bad file fails with one
-line naming the key, instead of a KeyError deep inside a stage."""
+"""The pipeline's params file, resolved in one place: each stage's section as a checked dataclass,
+the label vocabulary, and the ``model`` section (which model the pipeline optimises and the
+samples it runs on). Every error names the file it read (``--params`` may point anywhere) and the
+key. TensorFlow-free and light, so a stage checks its params before TensorFlow loads; which model
+name is a variant or a peer is :mod:`serving_optimiser.pipeline.entries` (it needs the transform
+catalogue, which the data stages should not depend on).
+"""
 
 from __future__ import annotations
 
-import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import UserError
+from ..params_file import (
+    DEFAULT_PARAMS_FILE,
+    check_stage_keys,
+    load_params,
+    require,
+    require_list,
+    require_positive,
+    section,
+)
 
-DEFAULT_PARAMS_FILE = "params.yaml"
+__all__ = [
+    "DEFAULT_PARAMS_FILE", "EvaluateParams", "LatencyParams", "ModelSection", "PipelineParams", "TrainParams",
+    "check_stage_keys", "load_params", "require", "require_list", "require_positive", "section",
+]
+
+SOURCES = ("iris", "saved_model")
+# With source: iris the model is the export stage's and the samples the prepare stage's split.
+IRIS_PATH = "models/exported"
+IRIS_SAMPLES = "data/prepared"
+IRIS_SIGNATURE = "predict"
+DEFAULT_SIGNATURE = "serving_default"
+MODEL_KEYS = ("source", "path", "signature", "samples", "labels", "class_output", "eval_fraction", "seed")
 
 
-def load_params(path: str | Path = DEFAULT_PARAMS_FILE) -> dict[str, Any]:
-    path = Path(path)
+@dataclass(frozen=True)
+class TrainParams:
+    hidden_units: list[int]
+    learning_rate: float
+    batch_size: int
+    epochs: int
+    seed: int
+
+    @classmethod
+    def from_section(cls, section: dict, path: str | Path = DEFAULT_PARAMS_FILE) -> TrainParams:
+        hidden_units = require_list(section, "hidden_units", int, "train", path)
+        if any(units <= 0 for units in hidden_units):
+            raise UserError(f"{path}: 'train.hidden_units' must be positive integers, got {hidden_units}")
+        return cls(
+            hidden_units=hidden_units,
+            learning_rate=float(require_positive(section, "learning_rate", float, "train", path)),
+            batch_size=require_positive(section, "batch_size", int, "train", path),
+            epochs=require_positive(section, "epochs", int, "train", path),
+            seed=require(section, "seed", int, "train", path),
+        )
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_rows: int
+    seed: int
+    sample_rows: int
+    min_class_agreement: float
+    max_eval_rows_lost: int
+    max_relative_diff: float
+
+    @classmethod
+    def from_section(cls, section: dict, path: str | Path = DEFAULT_PARAMS_FILE) -> EvaluateParams:
+        agreement = float(require(section, "min_class_agreement", float, "evaluate", path))
+        if not 0 <= agreement <= 1:
+            raise UserError(f"{path}: 'evaluate.min_class_agreement' must be in [0, 1], got {agreement}")
+        rows_lost = require(section, "max_eval_rows_lost", int, "evaluate", path)
+        if rows_lost < 0:
+            raise UserError(f"{path}: 'evaluate.max_eval_rows_lost' must be >= 0, got {rows_lost}")
+        relative = float(require_positive(section, "max_relative_diff", float, "evaluate", path))
+        known = {"batch_rows", "seed", "sample_rows", "min_class_agreement", "max_eval_rows_lost", "max_relative_diff"}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            keys = ", ".join(f"evaluate.{key}" for key in unknown)
+            raise UserError(f"{path}: unknown key(s) {keys} (expected {', '.join(sorted(known))})")
+        return cls(
+            batch_rows=require_positive(section, "batch_rows", int, "evaluate", path),
+            seed=require(section, "seed", int, "evaluate", path),
+            sample_rows=require_positive(section, "sample_rows", int, "evaluate", path),
+            min_class_agreement=agreement,
+            max_eval_rows_lost=rows_lost,
+            max_relative_diff=relative,
+        )
+
+
+@dataclass(frozen=True)
+class LatencyParams:
+    batch_sizes: tuple[int, ...]  # ascending
+    repeats: int
+    calls_per_round: int
+    rows_per_round: int
+    load_repeats: int
+    seed: int
+
+    @classmethod
+    def from_section(cls, section: dict, path: str | Path = DEFAULT_PARAMS_FILE) -> LatencyParams:
+        repeats = require_positive(section, "repeats", int, "latency", path)
+        if repeats < 5:
+            raise UserError(f"{path}: 'latency.repeats' must be at least 5 (median of >= 5), got {repeats}")
+        sizes = require_list(section, "batch_sizes", int, "latency", path)
+        bad = [size for size in sizes if size < 1]
+        if bad:
+            raise UserError(f"{path}: 'latency.batch_sizes' must be positive row counts, got {bad[0]}")
+        if len(set(sizes)) != len(sizes):
+            raise UserError(f"{path}: 'latency.batch_sizes' lists a size twice: {sizes}")
+        known = {"batch_sizes", "repeats", "calls_per_round", "rows_per_round", "load_repeats", "seed"}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            keys = ", ".join(f"latency.{key}" for key in unknown)
+            raise UserError(f"{path}: unknown key(s) {keys} (expected {', '.join(sorted(known))})")
+        return cls(
+            batch_sizes=tuple(sorted(sizes)),
+            repeats=repeats,
+            calls_per_round=require_positive(section, "calls_per_round", int, "latency", path),
+            rows_per_round=require_positive(section, "rows_per_round", int, "latency", path),
+            load_repeats=require_positive(section, "load_repeats", int, "latency", path),
+            seed=require(section, "seed", int, "latency", path),
+        )
+
+    def calls(self, batch: int) -> int:
+        """Calls per model per round at ``batch`` rows: ``calls_per_round``, fewer where that would
+        pass ``rows_per_round`` rows, and at least one (a 100,000-row call is timed once a round)."""
+        return max(1, min(self.calls_per_round, self.rows_per_round // batch))
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """The ``model`` section: the Iris export (``source: iris``) or the user's SavedModel.
+
+    Checked here without TensorFlow: the keys, that the paths exist and are what they should be,
+    that the samples file is an .npz holding the labels array if one is named. What needs the
+    SavedModel's signature (its inputs in the samples, their dtypes and shapes, the class output)
+    is checked by the model stage (:mod:`serving_optimiser.pipeline.model`).
+    """
+
+    source: str
+    path: Path
+    signature: str
+    samples: Path
+    labels: str | None  # the name of an array in the samples file (saved_model only)
+    class_output: str | None  # saved_model only; Iris compares class_ids and probabilities
+    eval_fraction: float
+    seed: int
+    params_file: Path
+
+    def where(self, key: str) -> str:
+        """``FILE: 'model.KEY' = VALUE`` for an error's start."""
+        return f"{self.params_file}: 'model.{key}' = {getattr(self, key)!s:s}"
+
+    @classmethod
+    def from_section(cls, values: dict[str, Any], path: str | Path = DEFAULT_PARAMS_FILE) -> ModelSection:
+        path = Path(path)
+        unknown = sorted(set(values) - set(MODEL_KEYS))
+        if unknown:
+            keys = ", ".join(f"model.{key}" for key in unknown)
+            raise UserError(f"{path}: unknown key(s) {keys} (expected {', '.join(MODEL_KEYS)})")
+        source = require(values, "source", str, "model", path)
+        if source not in SOURCES:
+            raise UserError(f"{path}: 'model.source' = {source!r} is not one of {', '.join(SOURCES)}")
+        for key in ("path", "samples"):
+            require(values, key, str, "model", path)
+        for key in ("signature", "labels", "class_output"):
+            if values.get(key) is not None and not isinstance(values[key], str):
+                raise UserError(f"{path}: 'model.{key}' = {values[key]!r} must be a string or null")
+        fraction = float(require(values, "eval_fraction", float, "model", path))
+        if not 0 < fraction < 1:
+            raise UserError(f"{path}: 'model.eval_fraction' = {fraction} must be between 0 and 1")
+        signature = values.get("signature") or (IRIS_SIGNATURE if source == "iris" else DEFAULT_SIGNATURE)
+        model = cls(
+            source=source,
+            path=Path(values["path"]),
+            signature=signature,
+            samples=Path(values["samples"]),
+            labels=values.get("labels"),
+            class_output=values.get("class_output"),
+            eval_fraction=fraction,
+            seed=require(values, "seed", int, "model", path),
+            params_file=path,
+        )
+        model._check_paths(values)
+        return model
+
+    def _check_paths(self, values: dict[str, Any]) -> None:
+        path = self.params_file
+        if self.source == "iris":
+            # The Iris pipeline's own outputs: anything else means source was left at iris by mistake.
+            expected = {"path": IRIS_PATH, "samples": IRIS_SAMPLES, "signature": None, "labels": None,
+                        "class_output": None}
+            for key, value in expected.items():
+                if values.get(key) != value:
+                    raise UserError(
+                        f"{path}: 'model.{key}' = {values.get(key)} needs model.source=saved_model "
+                        f"(with source iris it is {value})"
+                    )
+            return
+        if not self.path.exists():
+            raise UserError(f"{self.where('path')}: no such directory")
+        if not self.path.is_dir() or not any((self.path / name).is_file() for name in ("saved_model.pb",
+                                                                                        "saved_model.pbtxt")):
+            raise UserError(f"{self.where('path')}: not a SavedModel directory (no saved_model.pb)")
+        if self.samples.suffix != ".npz":
+            raise UserError(f"{self.where('samples')}: must be an .npz file of input arrays by input key")
+        if not self.samples.is_file():
+            raise UserError(f"{self.where('samples')}: no such file")
+        names = npz_names(self.samples, self.where("samples"))
+        if self.labels is not None and self.labels not in names:
+            raise UserError(f"{self.where('labels')}: no such array in {self.samples} (has {', '.join(names)})")
+
+
+def npz_names(path: Path, where: str) -> list[str]:
+    """The array names of an .npz, in file order, or a one-line error starting with ``where``."""
+    import zipfile
+
+    import numpy as np
+
     try:
-        text = path.read_text()
-    except OSError as error:
-        raise UserError(f"{path}: cannot read params file ({error.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}:{where} is not valid YAML ({getattr(error, 'problem', error)})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of stage sections at the top level")
-    return data
+        with np.load(path, allow_pickle=False) as data:
+            return list(data.files)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise UserError(f"{where}: not a readable .npz ({reason})") from None
 
 
-def section(params: dict[str, Any], name: str, path: str | Path = DEFAULT_PARAMS_FILE) -> dict[str, Any]:
-    value = params.get(name)
-    if not isinstance(value, dict):
-        raise UserError(f"{path}: missing section '{name}'" if value is None else f"{path}: '{name}' must be a mapping")
-    return value
+class PipelineParams:
+    """A params file, read once; each accessor checks its section and names the file in errors."""
 
+    def __init__(self, data: dict[str, Any], path: str | Path = DEFAULT_PARAMS_FILE) -> None:
+        self.data = data
+        self.path = Path(path)
 
-def require(
-    values: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, path: str | Path = DEFAULT_PARAMS_FILE
-) -> Any:
-    """``values[key]`` checked against ``kind`` (bool is never accepted as a number)."""
-    if key not in values:
-        raise UserError(f"{path}: missing key '{where}.{key}'")
-    value = values[key]
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool) and bool not in kinds:
-        ok = False
-    elif float in kinds and isinstance(value, int) and not isinstance(value, bool):
-        ok = True
-    else:
-        ok = isinstance(value, kinds)
-    if not ok:
-        names = " or ".join(k.__name__ for k in kinds)
-        raise UserError(f"{path}: '{where}.{key}' must be {names}, got {value!r}")
-    return value
+    @classmethod
+    def load(cls, path: str | Path = DEFAULT_PARAMS_FILE) -> PipelineParams:
+        return cls(load_params(path), path)
 
+    def section(self, name: str) -> dict[str, Any]:
+        return section(self.data, name, self.path)
 
-def require_positive(values: dict[str, Any], key: str, kind: type, where: str, path=DEFAULT_PARAMS_FILE) -> Any:
-    value = require(values, key, kind, where, path)
-    if value <= 0:
-        raise UserError(f"{path}: '{where}.{key}' must be positive, got {value!r}")
-    return value
+    def label_vocabulary(self) -> list[str]:
+        """``data.label_vocabulary``: the Iris classes, in class-id order."""
+        vocabulary = require_list(self.section("data"), "label_vocabulary", str, "data", self.path)
+        if len(set(vocabulary)) != len(vocabulary):
+            raise UserError(f"{self.path}: 'data.label_vocabulary' lists a label twice: {vocabulary}")
+        return vocabulary
 
+    def model(self) -> ModelSection:
+        return ModelSection.from_section(self.section("model"), self.path)
 
-def require_list(values: dict[str, Any], key: str, item_kind: type, where: str, path=DEFAULT_PARAMS_FILE) -> list:
-    value = require(values, key, list, where, path)
-    if not value:
-        raise UserError(f"{path}: '{where}.{key}' must not be empty")
-    for index, item in enumerate(value):
-        if isinstance(item, bool) or not isinstance(item, item_kind):
-            raise UserError(f"{path}: '{where}.{key}[{index}]' must be {item_kind.__name__}, got {item!r}")
-    return value
+    def train(self) -> TrainParams:
+        return TrainParams.from_section(self.section("train"), self.path)
 
+    def evaluate(self) -> EvaluateParams:
+        return EvaluateParams.from_section(self.section("evaluate"), self.path)
 
-_STAGE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+    def latency(self) -> LatencyParams:
+        return LatencyParams.from_section(self.section("latency"), self.path)
 
+    def variants(self) -> dict[str, Any]:
+        """The ``optimise`` section (its keys name DVC stages and directories)."""
+        variants = self.section("optimise")
+        check_stage_keys(variants, "optimise", self.path)
+        return variants
 
-def check_stage_keys(values: dict[str, Any], where: str, path: str | Path = DEFAULT_PARAMS_FILE) -> None:
-    """Keys that name DVC stages (``optimise@KEY``) and directories: letters, digits, _ and -."""
-    for key in values:
-        if not isinstance(key, str) or not _STAGE_KEY.fullmatch(key):
-            raise UserError(
-                f"{path}: '{where}.{key}' is not a valid variant name (letters, digits, _ and - only: "
-                f"it names DVC stages and directories)"
-            )
+    def transforms(self, variant: str) -> list[str]:
+        return require_list(self.variants(), variant, str, "optimise", self.path)

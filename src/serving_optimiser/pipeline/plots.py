@@ -168,8 +168,8 @@ def read_rows(path: str | os.PathLike) -> list[Row]:
             rows = json.loads(path.read_text())
         except json.JSONDecodeError as error:
             raise UserError(f"{path}: not valid JSON ({error})") from None
-        # Also {model: {field: value}} (evaluate.json's shape): each entry becomes a row whose
-        # "model" is its key, so a chart can point at either file.
+        # Also {model: {field: value}} (an object keyed by model): each entry becomes a row whose
+        # "model" is its key, so a chart can point at either shape.
         if isinstance(rows, dict) and rows and all(isinstance(row, dict) for row in rows.values()):
             rows = [{"model": name} | row for name, row in rows.items()]
         if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
@@ -305,6 +305,28 @@ def chart_spec(chart: Chart, rows: Sequence[Row], models: Sequence[str] = ()) ->
     spec["encoding"] = encoding
     spec["layer"] = layers
     return spec
+
+
+def drawable_charts(charts: Iterable[Chart], root: str | os.PathLike = ".") -> tuple[list[Chart], list[str]]:
+    """The charts whose data this run has, and a line for each one it has not: a model the
+    pipeline did not train has no training curves, and one without a class output no class
+    agreement (every row's value null). Anything else wrong or missing still fails the chart."""
+    drawn, skipped = [], []
+    for chart in charts:
+        path = Path(root) / chart.file
+        if not path.is_file() and chart.file.startswith(TRAIN_CURVES):
+            skipped.append(f"{chart.name}: no {chart.file} in this run (a model the pipeline did not train)")
+            continue
+        if not path.is_file():
+            drawn.append(chart)  # build_specs names the missing file
+            continue
+        if path.suffix == ".json":
+            rows = read_rows(path)
+            if rows and all(row.get(chart.y) is None for row in rows):
+                skipped.append(f"{chart.name}: no model has a value for {chart.y} in {chart.file}")
+                continue
+        drawn.append(chart)
+    return drawn, skipped
 
 
 def build_specs(charts: Iterable[Chart], root: str | os.PathLike = ".") -> dict[str, dict]:

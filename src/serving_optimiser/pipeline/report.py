@@ -57,17 +57,30 @@ def gather(models: list[str], details_dir: Path, latency_details_dir: Path) -> d
     """One flat record per model, the exported model first (and the export with oneDNN forced on,
     where it was timed), from the evaluate and latency stages' detail files (full precision)."""
     exported = _read(details_dir / f"{REFERENCE}.json")
-    exported.update(size_ratio=1.0, agreement=1.0, max_dp=0.0)
+    exported.update(size_ratio=1.0, max_dp=0.0)
     timed: dict[str, dict] = {}
     yardsticks: dict[str, list[dict]] = {name: [] for name in YARDSTICKS}
     last_latency = None
+    unsupported: dict[str, str] = {}
     for name in models:
+        details = _read(details_dir / f"{name}.json")
+        if "unsupported" in details:
+            unsupported[name] = details["unsupported"]
+            continue
         latency = _read(latency_details_dir / f"{name}.json")
-        timed[name] = _timed_record(_read(details_dir / f"{name}.json"), latency["measured"][name], latency)
+        timed[name] = _timed_record(details, latency["measured"][name], latency)
         for yardstick in YARDSTICKS:
             if yardstick in latency["measured"]:
                 yardsticks[yardstick].append(latency["measured"][yardstick])
         last_latency = latency
+    # The peers whose converters cannot convert this model: one line each in the summary.
+    exported["unsupported"] = unsupported
+    # The export against itself, in the figures the other models have (class agreement only for a
+    # model with a class output).
+    if any("agreement" in record for record in timed.values()) or not timed:
+        exported["agreement"] = 1.0
+    if any("max_rel_diff" in record for record in timed.values()):
+        exported["max_rel_diff"] = 0.0
     records: dict[str, dict] = {REFERENCE: exported}
     if last_latency is None:
         exported.update(batch_ratio=1.0, batch1_p50_ratio=1.0)
@@ -198,16 +211,21 @@ def results_table(records: dict[str, dict]) -> str:
     sizes = _sizes(records)
     big = batch_label(int(sizes[-1])) if sizes else "100k"
     small = batch_label(int(sizes[0])) if sizes else "1"
+    relative = any("max_rel_diff" in r for r in records.values())
     header = (
         "| model | size KB | size ratio | gzip KB | eval accuracy | agreement (100k) | max \\|Δp\\| (100k) "
-        f"| {big}-row call ms | ratio | batch-{small} p50 ms | ratio |"
+        + ("| max \\|Δ\\| / range " if relative else "")
+        + f"| {big}-row call ms | ratio | batch-{small} p50 ms | ratio |"
     )
-    lines = [header, "|" + "---|" * 11]
+    lines = [header, "|" + "---|" * (12 if relative else 11)]
     for name, r in records.items():
+        accuracy = f"{r['eval_accuracy']:.3f}" if "eval_accuracy" in r else "—"
+        agreement = f"{r['agreement']:.3%}" if "agreement" in r else "—"
         lines.append(
             f"| {name} | {r['size_bytes'] / 1024:.1f} | {r['size_ratio']:.3f} | {r['gzip_bytes'] / 1024:.1f} "
-            f"| {r['eval_accuracy']:.3f} | {r['agreement']:.3%} | {r['max_dp']:.4f} "
-            f"| {r.get('batch_ms', float('nan')):.0f} | {r.get('batch_ratio', float('nan')):.3f} "
+            f"| {accuracy} | {agreement} | {r['max_dp']:.4f} "
+            + (f"| {r['max_rel_diff']:.4%} " if relative else "")
+            + f"| {r.get('batch_ms', float('nan')):.0f} | {r.get('batch_ratio', float('nan')):.3f} "
             f"| {r.get('batch1_p50_ms', float('nan')):.3f} | {r.get('batch1_p50_ratio', float('nan')):.3f} |"
         )
     return "\n".join(lines)
@@ -252,6 +270,13 @@ def how_they_ran(records: dict[str, dict]) -> list[str]:
     return [f"- {how}: {', '.join(names)}" for how, names in groups.items()]
 
 
+def _prediction(sample: dict) -> str:
+    """``class (v, v, ...)`` of one sample prediction (the values: the diff output's, e.g. probabilities)."""
+    values = next(value for key, value in sample.items() if key not in ("row", "class"))
+    shown = f"({', '.join(f'{v:.3f}' for v in values)})"
+    return f"{sample['class']} {shown}" if "class" in sample else shown
+
+
 def predictions_table(records: dict[str, dict]) -> str:
     """One row per model, one column per sample eval row: class (probabilities)."""
     samples = records[REFERENCE]["sample_predictions"]
@@ -260,9 +285,7 @@ def predictions_table(records: dict[str, dict]) -> str:
     for name, record in records.items():
         if name == ONEDNN_REFERENCE:
             continue
-        cells = [
-            f"{p['class']} ({', '.join(f'{v:.3f}' for v in p['probabilities'])})" for p in record["sample_predictions"]
-        ]
+        cells = [_prediction(p) for p in record["sample_predictions"]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -294,6 +317,10 @@ def summary_markdown(records: dict[str, dict]) -> str:
         parts += [curve_table(records), ""]
         parts += ["## How each model ran", ""]
         parts += how_they_ran(records)
+    unsupported = records[REFERENCE].get("unsupported") or {}
+    if unsupported:
+        parts += ["", "## Peers that cannot convert this model", ""]
+        parts += [f"- {name}: {reason}" for name, reason in sorted(unsupported.items())]
     parts += ["", "## Sample predictions (eval rows spread over the classes: class, probabilities)", ""]
     parts += [predictions_table(records), ""]
     return "\n".join(parts)

@@ -10,38 +10,15 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
 from .data import FEATURE_NAMES
-from .params import require, require_list, require_positive
+from .params import TrainParams
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainParams:
-    hidden_units: list[int]
-    learning_rate: float
-    batch_size: int
-    epochs: int
-    seed: int
-
-    @classmethod
-    def from_section(cls, section: dict) -> TrainParams:
-        hidden_units = require_list(section, "hidden_units", int, "train")
-        if any(units <= 0 for units in hidden_units):
-            raise UserError(f"params.yaml: 'train.hidden_units' must be positive integers, got {hidden_units}")
-        return cls(
-            hidden_units=hidden_units,
-            learning_rate=float(require_positive(section, "learning_rate", float, "train")),
-            batch_size=require_positive(section, "batch_size", int, "train"),
-            epochs=require_positive(section, "epochs", int, "train"),
-            seed=require(section, "seed", int, "train"),
-        )
 
 
 def stack_features(features: dict[str, np.ndarray]) -> np.ndarray:

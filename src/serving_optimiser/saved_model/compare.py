@@ -73,8 +73,11 @@ def compare_outputs(original: np.ndarray, converted: np.ndarray) -> dict:
         if a.size == 0:
             max_abs_diff = 0.0
         else:
-            diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
-            both_nan = np.isnan(a.astype(np.float64)) & np.isnan(b.astype(np.float64))
+            # In the outputs' own float precision (float32 outputs differ by what float32 holds),
+            # float64 for integer outputs.
+            common = np.result_type(a.dtype, b.dtype, np.float32) if a.dtype.kind in "fc" else np.float64
+            diff = np.abs(a.astype(common) - b.astype(common))
+            both_nan = np.isnan(a.astype(common)) & np.isnan(b.astype(common))
             diff = np.where(both_nan, 0.0, np.nan_to_num(diff, nan=np.inf))
             max_abs_diff = float(diff.max())
     agreement = None

@@ -1,0 +1,30 @@
+"""Stage model: the SavedModel the pipeline optimises (params.yaml's model section: the Iris export,
+or your own SavedModel with sample inputs) checked against its signature, and the rows every later
+stage runs on -> data/samples (model.json, calibration.npz, evaluation.npz, labels.npy)."""
+
+import argparse
+from pathlib import Path
+
+from serving_optimiser.pipeline.stage import run_stage
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", required=True, type=Path, help="the samples directory (data/samples)")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+
+    from serving_optimiser.pipeline.model import write_samples
+    from serving_optimiser.pipeline.params import PipelineParams
+
+    params = PipelineParams.load(args.params)
+    model = params.model()  # checked before TensorFlow loads
+    vocabulary = params.label_vocabulary() if model.source == "iris" else []
+    spec = write_samples(model, vocabulary, args.out)
+    gate = f"class output '{spec.class_output}'" if spec.class_output else "max |Δ| relative to each output's range"
+    print(f"model: {model.path} signature '{spec.signature}' ({', '.join(spec.input_order)} -> "
+          f"{', '.join(spec.outputs)}), compared on {gate} -> {args.out}")
+
+
+if __name__ == "__main__":
+    run_stage("model", main)

@@ -1,0 +1,127 @@
+"""End to end on a user's model: a small Keras CNN saved as a SavedModel outside the repo, the
+pipeline pointed at it with `dvc exp run -S model.source=saved_model ...` in a temporary copy of
+the repo. Every variant and peer runs through freeze, calibrate, optimise, convert, evaluate
+(gated on max |Δ| relative to the output's range: the model has no class output named) and
+latency; the peers that cannot convert it are one line each in the report (OpenVINO reads
+serving_default only; LiteRT's conversion of this tf.Module keeps its Keras variables as
+READ_VARIABLE ops that the interpreter never initialises, so it answers NaN, which the check
+catches); prepare, train and export never run. Real git, DVC, TensorFlow, LiteRT, ONNX Runtime."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from dvc_helpers import copy_sources, dvc_env, ran_stages
+from dvc_helpers import run as run_command
+from user_model import OUTPUT, SIGNATURE, save_user_model
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dvc")]
+
+# Two variants (a lossless list, and int8 MatMuls from the calibrate stage's ranges), a peer that
+# converts the CNN and two that cannot; tiny batches and rounds, so the run takes ~2 minutes.
+VARIANTS = {
+    "lossless": ["remove_nodes(op=Identity)", "fold_constants(ignore_errors=true)", "strip_unused_nodes"],
+    "int8": ["fold_constants(ignore_errors=true)", "quantize_matmuls(ranges_file=models/calibration/ranges.json)",
+             "strip_unused_nodes"],
+}
+PEERS = {
+    "litert_fp32": {"format": "litert", "quantization": "none"},
+    "onnx_fp32": {"format": "onnx", "quantization": "none", "opset": 17},
+    "openvino_fp32": {"format": "openvino", "quantization": "none"},
+}
+CONVERTIBLE = ("onnx_fp32",)
+UNSUPPORTED = {
+    "openvino_fp32": "OpenVINO converts only the 'serving_default' signature",
+    "litert_fp32": "output 'probabilities' has 128 NaN values",
+}
+TINY = {
+    "evaluate": {"batch_rows": 2000},
+    "latency": {"batch_sizes": [1, 64], "repeats": 5, "calls_per_round": 3, "rows_per_round": 64, "load_repeats": 1},
+}
+
+
+def run(cwd: Path, *command: str, expect: int = 0) -> str:
+    return run_command(cwd, dvc_env(), *command, expect=expect)
+
+
+@pytest.fixture(scope="module")
+def user_repo(tmp_path_factory):
+    base = tmp_path_factory.mktemp("user-dvc")
+    repo = base / "repo"
+    copy_sources(repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["optimise"] = VARIANTS
+    params["peers"]["variants"] = PEERS
+    for section, values in TINY.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    saved, samples = save_user_model(base)
+    run(repo, "git", "init", "-q", "-b", "main")
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", "tiny params")
+    output = run(
+        repo, "dvc", "exp", "run", "-n", "cnn", "-S", "model.source=saved_model", "-S", f"model.path={saved}",
+        "-S", f"model.samples={samples}", "-S", f"model.signature={SIGNATURE}", "report",
+    )
+    return repo, output
+
+
+def details(repo: Path, name: str) -> dict:
+    return json.loads((repo / "reports" / "models" / f"{name}.json").read_text())
+
+
+def test_every_stage_but_the_iris_ones_runs_on_the_user_model(user_repo):
+    repo, output = user_repo
+    per_variant = {f"{stage}@{v}" for stage in ("optimise", "convert", "evaluate", "latency") for v in VARIANTS}
+    per_peer = {f"{stage}@{p}" for stage in ("convert_peer", "evaluate_peer", "latency_peer") for p in PEERS}
+    assert ran_stages(output) == {"model", "machine", "freeze", "calibrate", "reference", "report"} | per_variant | (
+        per_peer)
+    assert not (repo / "data" / "prepared").exists() and not (repo / "models" / "weights.npz").exists()
+    spec = json.loads((repo / "data" / "samples" / "model.json").read_text())
+    assert spec["signature"] == SIGNATURE and spec["inputs"]["image"]["shape"] == [None, 8, 8, 1]
+
+
+def test_every_variant_and_convertible_peer_is_evaluated_and_gated_on_the_relative_diff(user_repo):
+    repo, _ = user_repo
+    exported = details(repo, "exported")
+    assert "eval_accuracy" not in exported and exported["size_bytes"] > 0
+    for name in (*VARIANTS, *CONVERTIBLE):
+        figures = details(repo, name)
+        assert "agreement" not in figures, name
+        assert 0 <= figures["max_rel_diff"] <= 0.05, (name, figures["max_rel_diff"])  # evaluate.max_relative_diff
+        assert set(json.loads((repo / "metrics" / "models" / f"{name}.json").read_text())) >= {"max_dp", "rel_dp"}
+        timing = json.loads((repo / "reports" / "latency" / f"{name}.json").read_text())
+        assert set(timing["measured"][name]["batches"]) == {"1", "64"}
+    # Lossless and the float peers compute the same function; int8 MatMuls move it, a little.
+    for name in ("lossless", *CONVERTIBLE):
+        assert details(repo, name)["max_rel_diff"] < 1e-5, name
+    assert details(repo, "int8")["max_rel_diff"] > 1e-5
+    assert details(repo, "int8")["optimised_graph_nodes"] > 0
+    ranges = json.loads((repo / "models" / "calibration" / "ranges.json").read_text())
+    assert ranges and all(low <= high for low, high in ranges.values())
+    sample = details(repo, "lossless")["sample_predictions"][0]
+    assert set(sample) == {"row", OUTPUT} and len(sample[OUTPUT]) == 4
+
+
+def test_the_peers_that_cannot_convert_are_one_line_each_in_the_report(user_repo):
+    repo, _ = user_repo
+    summary = (repo / "reports" / "summary.md").read_text()
+    assert "## Peers that cannot convert this model" in summary
+    for name, reason in UNSUPPORTED.items():
+        assert json.loads((repo / "metrics" / "models" / f"{name}.json").read_text()) == {"unsupported": True}
+        lines = [line for line in summary.splitlines() if line.startswith(f"- {name}: ")]
+        assert len(lines) == 1 and reason in lines[0], summary
+        assert f"| {name} |" not in summary
+    assert "| onnx_fp32 |" in summary and "| int8 |" in summary and "| lossless |" in summary
+
+
+def test_a_variant_that_breaks_the_model_fails_the_relative_gate(user_repo):
+    repo, _ = user_repo
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["optimise"]["broken"] = ["round_weights(num_steps=2)", "quantize_weights(minimum_size=16)"]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    output = run(repo, "dvc", "repro", "evaluate@broken", expect=255)  # dvc exits 255 when a stage fails
+    assert "evaluate: error: broken: fails the gate: max |Δ|" in output
+    assert "is over evaluate.max_relative_diff=0.05" in output
+    assert not (repo / "reports" / "models" / "broken.json").exists()
