@@ -1,5 +1,5 @@
-"""Stage calibrate: each float MatMul's and conv's input range over the calibration rows (the model
-stage's), run through the frozen float graph, as the ranges_file of quantize_matmuls."""
+"""Stage calibrate: the calibration file of the variants that name it as ranges_file, taken on
+the frozen graph as it is at that point of their transform list, over the calibration rows."""
 
 import argparse
 from pathlib import Path
@@ -11,18 +11,22 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--frozen", required=True, type=Path)
     parser.add_argument("--samples", required=True, type=Path, help="the model stage's directory")
-    parser.add_argument("--out", required=True, help="the ranges file (JSON: {node name: [min, max]})")
+    parser.add_argument("--out", required=True, help="the calibration file (JSON: ranges, per-layer int8 errors)")
+    parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
 
-    from serving_optimiser.pipeline.calibrate import calibrate
+    from serving_optimiser.pipeline.calibrate import calibrate, calibration_plan
     from serving_optimiser.pipeline.model import Samples
+    from serving_optimiser.pipeline.params import PipelineParams
 
-    rows = Samples.load(args.samples).calibration
-    ranges = calibrate(args.frozen, rows, args.out)
-    count = len(next(iter(rows.values())))
-    print(f"calibrate: input ranges of {len(ranges)} MatMuls over {count} calibration rows -> {args.out}")
-    for name, (low, high) in sorted(ranges.items()):
-        print(f"  {name}: [{low:.6g}, {high:.6g}]")
+    plan = calibration_plan(PipelineParams.load(args.params), args.out)
+    calibration = calibrate(args.frozen, Samples.load(args.samples).calibration, plan, args.out)
+    print(f"calibrate: {', '.join(plan.transforms)} for {', '.join(plan.variants)} after {len(plan.before)} "
+          f"transforms: {len(calibration.ranges)} ranges, {len(calibration.layer_errors)} layer errors over "
+          f"{calibration.rows} calibration rows -> {args.out}")
+    for name, error in sorted(calibration.layer_errors.items()):
+        low, high = calibration.ranges.get(name, (float("nan"), float("nan")))
+        print(f"  {name}: input [{low:.6g}, {high:.6g}], int8 output error {error:.4f}")
 
 
 if __name__ == "__main__":

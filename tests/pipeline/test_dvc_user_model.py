@@ -98,8 +98,10 @@ def test_every_variant_and_convertible_peer_is_evaluated_and_gated_on_the_relati
         assert details(repo, name)["max_rel_diff"] < 1e-5, name
     assert details(repo, "int8")["max_rel_diff"] > 1e-5
     assert details(repo, "int8")["optimised_graph_nodes"] > 0
-    ranges = json.loads((repo / "models" / "calibration" / "ranges.json").read_text())
-    assert ranges and all(low <= high for low, high in ranges.values())
+    calibration = json.loads((repo / "models" / "calibration" / "ranges.json").read_text())
+    assert calibration["format"] == "serving_optimiser.calibration" and calibration["rows"] > 0
+    assert calibration["ranges"] and all(low <= high for low, high in calibration["ranges"].values())
+    assert set(calibration["layer_errors"]) <= set(calibration["ranges"])
     sample = details(repo, "lossless")["sample_predictions"][0]
     assert set(sample) == {"row", OUTPUT} and len(sample[OUTPUT]) == 4
 
