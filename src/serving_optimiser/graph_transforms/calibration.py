@@ -33,12 +33,17 @@ class Calibration:
     input range under its name, a conv layer's output range under its last node's).
     ``layer_errors``: MatMul/conv name -> relative RMS int8 output error (see the module).
     ``keep_float``: layers that stay float whatever their error (the agreement fallback's picks).
-    ``rows``: how many calibration rows were run."""
+    ``rows``: how many calibration rows were run.
+    ``layer_time_ratios``: layer -> its int8 time over its float time at ``timed_batch_size``
+    rows, measured on the machine that calibrated (the speed guard: a layer not faster in int8
+    stays float)."""
 
     ranges: Mapping[str, tuple[float, float]]
     layer_errors: Mapping[str, float] = dataclasses.field(default_factory=dict)
     keep_float: frozenset[str] = frozenset()
     rows: int = 0
+    layer_time_ratios: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    timed_batch_size: int | None = None
 
     def with_keep_float(self, names) -> Calibration:
         return dataclasses.replace(self, keep_float=frozenset(self.keep_float) | frozenset(names))
@@ -50,7 +55,10 @@ class Calibration:
             "ranges": {name: [low, high] for name, (low, high) in sorted(self.ranges.items())},
             "layer_errors": {name: error for name, error in sorted(self.layer_errors.items())},
             "keep_float": sorted(self.keep_float),
-        }
+        } | ({} if self.timed_batch_size is None else {
+            "timed_batch_size": self.timed_batch_size,
+            "layer_time_ratios": {name: ratio for name, ratio in sorted(self.layer_time_ratios.items())},
+        })
 
 
 def _pair(transform: str, path: str, name: str, pair) -> tuple[float, float]:
@@ -87,11 +95,23 @@ def read_calibration_file(transform: str, path: str) -> Calibration:
                                  f"number >= 0, found {error!r}")
     if not all(isinstance(name, str) for name in keep):
         raise TransformError(f"{transform}: ranges_file '{path}': 'keep_float' must list node names")
+    timed_batch_size, time_ratios = raw.get("timed_batch_size"), raw.get("layer_time_ratios", {})
+    if timed_batch_size is not None and (isinstance(timed_batch_size, bool) or not isinstance(timed_batch_size, int)
+                                         or timed_batch_size < 1):
+        raise TransformError(f"{transform}: ranges_file '{path}': 'timed_batch_size' must be an integer >= 1, "
+                             f"found {timed_batch_size!r}")
+    if not isinstance(time_ratios, dict) or not all(
+        isinstance(ratio, int | float) and not isinstance(ratio, bool) and ratio > 0 for ratio in time_ratios.values()
+    ):
+        raise TransformError(f"{transform}: ranges_file '{path}': 'layer_time_ratios' must map names to "
+                             "positive numbers")
     return Calibration(
         {name: _pair(transform, path, name, pair) for name, pair in ranges.items()},
         {name: float(error) for name, error in errors.items()},
         frozenset(keep),
         int(raw.get("rows", 0)),
+        {name: float(ratio) for name, ratio in time_ratios.items()},
+        timed_batch_size,
     )
 
 
