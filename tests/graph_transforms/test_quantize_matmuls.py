@@ -390,3 +390,362 @@ def test_converted_model_loads_and_serves_both_signatures(trained_weights, tmp_p
         assert sorted(actual) == ["class_ids", "classes", "logits", "probabilities"]
         difference = np.abs(actual["probabilities"].numpy() - expected["probabilities"].numpy()).max()
         assert difference <= MAX_PROBABILITY_ERROR
+
+
+# ---------------------------------------------------------------------------------------------
+# Keras 3 layers on sequences: rank-3 Dense (tf.tensordot), EinsumDense / MultiHeadAttention
+# (Einsum, or BatchMatMulV2 when the sequence length is fixed), loop bodies
+# ---------------------------------------------------------------------------------------------
+
+LOGGER = "serving_optimiser.graph_transforms.transforms.quantize_matmuls"
+# Two (batch, sequence length) shapes: the rewritten layers compute their output shape at run time.
+SHAPES = [(8, 16), (3, 5)]
+# Max |error| of a float output as a fraction of its range (max - min), for one or two int8
+# layers of 32-64 channels on N(0, 1) inputs: 8 bits over the input's range give steps of about
+# range/255, and one output sums K = 32-64 such rounding errors times weights of |w| < 0.3.
+# Measured 0.5-1.3 % (AVX-512 VNNI); 3 % leaves room for AVX2's rounding and other draws.
+MAX_RANGE_FRACTION = 0.03
+
+
+def _export(build, directory) -> str:
+    import keras
+
+    keras.utils.set_random_seed(7)
+    model = build(keras, keras.layers)
+    model.export(str(directory), verbose=False)
+    return str(directory)
+
+
+def _sequence_rows(batch: int, length: int, seed: int, width: int = 32) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0.0, 1.0, (batch, length, width)).astype(np.float32)
+
+
+def _range_fraction(expected: np.ndarray, actual: np.ndarray) -> float:
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    return float(np.abs(actual - expected).max() / (expected.max() - expected.min()))
+
+
+@pytest.fixture(scope="module")
+def dense3(tmp_path_factory):
+    """[batch, any length, 32] -> Dense(64, relu) -> Dense(32) -> Dense(32, no bias)."""
+    from serving_optimiser.saved_model import freeze_saved_model
+
+    def build(keras, layers):
+        inputs = keras.Input((None, 32), name="x")
+        hidden = layers.Dense(64, activation="relu", name="ffn1")(inputs)
+        outputs = layers.Dense(32, use_bias=False, name="nobias")(layers.Dense(32, name="ffn2")(hidden))
+        return keras.Model(inputs, outputs)
+
+    return freeze_saved_model(_export(build, tmp_path_factory.mktemp("dense3") / "model"))
+
+
+@pytest.fixture(scope="module")
+def attention(tmp_path_factory):
+    """[batch, any length, 32] -> MultiHeadAttention(4 heads of 8) -> Add: Keras emits Einsums."""
+    from serving_optimiser.saved_model import freeze_saved_model
+
+    def build(keras, layers):
+        inputs = keras.Input((None, 32), name="x")
+        attended = layers.MultiHeadAttention(num_heads=4, key_dim=8, name="mha")(inputs, inputs)
+        return keras.Model(inputs, layers.Add()([inputs, attended]))
+
+    return freeze_saved_model(_export(build, tmp_path_factory.mktemp("attention") / "model"))
+
+
+@pytest.fixture(scope="module")
+def fixed_length_attention(tmp_path_factory):
+    """The same on a fixed length of 16: Keras then emits BatchMatMulV2 of reshaped weights."""
+    from serving_optimiser.saved_model import freeze_saved_model
+
+    def build(keras, layers):
+        inputs = keras.Input((16, 32), name="x")
+        attended = layers.MultiHeadAttention(num_heads=4, key_dim=8, name="mha")(inputs, inputs)
+        return keras.Model(inputs, layers.Add()([inputs, attended]))
+
+    return freeze_saved_model(_export(build, tmp_path_factory.mktemp("fixed_attention") / "model"))
+
+
+def _scope(frozen, layer: str) -> str:
+    """Where Keras put ``layer``'s nodes (its model's name scope gets a number per process)."""
+    return next(n.name for n in frozen.graph_def.node if f"/{layer}/" in n.name).split(f"/{layer}/")[0] + f"/{layer}"
+
+
+def _transform(frozen, transform="quantize_matmuls"):
+    return TransformGraph(frozen.graph_def, frozen.input_node_names(), frozen.output_node_names(), [transform])
+
+
+def test_rank3_dense_layers_take_their_bias_after_the_reshape(dense3):
+    result = _transform(dense3)
+    counts, nodes = op_counts(result), nodes_by_name(result)
+    assert "MatMul" not in counts and "BiasAdd" not in counts and counts[QUANTIZED_OP] == 3
+    for layer in (_scope(dense3, "ffn1_1"), _scope(dense3, "ffn2_1")):
+        # The bias add's name now holds the trailing Reshape, reading the fused op (bias inside).
+        reshape = nodes[f"{layer}/BiasAdd"]
+        assert reshape.op == "Reshape" and reshape.input[1] == f"{layer}/Tensordot/concat_1"
+        assert nodes[reshape.input[0]].op == QUANTIZED_OP
+        assert reshape.input[0] == f"{layer}/BiasAdd/quantize_matmuls/matmul"
+        assert f"{layer}/Tensordot" not in nodes  # the tensordot's own Reshape went with it
+    assert nodes[f"{_scope(dense3, 'ffn1_1')}/Relu"].op == "Relu"  # per batch: the ReLU stays float
+    # Without a bias the MatMul's name holds the fused op and the tensordot's Reshape stays.
+    nobias = _scope(dense3, "nobias_1")
+    assert nodes[f"{nobias}/Tensordot/MatMul"].op == QUANTIZED_OP and nodes[f"{nobias}/Tensordot"].op == "Reshape"
+    assert _transform(dense3.with_graph_def(result)) == result
+
+
+@needs_kernels
+@pytest.mark.parametrize(("batch", "length"), SHAPES, ids=["8x16", "3x5"])
+def test_rank3_dense_layers_match_float(dense3, batch, length):
+    result = _transform(dense3)
+    rows = {"x": _sequence_rows(batch, length, seed=batch)}
+    (expected,), (actual,) = (run_graph(g, ["Identity"], rows) for g in (dense3.graph_def, result))
+    assert _range_fraction(expected, actual) <= MAX_RANGE_FRACTION
+
+
+@pytest.fixture(scope="module")
+def dense3_ranges(dense3, tmp_path_factory):
+    from serving_optimiser.saved_model import calibrate_frozen_model
+
+    calibration = calibrate_frozen_model(dense3, {"serving_default": {"x": _sequence_rows(256, 16, seed=1)}})
+    layers = ("ffn1_1", "ffn2_1", "nobias_1")
+    assert set(calibration.ranges) == {f"{_scope(dense3, n)}/Tensordot/MatMul" for n in layers}
+    assert set(calibration.layer_errors) == set(calibration.ranges)  # all three are probed
+    path = tmp_path_factory.mktemp("dense3_calibration") / "ranges.json"
+    path.write_text(json.dumps(calibration.to_json()))
+    return path
+
+
+def test_calibrated_rank3_dense_layers_chain_through_the_tensordot(dense3, dense3_ranges):
+    result = _transform(dense3, f"quantize_matmuls(ranges_file={dense3_ranges})")
+    counts, nodes = op_counts(result), nodes_by_name(result)
+    assert counts[CHAINED_OP] == 1 and counts[QUANTIZED_OP] == 2 and "Relu" not in counts
+    assert counts["QuantizeV2"] == 2  # the first layer's input and the no-bias layer's
+    first, second = _scope(dense3, "ffn1_1"), _scope(dense3, "ffn2_1")
+    relu = nodes[f"{first}/Relu"]  # now the first layer's quint8 codes, reshaped to [batch, length, 64]
+    assert relu.op == "Reshape" and relu.attr["T"].type == types_pb2.DT_QUINT8
+    assert nodes[relu.input[0]].op == CHAINED_OP
+    # The second layer reads those codes (its tensordot's Transpose and Reshape are gone) and
+    # the Shape the tensordot computes its output shape from reads them too.
+    fused = nodes[f"{second}/BiasAdd/quantize_matmuls/matmul"]
+    assert fused.input[0] == f"{second}/BiasAdd/quantize_matmuls/flat:0"
+    assert nodes[f"{second}/BiasAdd/quantize_matmuls/flat"].input[0] == f"{first}/Relu"
+    assert f"{second}/Tensordot/transpose" not in nodes
+    assert nodes[f"{second}/Tensordot/Shape"].attr["T"].type == types_pb2.DT_QUINT8
+    assert _transform(dense3.with_graph_def(result), f"quantize_matmuls(ranges_file={dense3_ranges})") == result
+
+
+@needs_kernels
+@pytest.mark.parametrize(("batch", "length"), SHAPES, ids=["8x16", "3x5"])
+def test_calibrated_rank3_dense_layers_match_float(dense3, dense3_ranges, batch, length):
+    result = _transform(dense3, f"quantize_matmuls(ranges_file={dense3_ranges})")
+    rows = {"x": _sequence_rows(batch, length, seed=10 + batch)}
+    (expected,), (actual,) = (run_graph(g, ["Identity"], rows) for g in (dense3.graph_def, result))
+    # Calibrated on 4096 rows of the same distribution: clipping adds little to the rounding.
+    assert _range_fraction(expected, actual) <= MAX_RANGE_FRACTION
+
+
+PROJECTIONS = ("query_1", "key_1", "value_1", "attention_output_1")
+
+
+def test_einsum_projections_are_int8_and_the_attention_einsums_stay_float(attention, caplog):
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        result = _transform(attention)
+    nodes = nodes_by_name(result)
+    einsums = sorted(n.name for n in result.node if n.op == "Einsum")
+    mha = _scope(attention, "mha_1")
+    assert einsums == [f"{mha}/einsum/Einsum", f"{mha}/einsum_1/Einsum"]
+    assert op_counts(result)[QUANTIZED_OP] == 4
+    for projection, last in zip(PROJECTIONS, ("Add", "Add", "Add", "BiasAdd")):
+        output = nodes[f"{mha}/{projection}/{last}"]
+        prefix = f"{mha}/{projection}/{last}/quantize_matmuls"
+        assert output.op == "Reshape" and output.input == [f"{prefix}/matmul", f"{prefix}/output_shape"]
+        assert nodes[f"{prefix}/matmul"].op == QUANTIZED_OP and nodes[f"{prefix}/flat"].op == "Reshape"
+        assert nodes[f"{prefix}/input_shape"].op == "Shape"
+        assert f"{mha}/{projection}/einsum/Einsum" not in nodes
+    lines = sorted(r.getMessage() for r in caplog.records if r.name == LOGGER and "stays float" in r.getMessage())
+    assert lines == [
+        f"quantize_matmuls: Einsum '{name}' stays float: neither operand is a Const (a product of two "
+        "activations: no int8 kernel takes it)" for name in einsums
+    ]
+    assert _transform(attention.with_graph_def(result)) == result
+
+
+@needs_kernels
+@pytest.mark.parametrize(("batch", "length"), SHAPES, ids=["8x16", "3x5"])
+def test_einsum_projections_match_float(attention, batch, length):
+    result = _transform(attention)
+    rows = {"x": _sequence_rows(batch, length, seed=20 + batch)}
+    (expected,), (actual,) = (run_graph(g, ["Identity"], rows) for g in (attention.graph_def, result))
+    assert _range_fraction(expected, actual) <= MAX_RANGE_FRACTION
+
+
+def test_batch_matmul_projections_are_int8(fixed_length_attention):
+    result = _transform(fixed_length_attention)
+    counts, nodes = op_counts(result), nodes_by_name(result)
+    assert "BatchMatMulV2" not in counts and counts[QUANTIZED_OP] == 4 and counts["Einsum"] == 2
+    # Query, key and value reshape their product to [batch, 16, 4, 8] and add a [4, 8] bias:
+    # that Reshape now reads the fused op, which holds the bias.
+    query = _scope(fixed_length_attention, "mha_1") + "/query_1"
+    assert nodes[f"{query}/Add"].op == "Reshape" and nodes[f"{query}/Add"].input[1] == f"{query}/Reshape_1/shape"
+    # The float weights and their Reshapes are gone: only 8-bit weights remain.
+    assert f"{query}/Reshape" not in nodes
+    assert not [n.name for n in result.node if n.op == "Const" and n.attr["dtype"].type == types_pb2.DT_FLOAT
+                and len(n.attr["value"].tensor.tensor_content) >= 32 * 32 * 4]
+
+
+@needs_kernels
+@pytest.mark.parametrize("batch", [8, 3])
+def test_batch_matmul_projections_match_float(fixed_length_attention, batch):
+    result = _transform(fixed_length_attention)
+    rows = {"x": _sequence_rows(batch, 16, seed=30 + batch)}
+    (expected,), (actual,) = (run_graph(g, ["Identity"], rows) for g in (fixed_length_attention.graph_def, result))
+    assert _range_fraction(expected, actual) <= MAX_RANGE_FRACTION
+
+
+def _einsum_graph(equation: str, weights_shape, activations_shape=(None, 6, 32), weights_first: bool = False):
+    def make():
+        inputs = tf.compat.v1.placeholder(tf.float32, activations_shape, name="inputs")
+        weights = tf.constant(np.full(weights_shape, 0.1, np.float32), name="weights")
+        operands = (weights, inputs) if weights_first else (inputs, weights)
+        tf.raw_ops.Einsum(inputs=list(operands), equation=equation, name="refused")
+
+    return build(make)
+
+
+@pytest.mark.parametrize(
+    ("equation", "weights_shape", "reason"),
+    [("abc,bd->acd", (6, 32), "is not a contraction of the activation's trailing axes"),
+     ("abc,acd->abd", (2, 32, 32), "is not a contraction of the activation's trailing axes"),
+     ("abc,cd->adb", (32, 32), "reorders or sums the free axes"),
+     ("abc,cd->ad", (32, 32), "reorders or sums the free axes"),
+     ("abc,cd->abd", (32, 8), "weights are 32x8, under minimum_dim=32")],
+    ids=["leading_axis_contracted", "batch_axis_shared", "free_axes_reordered", "free_axis_summed", "narrow"],
+)
+def test_refused_einsum_stays_float_with_one_log_line(equation, weights_shape, reason, caplog):
+    graph = _einsum_graph(equation, weights_shape)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        result = TransformGraph(graph, ["inputs"], ["refused"], ["quantize_matmuls"])
+    assert result == graph
+    lines = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert len(lines) == 1 and "Einsum 'refused' stays float" in lines[0] and reason in lines[0]
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    ("equation", "weights_shape", "weights_first"),
+    [("abc,cde->abde", (32, 4, 8), False), ("abcd,cde->abe", (4, 8, 32), False),
+     ("abc,dce->abde", (4, 32, 8), False), ("cd,abc->abd", (32, 32), True)],
+    ids=["einsum_dense_qkv", "einsum_dense_output", "weights_axes_permuted", "weights_first"],
+)
+def test_einsum_kinds_match_float(equation, weights_shape, weights_first):
+    rng = np.random.default_rng(4)
+    weights = rng.normal(0.0, 0.2, weights_shape).astype(np.float32)
+    rank = len(equation.split("->")[0].split(",")[1 if weights_first else 0])
+    activations_shape = (None, None, 4, 8) if rank == 4 else (None, None, 32)
+
+    def make():
+        inputs = tf.compat.v1.placeholder(tf.float32, activations_shape, name="inputs")
+        operands = (tf.constant(weights), inputs) if weights_first else (inputs, tf.constant(weights))
+        tf.raw_ops.Einsum(inputs=list(operands), equation=equation, name="out")
+
+    graph = build(make)
+    result = TransformGraph(graph, ["inputs"], ["out"], ["quantize_matmuls"])
+    assert nodes_by_name(result)["out"].op == "Reshape" and "Einsum" not in op_counts(result)
+    for batch, length in SHAPES:
+        rows = rng.normal(0.0, 1.0, (batch, length, *activations_shape[2:])).astype(np.float32)
+        (expected,), (actual,) = (run_graph(g, ["out"], {"inputs": rows}) for g in (graph, result))
+        assert _range_fraction(expected, actual) <= MAX_RANGE_FRACTION
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    """The zoo's trained transformer encoder block (4 heads of 8, FFN 64 -> 32, 3 topics)."""
+    from zoo.models import build_attention_encoder
+
+    directory = tmp_path_factory.mktemp("encoder") / "model"
+    built = build_attention_encoder(str(directory))
+    return str(directory), built
+
+
+@needs_kernels
+def test_calibrated_encoder_quantises_its_projections_and_keeps_the_classes(encoder, tmp_path, caplog):
+    from saved_model.models import CALIBRATED_INT8
+    from zoo.models import topic_tokens
+
+    from serving_optimiser.saved_model import optimise_saved_model
+
+    directory, built = encoder
+    calibration_rows = {key: {"tokens": topic_tokens(512, seed=50)[0]} for key in ("serve", "serving_default")}
+    with caplog.at_level(logging.INFO, logger="serving_optimiser"):
+        report = optimise_saved_model(directory, tmp_path / "int8", CALIBRATED_INT8,
+                                      calibration_inputs=calibration_rows,
+                                      sample_inputs={key: built.inputs for key in ("serve", "serving_default")})
+    from serving_optimiser.saved_model.reader import read_meta_graph
+
+    graph = read_meta_graph(str(tmp_path / "int8"), ("serve",)).graph_def
+    counts = op_counts(graph)
+    layers = [n for n in graph.node if n.op in (QUANTIZED_OP, CHAINED_OP) and not n.name.startswith("int8_ops_need")]
+    # The signatures share one graph: 4 projections and the FFN's two layers (chained) are int8,
+    # the 32x3 classifier stays float (under minimum_dim), so do the two attention Einsums.
+    assert "BatchMatMulV2" not in counts and counts["Einsum"] == 2 and counts["MatMul"] == 1
+    assert len(layers) == 6 and counts[CHAINED_OP] == 1
+    step = next(s for s in report["calibration"] if s["transform"] == "quantize_matmuls")
+    # Measured 0.007-0.009 for the projections, 0.006-0.008 for the FFN: all under the guard.
+    projections = [name for name in step["layer_errors"] if "/attention_1/" in name]
+    assert len(projections) == 4 and len(step["layer_errors"]) == 6
+    assert all(error < 0.05 for error in step["layer_errors"].values()) and step["float_by_guard"] == []
+    assert "quantize_matmuls: BatchMatMulV2" in caplog.text and "is not in ranges_file" in caplog.text
+    assert "quantize_matmuls: Einsum" in caplog.text and "stays float: neither operand is a Const" in caplog.text
+    assert report["min_class_agreement"] >= 0.99
+
+
+# ---------------------------------------------------------------------------------------------
+# Loop bodies: reported, left float
+# ---------------------------------------------------------------------------------------------
+
+
+def test_lstm_loop_matmuls_stay_float_with_one_log_line_each(tmp_path, caplog):
+    """Freezing lowers Keras' LSTM loop into Enter/Exit frames: its two MatMuls per signature
+    are in the graph, reached by their weights through the loop's Enter."""
+    from serving_optimiser.saved_model import freeze_saved_model
+
+    def build(keras, layers):
+        tokens = keras.Input((12,), dtype="int32", name="tokens")
+        hidden = layers.LSTM(48, name="lstm")(layers.Embedding(64, 32)(tokens))
+        return keras.Model(tokens, layers.Dense(32, name="head")(hidden))
+
+    frozen = freeze_saved_model(_export(build, tmp_path / "lstm"))
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        result = _transform(frozen, "quantize_matmuls(minimum_dim=1)")
+    in_loop = sorted(n.name for n in frozen.graph_def.node if n.op == "MatMul" and "/while/" in n.name)
+    assert len(in_loop) == 4  # kernel and recurrent MatMul, two signatures
+    lines = sorted(r.getMessage() for r in caplog.records if r.name == LOGGER and "stays float" in r.getMessage())
+    assert lines == [f"quantize_matmuls: MatMul '{name}' stays float: it is inside a while loop (lowered control "
+                     "flow: its weights reach it through the loop's Enter and calibration cannot fetch its "
+                     "tensors; left float)" for name in in_loop]
+    nodes = nodes_by_name(result)
+    assert all(nodes[name].op == "MatMul" for name in in_loop)
+    assert _int8_heads(result) == 2  # the head after the loop is int8 in both signatures
+
+
+def _int8_heads(graph) -> int:
+    return sum(1 for n in graph.node if n.op == QUANTIZED_OP and "head" in n.name)
+
+
+def test_matmuls_in_function_bodies_are_reported(caplog):
+    """A graph that keeps its While as a function call (not frozen: a tf.function's graph)."""
+    weights = tf.constant(np.full((32, 32), 0.01, np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 32], tf.float32)])
+    def loop(x):
+        return tf.while_loop(lambda i, h: i < 3, lambda i, h: (i + 1, tf.matmul(h, weights, name="step")), (0, x))[1]
+
+    graph = loop.get_concrete_function().graph.as_graph_def()
+    bodies = [f.signature.name for f in graph.library.function for n in f.node_def if n.op == "MatMul"]
+    assert len(bodies) == 1
+    output = next(n.name for n in graph.node if n.op == "Identity" and not n.input[0].startswith("^"))
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        result = TransformGraph(graph, ["x"], [output], ["quantize_matmuls"])
+    assert result.library == graph.library
+    lines = [r.getMessage() for r in caplog.records if r.name == LOGGER and "stays float" in r.getMessage()]
+    assert lines == [f"quantize_matmuls: MatMul 'while/step' in function '{bodies[0]}' stays float: the transform does "
+                     "not run on function bodies"]

@@ -11,6 +11,7 @@ quantised per tensor.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from collections.abc import Iterable
@@ -97,6 +98,7 @@ class _Layer:
     source: str = ""  # the node whose values the matmul reads, behind ``front``
     source_input: str = ""
     front: tuple[str, ...] = ()  # a tensordot's identity Transpose and flattening Reshape
+    shape_readers: tuple[str, ...] = ()  # Shape ops of the activations, which read codes when chained
     # Set when calibrated layers chain: this layer ends in the Relu ``output_name`` and emits
     # quint8 in [0, requantize_max]; the next layer reads those codes, min and max
     # (``quantized_input``).
@@ -545,6 +547,7 @@ def _chain(layers: dict[str, _Layer], consumers: dict, output_names: Iterable[st
         allowed = {following.matmul.name, *following.front}
         if any(reader.name not in allowed and reader.op != "Shape" for reader in consumers.get(relu.name, [])):
             continue
+        following.shape_readers = tuple(r.name for r in consumers.get(relu.name, []) if r.op == "Shape")
         if any(parse_input(i)[1] == relu.name for i in following.matmul.input[1:]):
             continue
         fused = relu.name if layer.output_shape is None else f"{relu.name}/{SUFFIX}/matmul"
@@ -624,6 +627,12 @@ def quantize_matmuls(graph_def: graph_pb2.GraphDef, context: TransformContext) -
     _chain(layers, consumers, context.output_names)
     # Each layer's nodes go where the node it ends in was; the nodes it absorbs go.
     replaced = {layer.output_name: _layer_nodes(layer) for layer in layers.values()}
+    nodes = node_map(graph_def)
+    for name in (name for layer in layers.values() for name in layer.shape_readers):
+        # The codes have the Relu's shape: its Shape readers need only their input type changed.
+        reader = copy.deepcopy(nodes[name])
+        reader.attr["T"].type = QUINT8
+        replaced[name] = [reader]
     removed = {name for layer in layers.values() for name in layer.absorbed}
     if not int8_kernels_available():
         log.warning("quantize_matmuls: %s does not run in this process (oneDNN off: set TF_ENABLE_ONEDNN_OPTS=1; "
