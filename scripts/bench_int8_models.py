@@ -1,0 +1,76 @@
+"""Benchmark: int8 against float on Keras-built models at realistic sizes (ResNet50 and MobileNetV2
+at 224 x 224, a MultiHeadAttention encoder, a wide MLP), beside LiteRT full int8 and OpenVINO +
+NNCF int8 of the same model, all timed in this process.
+
+    python scripts/bench_int8_models.py [--models resnet50,mobilenet_v2,encoder,wide_mlp]
+        [--batch-sizes 1,16,64] [--rounds 7] [--keep DIR] [--quick]
+
+Per model and candidate: the ratio to float at each batch size (median of per-round ratios,
+interleaved rounds in a seeded random order), the median call in ms, and top-1 agreement with
+float and max |diff| / float's output range on held-out rows (calibration uses other rows).
+How each model is made to answer like a trained one: serving_optimiser.bench_models. The CPU
+line comes first; progress goes to stderr. --quick shrinks every model (a smoke test, minutes
+to seconds). Set ONEDNN_MAX_CPU_ISA=AVX2 TF_ENABLE_ONEDNN_OPTS=1 to emulate an AVX2-only CPU.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from serving_optimiser.runtime import quiet_tensorflow
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="resnet50,mobilenet_v2,encoder,wide_mlp", help="comma-separated")
+    parser.add_argument("--batch-sizes", default="1,16,64", help="comma-separated batch sizes")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
+    parser.add_argument("--keep", help="write the models here instead of a temporary directory")
+    parser.add_argument("--quick", action="store_true", help="small models and data: a smoke test")
+    args = parser.parse_args(argv)
+    quiet_tensorflow()
+    from serving_optimiser import bench_models
+    from serving_optimiser.pipeline.machine import describe_machine, machine_line
+
+    names = args.models.split(",")
+    unknown = [name for name in names if name not in bench_models.MODEL_NAMES]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(bench_models.MODEL_NAMES)}")
+    try:
+        batch_sizes = sorted({int(size) for size in args.batch_sizes.split(",")})
+    except ValueError:
+        parser.error(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
+    if batch_sizes[0] < 1 or args.rounds < 1:
+        parser.error("batch sizes and --rounds must be positive")
+    machine = describe_machine()
+    from serving_optimiser.graph_transforms.transforms._int8 import int8_kernels_available
+    from serving_optimiser.runtime import kernel_settings
+
+    print(f"CPU: {machine_line(machine)}; environment {json.dumps(machine['environment'])}; "
+          f"TensorFlow threads {json.dumps(kernel_settings())}", flush=True)
+    if not int8_kernels_available():
+        print("oneDNN's int8 kernels do not run in this process: set TF_ENABLE_ONEDNN_OPTS=1 (x86-64 only)")
+        return 1
+    sizes = bench_models.QUICK if args.quick else bench_models.FULL
+    results, failures = [], []
+    with tempfile.TemporaryDirectory(prefix="bench_int8_models_") as scratch:
+        base = Path(args.keep or scratch)
+        for name in names:
+            try:
+                results.append(bench_models.bench_model(name, base, sizes, batch_sizes, args.rounds))
+            except Exception as error:  # noqa: BLE001 - one line per failed model, the others go on
+                failures.append(f"{name}: {type(error).__name__}: {str(error).splitlines()[0]}")
+                print(f"FAILED {failures[-1]}", flush=True)
+    for result in results:
+        print(f"\n{result.model} ({result.summary}): {result.how}")
+        for note in result.notes:
+            print(f"  {note}")
+    print()
+    print("\n".join(bench_models.table(results, batch_sizes)))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
