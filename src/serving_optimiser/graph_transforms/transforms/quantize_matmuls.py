@@ -1,6 +1,8 @@
-"""quantize_matmuls (beyond the old tool): float MatMul (+ bias) layers run in int8 through the
-fused oneDNN kernel QuantizedMatMulWithBiasAndDequantize, float in and float out; with calibrated
-ranges, consecutive ReLU layers chain through QuantizedMatMulWithBiasAndReluAndRequantize.
+"""quantize_matmuls (beyond the old tool): float MatMul (+ bias) layers, and the rank-3 forms Keras 3
+gives them (tf.tensordot's MatMul between Reshapes, EinsumDense's Einsum or BatchMatMulV2 with Const
+weights), run in int8 through the fused oneDNN kernel QuantizedMatMulWithBiasAndDequantize, float in
+and float out; with calibrated ranges, consecutive ReLU layers chain through
+QuantizedMatMulWithBiasAndReluAndRequantize.
 
 Why this op (measured on TF 2.21, docs/differences/quantize_matmuls.md): it takes quint8
 activations and qint8 weights and returns float, so no qint32 tensor ever needs a Dequantize
@@ -564,17 +566,25 @@ def _chain(layers: dict[str, _Layer], consumers: dict, output_names: Iterable[st
         "minimum_dim": "32",
         "ranges_file": "(none: ranges measured per batch at run time)",
         "max_layer_error": f"{DEFAULT_MAX_LAYER_ERROR:g} (with calibration: a layer over it stays float)",
-        "keep_float": "(none; repeatable: MatMul names that stay float)",
+        "keep_float": "(none; repeatable: MatMul, BatchMatMul or Einsum names that stay float)",
     },
 )
 def quantize_matmuls(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
-    """Run float MatMul (+ constant bias) layers as int8 MatMuls, float in and float out.
+    """Run float MatMul, BatchMatMul and Einsum (+ constant bias) layers as int8 MatMuls, float in and out.
 
     Matches: MatMul (T float, transpose_a false, no control inputs) of (any, Const [K, N],
     possibly behind Identity), optionally read only by BiasAdd (NHWC) | Add | AddV2 of a float
-    Const of shape [], [1], [N] or [1, N]. A Relu/Relu6 after it stays a float op (the
-    float-output kernel has no Relu variant; the qint32 ...AndRelu path measured slower because
-    its output needs a Cast and a Mul), except in a calibrated chain (below).
+    Const of shape [], [1], [N] or [1, N]; or read only by a Reshape whose shape ends in known
+    dims holding N values (tf.tensordot: Reshape of (MatMul, ConcatV2 of (leading dims, [N])))
+    read only by such a bias add, whose Const broadcasts over those dims. BatchMatMul(V2)
+    (adj_x false) of (any, Const [K, N], possibly behind a Reshape of a constant shape: Keras'
+    EinsumDense on a fixed sequence length), and Einsum of (any, Const) or (Const, any) whose
+    equation contracts the activation's trailing axes with weight axes (in any order) and keeps
+    the free axes in order, activation's then weight's (``abc,cde->abde``, ``abcd,cde->abe``):
+    the same, the activations reshaped to [-1, K], with the bias added after the product or
+    after a Reshape of it. A Relu/Relu6 after it stays a float op (the float-output kernel has
+    no Relu variant; the qint32 ...AndRelu path measured slower because its output needs a Cast
+    and a Mul), except in a calibrated chain (below).
     Produces, for a layer whose last node (the bias add, else the MatMul) is ``<n>``:
     ``<n>`` itself as a QuantizedMatMulWithBiasAndDequantize (quint8 x qint8, float bias and
     output, input_quant_mode MIN_FIRST), so every reader is unchanged; ``<n>/quantize_matmuls/``
@@ -586,21 +596,34 @@ def quantize_matmuls(graph_def: graph_pb2.GraphDef, context: TransformContext) -
     is folded into ``bias_compensated`` (``bias`` + min * ``column_sums``, via ``bias_shift``)
     and the kernel sees the range [``zero``, ``input_span``]. Float weight and bias Consts that
     nothing else reads are removed.
+    Where the output is not the 2-D product (a bias after a Reshape, a BatchMatMul, an Einsum),
+    the fused op is ``<n>/quantize_matmuls/matmul`` and ``<n>`` is a Reshape of it: to the
+    absorbed Reshape's own shape tensor, or to ``output_shape`` (ConcatV2 of ``leading_shape``,
+    a StridedSlice of ``input_shape`` = Shape of the activations, and ``output_dims``), so any
+    batch and sequence length works; ``flat`` (Reshape to ``flat_shape`` [-1, K]) feeds it.
     Calibrated chains: when a layer with a calibrated range is read only by a Relu ``<r>``
     (not a graph output) that only the next layer with a calibrated range reads, ``<r>``
     becomes a QuantizedMatMulWithBiasAndReluAndRequantize emitting quint8 in [0, the next
     layer's calibrated max] (``output_min``/``output_max``), and the next layer takes those
     codes as they are: no float tensor, Relu or QuantizeV2 between them (0.31 x float against
-    0.38 x per batch on the Iris DNN, 100,000 rows).
+    0.38 x per batch on the Iris DNN, 100,000 rows). The next layer may read the Relu through a
+    tensordot's identity Transpose and flattening Reshape (removed) or flatten it itself; Shape
+    ops of the Relu then read the codes (quint8, same shape: ``<r>`` is then a Reshape of
+    ``<r>/quantize_matmuls/matmul``).
     Params: ``ranges_file`` (none: dynamic ranges): JSON ``{"<MatMul name>": [min, max]}``;
     MatMuls missing from it get dynamic ranges; entries of other nodes (quantize_convs' ranges)
     and of MatMuls that stay float are unused; a name the graph lacks is an error (unless the
     graph holds this transform's ops already).
-    Refused (left float, one log line each): non-float T, transpose_a, control inputs, weights
-    that are not a finite 2-D float Const, and weights with fewer than ``minimum_dim`` (32) rows
-    or columns: below that int8 is no faster (measured break-even at 32 for K and for N on
-    100,000 rows), and a narrow input layer reads raw features whose scales differ, which one
-    8-bit range resolves badly (on the Iris DNN its 4x512 layer caused nearly all the flips).
+    Refused (left float, one log line each): MatMuls inside a lowered while loop (between Enter
+    and Exit: their weights come through the Enter and calibration cannot fetch per-iteration
+    tensors), non-float T, transpose_a/adj_x, control inputs, weights that are not a finite
+    float Const, Einsums of two activations (attention scores) or with other equations, and
+    weights with fewer than ``minimum_dim`` (32) rows or columns (K and N of the 2-D matrix):
+    below that int8 is no faster (measured break-even at 32 for K and for N on 100,000 rows),
+    and a narrow input layer reads raw features whose scales differ, which one 8-bit range
+    resolves badly (on the Iris DNN its 4x512 layer caused nearly all the flips).
+    MatMuls, BatchMatMuls and Einsums inside library functions (kept While/If bodies) get one
+    line each too: this transform does not run on function bodies.
     Running it again changes nothing more.
     """
     minimum_dim = context.get_int("minimum_dim", 32)
