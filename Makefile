@@ -53,6 +53,7 @@ bench-saved-model: setup ## Time optimise_saved_model on a Keras MobileNetV2 Sav
 
 bench-int8: setup ## int8 MatMuls vs float, quantize_weights, quantize_nodes: per layer and whole Iris model
 	python scripts/bench_int8.py
+	python scripts/bench_int8_models.py
 
 bench-zoo: setup ## The model zoo (ResNet50 ... tf.Module): size, agreement, |diff| and latency ratio per list
 	python scripts/bench_zoo.py
