@@ -16,6 +16,7 @@ Set ONEDNN_MAX_CPU_ISA=AVX2 to emulate a CPU without AVX-512 VNNI.
 
 import argparse
 import functools
+import itertools
 import json
 import statistics
 import sys
@@ -228,12 +229,93 @@ def mobilenet_benchmark(rounds: int) -> None:
             session.close()
 
 
+WIDE_MLP = (784, 1024, 1024, 10)
+GUARD_BATCHES = (1, 16, 64)
+
+
+def _save_wide_mlp(directory: Path, seed: int) -> None:
+    """784 -> 1024 -> 1024 -> 10 ReLU MLP, He-initialised seeded weights, as a tf.Module SavedModel."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+
+    class WideMLP(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            pairs = list(itertools.pairwise(WIDE_MLP))
+            self.kernels = [tf.Variable(rng.normal(0, (2 / a) ** 0.5, (a, b)).astype(np.float32)) for a, b in pairs]
+            self.biases = [tf.Variable(rng.normal(0, 0.1, b).astype(np.float32)) for _, b in pairs]
+
+        @tf.function(input_signature=[tf.TensorSpec([None, WIDE_MLP[0]], tf.float32)])
+        def __call__(self, x):
+            for index, (kernel, bias) in enumerate(zip(self.kernels, self.biases)):
+                x = tf.matmul(x, kernel) + bias
+                if index < len(self.kernels) - 1:
+                    x = tf.nn.relu(x)
+            return {"probabilities": tf.nn.softmax(x)}
+
+    module = WideMLP()
+    tf.saved_model.save(module, str(directory), signatures={"serving_default": module.__call__})
+
+
+def batch_guard_benchmark(rounds: int) -> None:
+    """What int8 costs at small batches, and what the speed guard (--serving-batch-size) keeps."""
+    import tensorflow as tf
+
+    from serving_optimiser.saved_model import optimise_saved_model
+    from serving_optimiser.saved_model.compare import compare_outputs
+
+    rng = np.random.default_rng(11)
+    calibration = {"serving_default": {"x": rng.uniform(0, 1, (512, WIDE_MLP[0])).astype(np.float32)}}
+    held_out = rng.uniform(0, 1, (1024, WIDE_MLP[0])).astype(np.float32)
+    lists = {"dynamic": "quantize_matmuls", "calibrated": "quantize_matmuls"}
+    print(f"\nBatch size and the speed guard: wide MLP {' -> '.join(map(str, WIDE_MLP))}, SavedModels through "
+          f"optimise_saved_model, {rounds} interleaved rounds per batch size; 'guarded@B' is calibrated with "
+          "--serving-batch-size B")
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        _save_wide_mlp(scratch / "float", seed=5)
+        prefix = "remove_nodes(op=Identity) fold_constants(ignore_errors=true) "
+        for name, transform in lists.items():
+            optimise_saved_model(scratch / "float", scratch / name, prefix + transform, compare=False,
+                                 calibration_inputs=calibration if name == "calibrated" else None)
+        for batch in GUARD_BATCHES:
+            report = optimise_saved_model(scratch / "float", scratch / f"guarded@{batch}", prefix + "quantize_matmuls",
+                                          compare=False, calibration_inputs=calibration, serving_batch_size=batch)
+            step = report["calibration"][0]
+            kept = len(step["float_by_speed"])
+            layer_ratios = ", ".join(f"{r:.2f}" for _, r in sorted(step["layer_time_ratios"].items()))
+            print(f"  guarded@{batch}: layer int8/float times at batch {batch}: {layer_ratios}; {kept} of "
+                  f"{len(step['layer_time_ratios'])} kept float")
+        models = {name: tf.saved_model.load(str(scratch / name)).signatures["serving_default"]
+                  for name in ("float", *lists, *(f"guarded@{b}" for b in GUARD_BATCHES))}
+        reference = models["float"](x=tf.constant(held_out))["probabilities"].numpy()
+        agreement = {name: compare_outputs(reference, f(x=tf.constant(held_out))["probabilities"].numpy())
+                     ["class_agreement"] for name, f in models.items()}
+        print(f"  {'candidate':14s} " + " ".join(f"{f'x float @{b}':>11s}" for b in GUARD_BATCHES)
+              + f" {'agree':>8s}")
+        table = {name: [] for name in models}
+        for batch in GUARD_BATCHES:
+            x = tf.constant(held_out[:batch])
+            calls = max(1, 2048 // batch // rounds)
+            candidates = {name: (lambda f=f, x=x, calls=calls: [f(x=x)["probabilities"].numpy() for _ in range(calls)])
+                          for name, f in models.items()}
+            for call in candidates.values():
+                call()
+            for name, ratio in ratios(interleaved(candidates, rounds, seed=batch)).items():
+                table[name].append(ratio)
+        for name, row in table.items():
+            print(f"  {name:14s} " + " ".join(f"{r:11.3f}" for r in row) + f" {agreement[name] * 100:7.2f}%")
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
     parser.add_argument("--single-calls", type=int, default=210, help="batch-1 calls per candidate in all")
     parser.add_argument("--skip-layer", action="store_true", help="no per-layer benchmark")
     parser.add_argument("--skip-mobilenet", action="store_true", help="no MobileNetV2 (quantize_convs) benchmark")
+    parser.add_argument("--only-batch-guard", action="store_true",
+                        help="only the batch-size / speed-guard benchmark on the wide MLP")
     args = parser.parse_args(argv)
     quiet_tensorflow()
     from serving_optimiser.graph_transforms.transforms.quantize_matmuls import int8_kernels_available
@@ -243,11 +325,15 @@ def main(argv: list[str]) -> int:
     if not int8_kernels_available():
         print("this TensorFlow has no working int8 MatMul kernel (oneDNN off or a non-x86 build): nothing to time")
         return 1
+    if args.only_batch_guard:
+        batch_guard_benchmark(args.rounds)
+        return 0
     if not args.skip_layer:
         layer_benchmark(args.rounds)
     model_benchmark(args.rounds, args.single_calls)
     if not args.skip_mobilenet:
         mobilenet_benchmark(args.rounds)
+    batch_guard_benchmark(args.rounds)
     return 0
 
 

@@ -1,6 +1,7 @@
 """Calibrated int8 in one call: calibration at the point of the list, through the model's call
 path, the per-layer guard and the agreement fallback."""
 
+import dataclasses
 import json
 import logging
 
@@ -12,6 +13,7 @@ from saved_model.models import CALIBRATED_INT8, mixed_scale_inputs
 from serving_optimiser.graph_transforms import TransformGraph
 from serving_optimiser.graph_transforms.calibration import Calibration, read_calibration_file
 from serving_optimiser.graph_transforms.errors import TransformError
+from serving_optimiser.graph_transforms.transforms import quantize_matmuls
 from serving_optimiser.graph_transforms.transforms.quantize_matmuls import QUANTIZED_OP, calibrate_ranges
 from serving_optimiser.saved_model import (
     AgreementError,
@@ -201,3 +203,84 @@ def test_keep_float_and_bad_guard_params(mixed_scale_wide_deep, tmp_path, caplog
     assert f"MatMul '{FIRST}' stays float" not in caplog.text
     with pytest.raises(TransformError, match="max_layer_error must be positive, got 0"):
         TransformGraph(frozen.graph_def, *names, "quantize_matmuls(max_layer_error=0)")
+
+
+def test_a_layer_cut_out_of_the_graph_computes_what_it_computed_there(mixed_scale_wide_deep):
+    from serving_optimiser.saved_model.speed_guard import layer_graph
+
+    frozen = freeze_saved_model(mixed_scale_wide_deep)
+    graph_def = TransformGraph(frozen.graph_def, frozen.input_node_names(), frozen.output_node_names(),
+                               "remove_nodes(op=Identity) fold_constants(ignore_errors=true)")
+    probe = next(p for p in quantize_matmuls.layer_probes(graph_def, {}) if p.layer == SECOND)
+    cut = layer_graph(graph_def, probe.input_tensor, probe.output_tensor)
+    input_node = probe.input_tensor.split(":")[0]
+    ops = {node.name: node.op for node in cut.node}
+    assert ops[input_node] == "Placeholder" and ops[SECOND] == "MatMul"
+    assert [name for name, op in ops.items() if op == "Placeholder"] == [input_node]  # no model input
+    assert len(cut.node) < len(graph_def.node) / 2
+    # The same float ops on the same input: the same values, bit for bit.
+    feeds = {frozen.signatures["serving_default"].inputs[k].name: v for k, v in mixed_scale_inputs(64).items()}
+    whole, part = tf.Graph(), tf.Graph()
+    with whole.as_default():
+        tf.graph_util.import_graph_def(graph_def, name="")
+    with part.as_default():
+        tf.graph_util.import_graph_def(cut, name="")
+    with tf.compat.v1.Session(graph=whole) as session:
+        hidden, expected = session.run([probe.input_tensor, probe.output_tensor], feeds)
+    with tf.compat.v1.Session(graph=part) as session:
+        actual = session.run(probe.output_tensor, {probe.input_tensor: hidden})
+    np.testing.assert_array_equal(actual, expected)
+    # From one model input to the first layer's output is no layer alone: the other inputs feed it.
+    first = next(p for p in quantize_matmuls.layer_probes(graph_def, {}) if p.layer == FIRST)
+    price = frozen.signatures["serving_default"].inputs["price"].name
+    assert layer_graph(graph_def, price, first.output_tensor) is None
+    assert layer_graph(graph_def, first.input_tensor, first.output_tensor) is not None
+
+
+@pytest.mark.onednn
+def test_the_speed_guard_sends_layers_back_until_the_model_is_faster(mixed_scale_wide_deep, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="serving_optimiser"):
+        report = optimise_saved_model(mixed_scale_wide_deep, tmp_path / "int8", GUARD_OFF, serving_batch_size=1,
+                                      calibration_inputs=_calibration_rows(), sample_inputs=_held_out_rows())
+    step = next(s for s in report["calibration"] if s["transform"] == "quantize_matmuls")
+    ratios, tries = step["layer_time_ratios"], report["serving_batch"]["time_ratios"]
+    assert step["timed_batch_size"] == 1 and set(ratios) == {FIRST, SECOND} and min(ratios.values()) > 0
+    for layer, ratio in ratios.items():
+        assert f"layer '{layer}' int8 takes {ratio:.2f} x its float time at batch 1" in caplog.text
+    # Which way it goes is this machine's measurement: one try per layer sent back, the slowest alone
+    # first, and it stops at the first model faster than the original or when no int8 layer is left.
+    sent_back = step["float_by_speed"]
+    assert report["serving_batch"]["batch_size"] == 1 and len(tries) == len(sent_back) + 1
+    assert all(ratio >= 1.0 for ratio in tries[:-1])
+    assert tries[-1] < 1.0 or sent_back == sorted(ratios, key=lambda layer: -ratios[layer])
+    assert sent_back == sorted(sent_back, key=lambda layer: -ratios[layer])
+    ops = _ops(tmp_path / "int8")
+    for layer in ratios:
+        assert (ops.get(layer) == "MatMul") is (layer in sent_back)
+    for count, ratio in enumerate(tries[:-1]):
+        assert (f"at batch 1 the optimised model takes {ratio:.2f} x the original's time: quantize_matmuls layer "
+                f"'{sent_back[count]}' (int8 alone {ratios[sent_back[count]]:.2f} x float) goes back") in caplog.text
+    assert report["min_class_agreement"] >= 0.9
+
+
+def test_time_ratios_round_trip_in_the_file_and_bad_ones_are_named(mixed_scale_wide_deep, tmp_path):
+    calibration = calibrate_frozen_model(freeze_saved_model(mixed_scale_wide_deep), _calibration_rows())
+    timed = dataclasses.replace(calibration, layer_time_ratios={SECOND: 1.25}, timed_batch_size=4)
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(timed.to_json()))
+    assert read_calibration_file("quantize_matmuls", str(path)) == timed
+    path.write_text(json.dumps({**timed.to_json(), "timed_batch_size": 0}))
+    with pytest.raises(TransformError, match="'timed_batch_size' must be an integer >= 1, found 0"):
+        read_calibration_file("quantize_matmuls", str(path))
+    path.write_text(json.dumps({**timed.to_json(), "layer_time_ratios": {SECOND: "fast"}}))
+    with pytest.raises(TransformError, match="'layer_time_ratios' must map names to positive numbers"):
+        read_calibration_file("quantize_matmuls", str(path))
+
+
+def test_a_serving_batch_size_needs_calibration_inputs(mixed_scale_wide_deep, tmp_path):
+    with pytest.raises(SavedModelError, match="serving_batch_size times the calibrated layers: it needs "):
+        optimise_saved_model(mixed_scale_wide_deep, tmp_path / "out", CALIBRATED_INT8, serving_batch_size=1)
+    with pytest.raises(SavedModelError, match="serving_batch_size must be at least 1, found 0"):
+        optimise_saved_model(mixed_scale_wide_deep, tmp_path / "out", CALIBRATED_INT8, serving_batch_size=0,
+                             calibration_inputs=_calibration_rows())
+    assert not (tmp_path / "out").exists()

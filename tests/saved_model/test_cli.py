@@ -93,3 +93,40 @@ def test_command_usage_error_exits_2(capsys):
         main(["only_one_directory"])
     assert raised.value.code == 2
     assert "the following arguments are required" in capsys.readouterr().err
+
+
+@pytest.mark.onednn
+@pytest.mark.slow
+def test_command_calibrates_int8_and_times_it_at_the_serving_batch(mixed_scale_wide_deep, tmp_path):
+    from saved_model.models import CALIBRATED_INT8, mixed_scale_inputs
+
+    np.savez(tmp_path / "calibration.npz", **mixed_scale_inputs(512, seed=1))
+    np.savez(tmp_path / "held_out.npz", **mixed_scale_inputs(1024, seed=2))
+    result = run_command(
+        mixed_scale_wide_deep, tmp_path / "out", "--transforms", CALIBRATED_INT8,
+        "--calibration-inputs", tmp_path / "calibration.npz", "--sample-inputs", tmp_path / "held_out.npz",
+        "--serving-batch-size", "64", "--min-agreement", "0.99", "--report", tmp_path / "report.json",
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    step = next(s for s in report["calibration"] if s["transform"] == "quantize_matmuls")
+    # The mixed-scale first layer stays float by the error guard (0.128 > 0.05): the figure and the line.
+    assert step["rows"] == 512 and step["float_by_guard"] == ["StatefulPartitionedCall/MatMul"]
+    assert (f"calibrated step {step['step']} quantize_matmuls on 512 rows: 2 layer(s) measured (largest int8 output "
+            "error 0.1") in result.stdout
+    tries = " -> ".join(f"{ratio:.2f} x" for ratio in report["serving_batch"]["time_ratios"])
+    assert f"at batch 64: the optimised model's time over the original's: {tries}" in result.stdout
+    assert report["min_class_agreement"] >= 0.99 and (tmp_path / "out" / "saved_model.pb").is_file()
+    assert "Traceback" not in result.stderr
+
+
+def test_a_serving_batch_size_without_calibration_inputs_is_one_line(tf1_iris, tmp_path, capsys):
+    code = main([str(tf1_iris), str(tmp_path / "out"), "--transforms", LOSSLESS, "--serving-batch-size", "8"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert captured.err.strip() == ("optimise_saved_model: error: --serving-batch-size times the calibrated layers: "
+                                    "it needs --calibration-inputs")
+    with pytest.raises(SystemExit) as raised:
+        main([str(tf1_iris), str(tmp_path / "out"), "--transforms", LOSSLESS, "--serving-batch-size", "0"])
+    assert raised.value.code == 2 and "expected an integer >= 1, got '0'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

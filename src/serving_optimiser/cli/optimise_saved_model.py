@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "each such step without ranges_file is calibrated on the graph as it is at that step, and "
                         "layers whose int8 error is over its max_layer_error stay float (also the comparison's "
                         "inputs when --sample-inputs is not given)")
+    parser.add_argument("--serving-batch-size", type=_positive_int, metavar="N",
+                        help="with --calibration-inputs: time the optimised model against the original at N rows "
+                        "on this machine and, while it is not faster, send int8 layers back to float, the slowest "
+                        "in int8 (each timed alone) first (int8 pays on large batches; at batch 1 it can cost "
+                        "more than it saves)")
     parser.add_argument("--min-agreement", type=float, metavar="X",
                         help="fail (exit 3, OUT_DIR not written) when an output's class agreement is under X "
                         "(0..1); with --calibration-inputs, int8 layers first go back to float one at a time, "
@@ -98,6 +103,16 @@ def _positive_float(text: str) -> float:
         value = float("nan")
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return value
 
 
@@ -172,8 +187,14 @@ def format_report(report: dict) -> str:
             f"{len(errors)} layer(s) measured"
             + (f" (largest int8 output error {worst:.4f})" if worst is not None else "")
             + f", {len(step['float_by_guard'])} kept float over max_layer_error={step['max_layer_error']:g}, "
-            f"{len(step['float_by_agreement'])} back to float for the agreement"
+            + (f"{len(step['float_by_speed'])} back to float for speed at batch {step['timed_batch_size']}, "
+               if step.get("timed_batch_size") else "")
+            + f"{len(step['float_by_agreement'])} back to float for the agreement"
         )
+    serving = report.get("serving_batch")
+    if serving:
+        tries = " -> ".join(f"{ratio:.2f} x" for ratio in serving["time_ratios"])
+        lines.append(f"at batch {serving['batch_size']}: the optimised model's time over the original's: {tries}")
     if "min_class_agreement" in report:
         lines.append(f"lowest class agreement: {_percent(report['min_class_agreement'])}")
     return "\n".join(lines)
@@ -206,6 +227,8 @@ def _check_before_tensorflow(args: argparse.Namespace) -> None:
     from ..saved_model.errors import SavedModelError
     from ..saved_model.reader import saved_model_file
 
+    if args.serving_batch_size is not None and args.calibration_inputs is None:
+        raise SavedModelError("--serving-batch-size times the calibrated layers: it needs --calibration-inputs")
     saved_model_file(args.in_dir)
     try:
         check_transforms(parse_transforms(args.transforms))
@@ -241,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                     warmup_batch_sizes=args.warmup_batch_sizes,
                     compare_timeout_s=args.compare_timeout,
                     calibration_inputs=args.calibration_inputs,
+                    serving_batch_size=args.serving_batch_size,
                 )
             except AgreementError as error:
                 print(format_report(error.report))

@@ -35,8 +35,8 @@ class Calibration:
     ``keep_float``: layers that stay float whatever their error (the agreement fallback's picks).
     ``rows``: how many calibration rows were run.
     ``layer_time_ratios``: layer -> its int8 time over its float time at ``timed_batch_size``
-    rows, measured on the machine that calibrated (the speed guard: a layer not faster in int8
-    stays float)."""
+    rows, each layer alone, on the machine that calibrated (the speed guard's order: see
+    :mod:`serving_optimiser.saved_model.speed_guard`)."""
 
     ranges: Mapping[str, tuple[float, float]]
     layer_errors: Mapping[str, float] = dataclasses.field(default_factory=dict)

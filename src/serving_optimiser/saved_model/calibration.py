@@ -148,12 +148,15 @@ def calibrate_frozen_model(
     minimum_dim: int | None = None,
     batch_rows: int = DEFAULT_BATCH_ROWS,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    serving_batch_size: int | None = None,
 ) -> Calibration:
     """Ranges and per-layer int8 errors for ``transform`` (quantize_matmuls or quantize_convs) on
     ``frozen`` as it is, over ``inputs`` (signature key -> input key -> rows), ``batch_rows`` rows
     per call. ``minimum_dim`` is the transform's (None: its default): the layers it would leave
     float get no error. Tensors inside function bodies (loop bodies) cannot be fetched: their
-    MatMuls get no range, which quantize_matmuls reports."""
+    MatMuls get no range, which quantize_matmuls reports. With ``serving_batch_size``, each
+    layer is also timed alone in int8 against float at that many rows, here, where this process
+    runs the int8 kernels (``layer_time_ratios``; :mod:`~serving_optimiser.saved_model.speed_guard`)."""
     from ..graph_transforms.transforms._int8 import _calibrated_tensors
 
     probe_builder = _probe_builder(transform)
@@ -193,17 +196,40 @@ def calibrate_frozen_model(
         if not {parse_input(probe.input_tensor)[1], parse_input(probe.output_tensor)[1]} & inside
     ]
     meter = ErrorMeter()
+    input_shapes: dict[str, tuple[int, ...]] = {}
     if probes:
         log.info("calibrating %s: int8 error of %d layers", transform, len(probes))
         wanted = sorted({t for probe in probes for t in (probe.input_tensor, probe.output_tensor)})
         for _, values in runner.batches(wanted):
             for probe in probes:
                 if probe.input_tensor in values and probe.output_tensor in values:
+                    input_shapes.setdefault(probe.input_tensor, tuple(np.shape(values[probe.input_tensor])))
                     meter.add(probe.layer, values[probe.output_tensor], probe.int8_output(values[probe.input_tensor]))
     errors = meter.errors()
     for name, error in sorted(errors.items(), key=lambda item: -item[1]):
         log.info("calibrating %s: '%s' int8 output error %.4f", transform, name, error)
-    return Calibration(ranges, errors, frozenset(), rows // max(1, len(inputs)))
+    calibration = Calibration(ranges, errors, frozenset(), rows // max(1, len(inputs)))
+    if serving_batch_size is None or not probes:
+        return calibration
+    return _timed(calibration, graph_def, transform, minimum_dim, probes, input_shapes, serving_batch_size)
+
+
+def _timed(calibration: Calibration, graph_def, transform: str, minimum_dim: int | None, probes, input_shapes,
+           batch_size: int) -> Calibration:
+    from ..graph_transforms.parser import ParsedTransform
+    from ..graph_transforms.transforms._int8 import int8_kernels_available
+    from .speed_guard import time_layers
+
+    if batch_size < 1:
+        raise SavedModelError(f"serving batch size must be at least 1, found {batch_size}")
+    if not int8_kernels_available():
+        log.warning("calibrating %s: the int8 kernels do not run in this process (oneDNN off), so no layer is "
+                    "timed at batch %d", transform, batch_size)
+        return calibration
+    log.info("calibrating %s: timing %d layers in int8 and float at batch %d", transform, len(probes), batch_size)
+    step = ParsedTransform(transform, {} if minimum_dim is None else {"minimum_dim": [str(minimum_dim)]})
+    ratios = time_layers(graph_def, step, Calibration(calibration.ranges), probes, input_shapes, batch_size)
+    return dataclasses.replace(calibration, layer_time_ratios=ratios, timed_batch_size=batch_size)
 
 
 def load_calibration_inputs(path: str | os.PathLike, signatures: Mapping[str, SignatureInfo]) -> dict:

@@ -62,6 +62,7 @@ def optimise_saved_model(
     warmup_batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
     compare_timeout_s: float = DEFAULT_TIMEOUT_S,
     calibration_inputs: SampleInputs | str | os.PathLike | None = None,
+    serving_batch_size: int | None = None,
 ) -> dict:
     """Freeze ``in_dir``, apply ``transforms`` (old-tool syntax), write the SavedModel ``out_dir``.
 
@@ -78,6 +79,14 @@ def optimise_saved_model(
     When the transforms emit int8 ops that only oneDNN implements and this process cannot run
     them (oneDNN's rewrites off), the comparison could not call the model: that is an error
     saying what to set, before anything is written.
+
+    ``calibration_inputs`` (like ``sample_inputs``) calibrate each quantize_matmuls or
+    quantize_convs step without a ``ranges_file`` on the graph as it is at that step; a layer
+    whose int8 output error is over the step's ``max_layer_error`` stays float, and with
+    ``min_agreement`` the int8 layers go back to float one at a time, largest error first,
+    until the agreement holds. With ``serving_batch_size`` each calibrated layer is also timed
+    in int8 and float at that many rows on this machine, and stays float where int8 is not
+    faster.
     Returns a report: sizes, node counts, timings and the per-output comparison.
     """
     transform_string = _transform_string(transforms)
@@ -97,6 +106,11 @@ def optimise_saved_model(
         raise SavedModelError(f"{calibration_inputs}: no such calibration inputs file")
     if not compare_timeout_s > 0:
         raise SavedModelError(f"compare_timeout_s must be positive, found {compare_timeout_s}")
+    if serving_batch_size is not None:
+        if calibration_inputs is None:
+            raise SavedModelError("serving_batch_size times the calibrated layers: it needs calibration_inputs")
+        if not serving_batch_size >= 1:
+            raise SavedModelError(f"serving_batch_size must be at least 1, found {serving_batch_size}")
     timings = {}
 
     start = time.perf_counter()
@@ -114,7 +128,8 @@ def optimise_saved_model(
         log.info("comparing on the calibration inputs (pass sample inputs to compare on other rows)")
     start = time.perf_counter()
     log.info("transforming: %s", transform_string)
-    steps = _TransformSteps(frozen, parse_and_check(transform_string), calibration_inputs, compare_timeout_s)
+    steps = _TransformSteps(frozen, parse_and_check(transform_string), calibration_inputs, compare_timeout_s,
+                            serving_batch_size)
     graph_def = steps.run()
     timings["transform_s"] = time.perf_counter() - start
     optimised = frozen.with_graph_def(graph_def)
@@ -131,6 +146,11 @@ def optimise_saved_model(
         "signatures": sorted(frozen.signatures),
         "transforms": transform_string,
     }
+    speed = None
+    if serving_batch_size is not None and steps.calibrated:
+        from .speed_guard import OriginalTimer
+
+        speed = OriginalTimer(in_dir, calibration_inputs, frozen.tags, serving_batch_size)
     with atomic_directory(check_output_directory(out_dir, overwrite)) as temporary:
         while True:
             _write_and_compare(
@@ -138,19 +158,32 @@ def optimise_saved_model(
                 dequantize_once, warmup_batch_sizes, compare_timeout_s,
             )
             lowest = report.get("min_class_agreement")
-            if min_agreement is None or lowest is None or lowest >= min_agreement:
+            if min_agreement is not None and lowest is not None and lowest < min_agreement:
+                layer = steps.next_fallback()
+                if layer is None:
+                    report["timings"] = timings
+                    report["calibration"] = steps.report()
+                    raise AgreementError(
+                        f"class agreement {lowest:.4f} is under the minimum {min_agreement:.4f}"
+                        + ("" if not steps.calibrated else " with every calibrated layer back to float")
+                        + f"; {Path(out_dir)} not written",
+                        report,
+                    )
+                log.info("class agreement %.4f is under %.4f: %s goes back to float", lowest, min_agreement, layer)
+            elif speed is not None:
+                start = time.perf_counter()
+                ratio = speed.ratio(temporary)
+                timings["speed_s"] = timings.get("speed_s", 0.0) + time.perf_counter() - start
+                steps.speed_ratios.append(ratio)
+                layer = steps.next_fallback(for_speed=True) if ratio >= 1.0 else None
+                if layer is None:
+                    log.info("at batch %d the optimised model takes %.2f x the original's time", serving_batch_size,
+                             ratio)
+                    break
+                log.info("at batch %d the optimised model takes %.2f x the original's time: %s goes back to float",
+                         serving_batch_size, ratio, layer)
+            else:
                 break
-            layer = steps.next_fallback()
-            if layer is None:
-                report["timings"] = timings
-                report["calibration"] = steps.report()
-                raise AgreementError(
-                    f"class agreement {lowest:.4f} is under the minimum {min_agreement:.4f}"
-                    + ("" if not steps.calibrated else " with every calibrated layer back to float")
-                    + f"; {Path(out_dir)} not written",
-                    report,
-                )
-            log.info("class agreement %.4f is under %.4f: %s goes back to float", lowest, min_agreement, layer)
             start = time.perf_counter()
             optimised = frozen.with_graph_def(steps.run())
             timings["transform_s"] += time.perf_counter() - start
@@ -159,6 +192,9 @@ def optimise_saved_model(
     report["graph_bytes"] = {"frozen": frozen.graph_def.ByteSize(), "optimised": optimised.graph_def.ByteSize()}
     if steps.calibrated:
         report["calibration"] = steps.report()
+    if speed is not None:
+        # One figure per model tried, the last the one written.
+        report["serving_batch"] = {"batch_size": serving_batch_size, "time_ratios": list(steps.speed_ratios)}
     report["timings"] = timings
     log.info("wrote %s", out_dir)
     return report
@@ -196,11 +232,15 @@ class _TransformSteps:
     """The transform list on the frozen graph, calibrating each int8 step that has no ranges_file
     (once: a rerun for the agreement fallback reuses it, with more layers kept float)."""
 
-    def __init__(self, frozen, parsed: list[ParsedTransform], calibration_inputs, timeout_s: float) -> None:
+    def __init__(self, frozen, parsed: list[ParsedTransform], calibration_inputs, timeout_s: float,
+                 serving_batch_size: int | None = None) -> None:
         self.frozen, self.parsed = frozen, parsed
         self.calibration_inputs, self.timeout_s = calibration_inputs, timeout_s
+        self.serving_batch_size = serving_batch_size
         self.calibrations: dict[int, Calibration] = {}
         self.fallback: list[tuple[int, str]] = []  # (step, layer) back to float, in order
+        self.for_speed: set[tuple[int, str]] = set()  # of those, the ones the speed guard sent back
+        self.speed_ratios: list[float] = []  # the whole model's time over the original's, per try
 
     @property
     def calibrated(self) -> bool:
@@ -228,7 +268,7 @@ class _TransformSteps:
                 minimum_dim = None  # the transform itself reports the bad value
             self.calibrations[index] = calibrate_frozen_model(
                 self.frozen.with_graph_def(graph_def), self.calibration_inputs, step.name, minimum_dim,
-                timeout_s=self.timeout_s,
+                timeout_s=self.timeout_s, serving_batch_size=self.serving_batch_size,
             )
         kept = [layer for step_index, layer in self.fallback if step_index == index]
         return self.calibrations[index].with_keep_float(kept)
@@ -240,27 +280,35 @@ class _TransformSteps:
         except ValueError:
             return DEFAULT_MAX_LAYER_ERROR
 
-    def next_fallback(self) -> str | None:
-        """The int8 layer with the largest error not yet back to float ("step: layer"), or None."""
+    def next_fallback(self, for_speed: bool = False) -> str | None:
+        """The next int8 layer back to float ("step: layer"), or None when none is left: the one
+        with the largest int8 error, or, ``for_speed``, the slowest in int8 alone (the largest
+        time ratio; untimed layers after the timed ones)."""
         done = set(self.fallback)
         keep = {index: set(self.parsed[index].params.get("keep_float", [])) for index in self.calibrations}
         candidates = [
-            (error, index, layer)
+            ((calibration.layer_time_ratios.get(layer, 0.0), error) if for_speed else (error,), index, layer)
             for index, calibration in self.calibrations.items()
             for layer, error in calibration.layer_errors.items()
             if error <= self._bound(index) and (index, layer) not in done and layer not in keep[index]
         ]
         if not candidates:
             return None
-        error, index, layer = max(candidates)
+        order, index, layer = max(candidates)
         self.fallback.append((index, layer))
-        return f"{self.parsed[index].name} layer '{layer}' (int8 output error {error:.4f})"
+        if for_speed:
+            self.for_speed.add((index, layer))
+            return f"{self.parsed[index].name} layer '{layer}' (int8 alone {order[0]:.2f} x float)"
+        return f"{self.parsed[index].name} layer '{layer}' (int8 output error {order[0]:.4f})"
 
     def report(self) -> list[dict]:
         result = []
         for index, calibration in sorted(self.calibrations.items()):
             bound = self._bound(index)
-            fallback = [layer for step_index, layer in self.fallback if step_index == index]
+            fallback = [layer for step_index, layer in self.fallback
+                        if step_index == index and (step_index, layer) not in self.for_speed]
+            for_speed = [layer for step_index, layer in self.fallback
+                         if step_index == index and (step_index, layer) in self.for_speed]
             result.append({
                 "step": index,
                 "transform": self.parsed[index].name,
@@ -268,6 +316,9 @@ class _TransformSteps:
                 "max_layer_error": bound,
                 "layer_errors": dict(sorted(calibration.layer_errors.items())),
                 "float_by_guard": sorted(k for k, v in calibration.layer_errors.items() if v > bound),
+                "float_by_speed": for_speed,
+                "timed_batch_size": calibration.timed_batch_size,
+                "layer_time_ratios": dict(sorted(calibration.layer_time_ratios.items())),
                 "float_by_agreement": fallback,
             })
         return result
