@@ -285,8 +285,9 @@ def batch_guard_benchmark(rounds: int) -> None:
             step = report["calibration"][0]
             kept = len(step["float_by_speed"])
             layer_ratios = ", ".join(f"{r:.2f}" for _, r in sorted(step["layer_time_ratios"].items()))
-            print(f"  guarded@{batch}: layer int8/float times at batch {batch}: {layer_ratios}; {kept} of "
-                  f"{len(step['layer_time_ratios'])} kept float")
+            tries = " -> ".join(f"{r:.2f}" for r in report["serving_batch"]["time_ratios"])
+            print(f"  guarded@{batch}: each layer alone, int8/float at batch {batch}: {layer_ratios}; whole model "
+                  f"over the original, per try: {tries}; {kept} of {len(step['layer_time_ratios'])} sent back to float")
         models = {name: tf.saved_model.load(str(scratch / name)).signatures["serving_default"]
                   for name in ("float", *lists, *(f"guarded@{b}" for b in GUARD_BATCHES))}
         reference = models["float"](x=tf.constant(held_out))["probabilities"].numpy()

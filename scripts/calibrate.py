@@ -15,18 +15,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
 
-    from serving_optimiser.pipeline.calibrate import calibrate, calibration_plan
-    from serving_optimiser.pipeline.model import Samples
+    from serving_optimiser.pipeline.calibrate import calibrate_stage
     from serving_optimiser.pipeline.params import PipelineParams
 
-    plan = calibration_plan(PipelineParams.load(args.params), args.out)
-    calibration = calibrate(args.frozen, Samples.load(args.samples).calibration, plan, args.out)
-    print(f"calibrate: {', '.join(plan.transforms)} for {', '.join(plan.variants)} after {len(plan.before)} "
-          f"transforms: {len(calibration.ranges)} ranges, {len(calibration.layer_errors)} layer errors over "
-          f"{calibration.rows} calibration rows -> {args.out}")
-    for name, error in sorted(calibration.layer_errors.items()):
-        low, high = calibration.ranges.get(name, (float("nan"), float("nan")))
-        print(f"  {name}: input [{low:.6g}, {high:.6g}], int8 output error {error:.4f}")
+    print(calibrate_stage(PipelineParams.load(args.params), args.frozen, args.samples, args.out))
 
 
 if __name__ == "__main__":

@@ -132,3 +132,20 @@ def calibrate(frozen, rows: Mapping[str, np.ndarray], plan: CalibrationPlan, out
     result = Calibration(ranges, errors, frozenset(), count)
     write_json(out, result.to_json())
     return result
+
+
+def calibrate_stage(params: PipelineParams, frozen_dir: str | os.PathLike, samples_dir: str | os.PathLike,
+                    out: str) -> str:
+    """The stage: the plan for ``out`` from the params file, the model stage's calibration rows,
+    the file written; returns what it measured, one line per layer."""
+    from .model import Samples
+
+    plan = calibration_plan(params, out)
+    calibration = calibrate(frozen_dir, Samples.load(samples_dir).calibration, plan, out)
+    lines = [f"calibrate: {', '.join(plan.transforms)} for {', '.join(plan.variants)} after {len(plan.before)} "
+             f"transforms: {len(calibration.ranges)} ranges, {len(calibration.layer_errors)} layer errors over "
+             f"{calibration.rows} calibration rows -> {out}"]
+    for name, error in sorted(calibration.layer_errors.items()):
+        low, high = calibration.ranges.get(name, (float("nan"), float("nan")))
+        lines.append(f"  {name}: input [{low:.6g}, {high:.6g}], int8 output error {error:.4f}")
+    return "\n".join(lines)
