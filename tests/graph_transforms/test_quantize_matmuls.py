@@ -711,7 +711,8 @@ def test_calibrated_encoder_quantises_its_projections_and_keeps_the_classes(enco
     projections = [name for name in step["layer_errors"] if "/attention_1/" in name]
     assert len(projections) == 4 and len(step["layer_errors"]) == 6
     assert all(error < 0.05 for error in step["layer_errors"].values()) and step["float_by_guard"] == []
-    assert "quantize_matmuls: BatchMatMulV2" in caplog.text and "is not in ranges_file" in caplog.text
+    # Calibrated at the point of the list: every int8 layer, the BatchMatMulV2 projections included, has its range.
+    assert "quantize_matmuls: BatchMatMulV2" not in caplog.text and "is not in ranges_file" not in caplog.text
     assert "quantize_matmuls: Einsum" in caplog.text and "stays float: neither operand is a Const" in caplog.text
     assert report["min_class_agreement"] >= 0.99
 

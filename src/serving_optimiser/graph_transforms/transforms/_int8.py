@@ -220,18 +220,39 @@ def drop_unread_float_consts(
         graph_def = new_graph_like(graph_def, [node for node in graph_def.node if node.name not in dead])
 
 
+# Products whose int8 layer (quantize_matmuls) is calibrated on the operand that is not a constant.
+WEIGHTED_PRODUCT_OPS = ("Einsum", "BatchMatMul", "BatchMatMulV2")
+
+
+def _constant_operand(nodes: dict, input_string: str) -> bool:
+    """Whether ``input_string`` reads a Const, through Identity and Reshape (of the weights)."""
+    is_control, name, _ = parse_input(input_string)
+    node = nodes.get(name)
+    while node is not None and not is_control and node.op in ("Identity", "Reshape") and node.input:
+        is_control, name, _ = parse_input(node.input[0])
+        node = nodes.get(name)
+    return node is not None and not is_control and node.op == "Const"
+
+
 def _calibrated_tensors(graph_def: graph_pb2.GraphDef) -> dict[str, tuple[str, int]]:
     """name in the ranges file -> (node, input index or -1 for its output).
 
-    A float MatMul, Conv2D or DepthwiseConv2dNative: the range of its input. After a conv, its
-    bias add and the Relu/Relu6 after that: the range of their outputs.
+    A float MatMul, Conv2D or DepthwiseConv2dNative: the range of its input; an Einsum or
+    BatchMatMul with one constant operand: the range of the other. After a conv, its bias add and
+    the Relu/Relu6 after that: the range of their outputs.
     """
     readers: dict[str, list[node_def_pb2.NodeDef]] = {}
     for node in graph_def.node:
         for input_string in node.input:
             readers.setdefault(parse_input(input_string)[1], []).append(node)
+    nodes = {node.name: node for node in graph_def.node}
     tensors = {}
     for node in graph_def.node:
+        if node.op in WEIGHTED_PRODUCT_OPS and attr_type(node) == FLOAT:
+            constant = [_constant_operand(nodes, input_string) for input_string in node.input[:2]]
+            if constant.count(True) == 1:  # a product of two activations has no int8 layer
+                tensors[node.name] = (node.name, constant.index(False))
+            continue
         if node.op not in ("MatMul", *CONV_OPS) or attr_type(node) != FLOAT:
             continue
         tensors[node.name] = (node.name, 0)
