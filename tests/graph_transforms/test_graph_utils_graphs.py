@@ -13,6 +13,7 @@ from serving_optimiser.graph_transforms.graph_utils.graphs import (
     copy_graph,
     filter_nodes,
     find_invalid_inputs,
+    lowered_control_flow_nodes,
     new_graph_like,
     node_map,
     reachable_names,
@@ -144,3 +145,35 @@ def test_sort_by_execution_order_counts_only_control_inputs_and_one_data_input_o
 def test_sort_by_execution_order_errors(nodes, message):
     with pytest.raises(TransformError, match=message):
         sort_by_execution_order(graph_of(*nodes))
+
+
+def lowered_loop_and_branch() -> graph_pb2.GraphDef:
+    """A while loop as freezing lowers it (Enter, Merge, Switch, body, NextIteration, Exit) and a
+    conditional branch after it (Switch, branch, Merge); the graph's wiring, not runnable."""
+    return graph_of(
+        make_node("Placeholder", "x"),
+        make_node("Placeholder", "pred"),
+        make_node("Enter", "loop/enter", ["x"]),
+        make_node("Merge", "loop/merge", ["loop/enter", "loop/next"]),
+        make_node("Less", "loop/less", ["loop/merge", "x"]),
+        make_node("LoopCond", "loop/cond", ["loop/less"]),
+        make_node("Switch", "loop/switch", ["loop/merge", "loop/cond"]),
+        make_node("Identity", "loop/body/in", ["loop/switch:1"]),
+        make_node("MatMul", "loop/body/matmul", ["loop/body/in", "x"]),
+        make_node("NextIteration", "loop/next", ["loop/body/matmul"]),
+        make_node("Exit", "loop/exit", ["loop/switch"]),
+        make_node("Relu", "after_loop", ["loop/exit"]),
+        make_node("Switch", "cond/switch", ["after_loop", "pred"]),
+        make_node("MatMul", "cond/then", ["cond/switch:1", "x"]),
+        make_node("Merge", "cond/merge", ["cond/switch", "cond/then"]),
+        make_node("Identity", "out", ["cond/merge"]),
+    )
+
+
+def test_lowered_control_flow_nodes_are_the_loop_and_branch_bodies():
+    graph_def = lowered_loop_and_branch()
+    loop = {"loop/enter", "loop/merge", "loop/less", "loop/cond", "loop/switch", "loop/body/in", "loop/body/matmul",
+            "loop/next"}
+    assert lowered_control_flow_nodes(graph_def, conditionals=False) == loop
+    assert lowered_control_flow_nodes(graph_def) == loop | {"cond/switch", "cond/then"}
+    assert lowered_control_flow_nodes(graph_of(make_node("Placeholder", "x"), make_node("Relu", "y", ["x"]))) == set()

@@ -19,10 +19,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-from tensorflow.core.framework import graph_pb2, node_def_pb2
+from tensorflow.core.framework import graph_pb2
 
 from ..graph_transforms.calibration import Calibration, ErrorMeter
-from ..graph_transforms.graph_utils import canonical_input_name, parse_input
+from ..graph_transforms.graph_utils import canonical_input_name, lowered_control_flow_nodes, parse_input
 from .compare import DEFAULT_TIMEOUT_S, _as_tensor, call_with_time_limit
 from .errors import SavedModelError, tensorflow_errors
 from .model import FrozenModel, SignatureInfo, TensorInfo
@@ -63,28 +63,6 @@ def _placeholder_ancestors(graph_def: graph_pb2.GraphDef) -> dict[str, frozenset
                     seen.add(reader)
                     stack.append(reader)
     return {name: frozenset(sources) for name, sources in found.items()}
-
-
-def _inside_control_flow(graph_def: graph_pb2.GraphDef) -> set[str]:
-    """Nodes of lowered loops (after an Enter, before its Exit) and conditional branches (after a
-    Switch, before its Merge): their tensors are not there to fetch from outside (dead on the
-    untaken branch, one per iteration in a loop)."""
-    readers: dict[str, list[node_def_pb2.NodeDef]] = {}
-    for node in graph_def.node:
-        for input_string in node.input:
-            is_control, name, _ = parse_input(input_string)
-            if not is_control:
-                readers.setdefault(name, []).append(node)
-    inside: set[str] = set()
-    for start in (node for node in graph_def.node if node.op in ("Enter", "Switch")):
-        stop = ("Exit",) if start.op == "Enter" else ("Merge", "Exit")
-        stack = [start.name]
-        while stack:
-            for reader in readers.get(stack.pop(), []):
-                if reader.name not in inside and reader.op not in stop:
-                    inside.add(reader.name)
-                    stack.append(reader.name)
-    return inside | {node.name for node in graph_def.node if node.op in ("Enter", "Switch")}
 
 
 class _Runner:
@@ -173,7 +151,7 @@ def calibrate_frozen_model(
         name: f"{node}:0" if index < 0 else canonical_input_name(nodes[node].input[index])
         for name, (node, index) in targets.items()
     }
-    inside = _inside_control_flow(graph_def)
+    inside = lowered_control_flow_nodes(graph_def)
     unreachable = {name for name, tensor in tensor_of.items() if parse_input(tensor)[1] in inside}
     if unreachable:
         log.info("calibrating %s: %d tensor(s) inside loops or conditional branches are not measured",

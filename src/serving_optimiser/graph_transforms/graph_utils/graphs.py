@@ -10,7 +10,7 @@ from tensorflow.core.framework import graph_pb2, node_def_pb2
 
 from ..errors import TransformError
 from ..op_sets import MERGE_OPS
-from .inputs import node_name_from_input
+from .inputs import node_name_from_input, parse_input
 
 
 def node_map(graph_def: graph_pb2.GraphDef) -> dict[str, node_def_pb2.NodeDef]:
@@ -105,6 +105,29 @@ def remove_unreachable(
     """Keep only nodes the outputs (or ``keep`` names) reach, through data and control inputs."""
     reachable = reachable_names(node_map(graph_def), [*outputs, *keep])
     return filter_nodes(graph_def, lambda node: node.name in reachable)
+
+
+def lowered_control_flow_nodes(graph_def: graph_pb2.GraphDef, conditionals: bool = True) -> set[str]:
+    """Nodes of lowered while loops (each Enter, and what reads it up to its Exit) and, with
+    ``conditionals``, of lowered conditional branches (each Switch, and what reads it up to its
+    Merge): their tensors are one per iteration, or dead on the untaken branch."""
+    readers: dict[str, list[node_def_pb2.NodeDef]] = {}
+    for node in graph_def.node:
+        for input_string in node.input:
+            is_control, name, _ = parse_input(input_string)
+            if not is_control:
+                readers.setdefault(name, []).append(node)
+    starts = [node for node in graph_def.node if node.op == "Enter" or (conditionals and node.op == "Switch")]
+    inside = {node.name for node in starts}
+    for start in starts:
+        stop = ("Exit",) if start.op == "Enter" else ("Merge", "Exit")
+        stack = [start.name]
+        while stack:
+            for reader in readers.get(stack.pop(), []):
+                if reader.name not in inside and reader.op not in stop:
+                    inside.add(reader.name)
+                    stack.append(reader.name)
+    return inside
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from ..graph_utils import (
     const_value,
     consumers_map,
     control_inputs,
+    lowered_control_flow_nodes,
     make_node,
     node_map,
     parse_input,
@@ -111,24 +112,6 @@ class _Layer:
     def __post_init__(self) -> None:
         self.output_name = self.output_name or self.last.name
         self.activations = self.activations or self.matmul.input[0]
-
-
-def _loop_nodes(graph_def: graph_pb2.GraphDef) -> set[str]:
-    """Nodes of lowered while loops: after an Enter, before its Exit."""
-    readers: dict[str, list[node_def_pb2.NodeDef]] = {}
-    for node in graph_def.node:
-        for input_string in node.input:
-            is_control, name, _ = parse_input(input_string)
-            if not is_control:
-                readers.setdefault(name, []).append(node)
-    inside: set[str] = set()
-    stack = [node.name for node in graph_def.node if node.op == "Enter"]
-    while stack:
-        for reader in readers.get(stack.pop(), []):
-            if reader.name not in inside and reader.op != "Exit":
-                inside.add(reader.name)
-                stack.append(reader.name)
-    return inside
 
 
 def _const_int_vector(nodes: dict, input_string: str) -> list[int] | None:
@@ -357,7 +340,7 @@ def _candidates(graph_def: graph_pb2.GraphDef, minimum_dim: int, ranges: dict) -
     function library, which this transform does not enter."""
     nodes = node_map(graph_def)
     consumers = consumers_map(graph_def)
-    loop = _loop_nodes(graph_def)
+    loop = lowered_control_flow_nodes(graph_def, conditionals=False)
     layers = []
     for node in graph_def.node:
         if node.op not in LAYER_OPS:
