@@ -11,7 +11,8 @@ residual add runs inside the conv as oneDNN's sum post-op
 (QuantizedConv2DWithBiasSumAndReluAndRequantize, quint8 summand); the signed-summand kernel
 returns wrong values on TF 2.21 (50 % errors) and there is no sum kernel without a ReLU, so both
 go through the same min-into-the-bias shift. A zero Pad before a VALID conv becomes the kernel's
-``padding_list``, which pads with code 0: exact when code 0 is 0.0.
+``padding_list``, which pads with code 0: exact when code 0 is 0.0 (a depthwise conv gets a Pad
+of its quint8 codes instead: its shape function ignores ``padding_list``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from ._int8 import (
     BIAS_OPS,
     CONV_OPS,
     FLOAT,
+    INT32,
     QINT8,
     QUINT8,
     RELU_OPS,
@@ -107,7 +109,8 @@ class _Conv:
 class _Ranges:
     """Calibrated ranges of tensors, by node name: a node's own entry, else (the ranges file holds
     conv inputs, bias adds and ReLUs right after a conv) the input range of a conv or MatMul that
-    reads it, else a bound through the constant bias adds above a node that has a range."""
+    reads it (directly or through a zero Pad), else a bound through the constant bias adds above
+    a node that has a range."""
 
     def __init__(self, ranges: dict, nodes: dict, consumers: dict) -> None:
         self.ranges, self.nodes, self.consumers = ranges, nodes, consumers
@@ -118,9 +121,16 @@ class _Ranges:
         if node is not None and node.op not in ("MatMul", *CONV_OPS) and name in self.ranges:
             return tuple(self.ranges[name])
         for reader in self.consumers.get(name, []):
+            if parse_input(reader.input[0]) != (False, name, 0):
+                continue
             if reader.op in ("MatMul", *CONV_OPS) and reader.name in self.ranges:
-                if parse_input(reader.input[0]) == (False, name, 0):
-                    return tuple(self.ranges[reader.name])
+                return tuple(self.ranges[reader.name])
+            if reader.op in PAD_OPS:
+                # A conv after a zero Pad sees this tensor and zeros: the range, widened to 0.
+                for conv in self.consumers.get(reader.name, []):
+                    if conv.op in CONV_OPS and conv.name in self.ranges:
+                        if parse_input(conv.input[0]) == (False, reader.name, 0):
+                            return tuple(self.ranges[conv.name])
         return None
 
     def bounded(self, name: str) -> Range | None:
@@ -390,6 +400,14 @@ def _layer_nodes(layer: _Conv) -> list[node_def_pb2.NodeDef]:
     # Without a ReLU the output's minimum goes into the bias: the ReLU kernel then clips at it.
     low, high = layer.output_range
     bias = bias - low
+    if layer.padding_list is not None and layer.depthwise:
+        # The depthwise op's shape function ignores padding_list (static shape too small; graphs
+        # with small maps fail to import), so its codes are padded by a quint8 Pad: code 0 is 0.0.
+        amounts = np.asarray(layer.padding_list, np.int32).reshape(4, 2)
+        nodes.append(content_const(f"{prefix}/paddings", amounts, INT32))
+        nodes.append(make_node("Pad", f"{prefix}/pad", [inputs[0], f"{prefix}/paddings"],
+                               {"T": QUINT8, "Tpaddings": INT32}))
+        inputs = [f"{prefix}/pad", *inputs[1:]]
     nodes.append(content_const(f"{prefix}/bias", bias.astype(np.float32), FLOAT))
     nodes += [float_scalar(f"{prefix}/output_min", 0.0), float_scalar(f"{prefix}/output_max", high - low)]
     fused = make_node(
@@ -408,7 +426,8 @@ def _layer_nodes(layer: _Conv) -> list[node_def_pb2.NodeDef]:
     fused.attr["strides"].CopyFrom(conv.attr["strides"])
     if layer.padding_list is not None:
         fused.attr["padding"].s = b"VALID"
-        fused.attr["padding_list"].list.i.extend(layer.padding_list)
+        if not layer.depthwise:
+            fused.attr["padding_list"].list.i.extend(layer.padding_list)
     else:
         fused.attr["padding"].CopyFrom(conv.attr["padding"])
     fused.attr["dilations"].list.i.extend([1, 1, 1, 1])
@@ -591,7 +610,9 @@ def quantize_convs(graph_def: graph_pb2.GraphDef, context: TransformContext) -> 
     MIN_FIRST over the calibrated range; the kernel is told [``zero``, ``..._span``]); a minimum
     below 0 is moved into the bias (times the summed filter for the input). A Pad of zeros in
     height and width before a VALID conv becomes the kernel's ``padding_list`` when the input
-    range starts at 0 (the kernel pads code 0). When anything but an int8 layer reads ``<n>`` (or
+    range starts at 0 (the kernel pads code 0); before a depthwise conv it becomes ``pad``, a Pad
+    of the quint8 codes (the depthwise op's shape function ignores ``padding_list``). When
+    anything but an int8 layer reads ``<n>`` (or
     ``<n>`` is a graph output), a Dequantize named ``<n>`` gives it floats (MIN_FIRST, over
     ``float_min``/``float_max`` for codes that do not start at 0). Float filter and bias Consts
     nobody reads any more are removed.
