@@ -61,7 +61,8 @@ def test_ranges_are_the_activations_min_and_max(mixed_scale_wide_deep):
 
 def test_layer_errors_find_the_layer_that_mixes_scales(mixed_scale_wide_deep):
     calibration = calibrate_frozen_model(freeze_saved_model(mixed_scale_wide_deep), _calibration_rows())
-    # Measured: 0.128 (steps of 30/255 over embeddings of spread 0.3) and 0.008.
+    # Measured: 0.140 (steps of 30/255 over embeddings of spread 0.3; 102 weight levels, not 127, keep
+    # the non-VNNI kernels' int16 pair sums from saturating on its shifted input) and 0.008.
     assert 0.08 < calibration.layer_errors[FIRST] < 0.2
     assert calibration.layer_errors[SECOND] < 0.02
 
@@ -77,7 +78,7 @@ def test_guard_keeps_the_mixed_scale_layer_float_and_the_classes(mixed_scale_wid
     step = next(s for s in report["calibration"] if s["transform"] == "quantize_matmuls")
     assert step["float_by_guard"] == [FIRST] and step["float_by_agreement"] == []
     assert step["rows"] == 512
-    assert f"MatMul '{FIRST}' stays float: its int8 output error 0.128" in caplog.text
+    assert f"MatMul '{FIRST}' stays float: its int8 output error 0.14 " in caplog.text
     # Measured on the 1024 held-out rows: 99.90 % with the guard, 94.53 % without (next test).
     assert report["min_class_agreement"] >= 0.995
 
@@ -127,10 +128,11 @@ def test_convs_are_calibrated_after_the_batch_norm_folds(keras_cnn, tmp_path):
                                   calibration_inputs={key: feeds for key in ("serve", "serving_default")})
     step = next(s for s in report["calibration"] if s["transform"] == "quantize_convs")
     # conv2 (32 -> 64, measured 0.012); conv1 reads 3 channels, under minimum_dim.
-    assert list(step["layer_errors"]) == ["StatefulPartitionedCall/functional_1/conv2_1/convolution"]
+    # (Keras numbers its functional models per process: the prefix depends on what ran before.)
+    assert len(step["layer_errors"]) == 1 and next(iter(step["layer_errors"])).endswith("/conv2_1/convolution")
     ops = set(_ops(tmp_path / "int8").values())
-    # Keras' ReLU layer is not a Relu op the fused kernel can absorb: the ReLU stays a float op after it.
-    assert {op for op in ops if op.startswith("QuantizedConv2D")} == {"QuantizedConv2DWithBiasAndRequantize"}
+    # The conv's bias add and Keras' ReLU are absorbed by the fused kernel.
+    assert {op for op in ops if op.startswith("QuantizedConv2D")} == {"QuantizedConv2DWithBiasAndReluAndRequantize"}
     assert report["min_class_agreement"] >= 0.99
 
 

@@ -110,7 +110,7 @@ def test_command_calibrates_int8_and_times_it_at_the_serving_batch(mixed_scale_w
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     step = next(s for s in report["calibration"] if s["transform"] == "quantize_matmuls")
-    # The mixed-scale first layer stays float by the error guard (0.128 > 0.05): the figure and the line.
+    # The mixed-scale first layer stays float by the error guard (0.140 > 0.05): the figure and the line.
     assert step["rows"] == 512 and step["float_by_guard"] == ["StatefulPartitionedCall/MatMul"]
     assert (f"calibrated step {step['step']} quantize_matmuls on 512 rows: 2 layer(s) measured (largest int8 output "
             "error 0.1") in result.stdout

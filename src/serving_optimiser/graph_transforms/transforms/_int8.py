@@ -33,12 +33,16 @@ def float_scalar(name: str, value: float) -> node_def_pb2.NodeDef:
     return content_const(name, np.float32(value), FLOAT)
 
 
-def quantize_weights_symmetric(values: np.ndarray, axis: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """qint8 codes in [-127, 127] and the range bound a (one per slice along ``axis``, or one in
-    all), for the kernel's range [-a, a].
+def quantize_weights_symmetric(
+    values: np.ndarray, axis: int | None = None, levels: int = 127
+) -> tuple[np.ndarray, np.ndarray]:
+    """qint8 codes in [-levels, levels] and the range bound (one per slice along ``axis``, or one
+    in all) for the kernel's range [-bound, bound]: a code c decodes to c * bound / 127.
 
     -128 is never used so that the range is symmetric, which the kernels' SCALED weights need.
-    An all-zero slice gets a = 1 (any a decodes zeros exactly).
+    Fewer ``levels`` keep the pairs of u8 x s8 products that the kernels without VNNI add in
+    int16 (vpmaddubsw saturates past 32767) from overflowing (quantize_matmuls). An all-zero
+    slice gets a = 1 (any a decodes zeros exactly).
     """
     values = values.astype(np.float64)
     if axis is None:
@@ -50,8 +54,8 @@ def quantize_weights_symmetric(values: np.ndarray, axis: int | None = None) -> t
         scale = np.expand_dims(bound, others)
     bound = np.where(bound > 0.0, bound, 1.0)
     scale = np.where(scale > 0.0, scale, 1.0)
-    codes = np.clip(np.rint(values * (127.0 / scale)), -127, 127).astype(np.int8)
-    return codes, bound.astype(np.float64)
+    codes = np.clip(np.rint(values * (levels / scale)), -levels, levels).astype(np.int8)
+    return codes, (bound * (127.0 / levels)).astype(np.float64)
 
 
 @functools.cache

@@ -372,7 +372,7 @@ def layer_probes(graph_def: graph_pb2.GraphDef, ranges: dict, minimum_dim: int =
     of the product is left out of both sides (the product is measured before it)."""
     probes = []
     for layer in _candidates(graph_def, minimum_dim, ranges):
-        codes, bound = quantize_weights_symmetric(layer.weights)
+        codes, bound = quantize_weights_symmetric(layer.weights, levels=_weight_levels(layer))
         decoded = (codes.astype(np.float64) * (bound / 127.0)).astype(np.float32)
         bias = np.zeros_like(layer.bias) if layer.bias_after_reshape else layer.bias
 
@@ -393,13 +393,29 @@ def layer_probes(graph_def: graph_pb2.GraphDef, ranges: dict, minimum_dim: int =
 # ---------------------------------------------------------------------------------------------
 
 
+def _weight_levels(layer: _Layer) -> int:
+    """How many weight levels a layer whose input is shifted to [0, max - min] may use. Its codes
+    sit around 128, and the kernels without VNNI (AVX2, AVX-512 before VNNI) add each pair of
+    neighbouring u8 x s8 products along K in int16 (vpmaddubsw), which saturates past 32767: so
+    two neighbouring weight codes may sum to 128 at most (255 x 128 < 32767). Fewer levels where
+    the 127-level codes break that, as few as the worst pair needs (64 at the least)."""
+    if layer.non_negative:
+        return 127
+    codes, _ = quantize_weights_symmetric(layer.weights)
+    magnitudes = np.abs(codes.astype(np.int32))
+    if magnitudes.shape[0] % 2:
+        magnitudes = np.concatenate([magnitudes, np.zeros((1, magnitudes.shape[1]), np.int32)])
+    worst = int((magnitudes[0::2] + magnitudes[1::2]).max()) if magnitudes.size else 0
+    return 127 if worst <= 128 else max(64, (127 * 128) // worst)
+
+
 def _layer_nodes(layer: _Layer) -> list[node_def_pb2.NodeDef]:
     """The fused op (named ``layer.output_name``, or ``<output_name>/quantize_matmuls/matmul``
     when a Reshape named ``output_name`` restores the output's shape), and the nodes it reads."""
     name, device = layer.output_name, layer.matmul.device
     prefix = f"{name}/{SUFFIX}"
     fused_name = name if layer.output_shape is None else f"{prefix}/matmul"
-    codes, bound = quantize_weights_symmetric(layer.weights)
+    codes, bound = quantize_weights_symmetric(layer.weights, levels=_weight_levels(layer))
     nodes = [
         content_const(f"{prefix}/weights", codes, QINT8),
         float_scalar(f"{prefix}/weights_min", -bound),
