@@ -3,6 +3,7 @@ refusals, errors, idempotence, and the MobileNetV2 sample graph."""
 
 import json
 import logging
+import os
 import re
 
 import numpy as np
@@ -36,6 +37,17 @@ BIASES = [RNG.normal(0.0, 0.2, n).astype(np.float32) for n in (48, 48, 32)]
 # 0.9 % (1.6 % under the AVX2 cap, whose u8 x s8 products saturate), the worst row reaches 14 %.
 MAX_ERROR_FRACTION = 0.06
 P999_ERROR_FRACTION = 0.025
+
+
+def _vnni_kernels() -> bool:
+    """Whether oneDNN runs its VNNI int8 kernels here: without VNNI (AVX2, or the ISA capped at
+    it) u8 x s8 pairs are summed in 16 bits and saturate, most where codes sit near 255 (a signed
+    input shifted into the kernel's non-negative range puts 0.0 at code ~128)."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ("SSE41", "AVX", "AVX2", "AVX512_CORE"):
+        return False
+    with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+        flags = cpuinfo.read()
+    return "avx512_vnni" in flags or "avx_vnni" in flags or "amx" in flags
 
 
 def _block():
@@ -217,17 +229,16 @@ def test_mobilenet_v2_runs_int8_with_the_same_top1(tmp_path):
     counts = op_counts(result)
     # 52 convs: the first (3 input channels) and 6 narrow projections stay float; 9 of the 10
     # residual adds run inside the projection conv (block_2's reads two 8-channel float
-    # projections); the 4 Pads before stride-2 depthwise convs pad 8-bit codes.
+    # projections); the 4 Pads before stride-2 depthwise convs are their SAME padding.
     assert counts[DEPTHWISE_RELU] == 17 and counts[CONV_RELU] == 19 and counts[CONV_SUM] == 9
-    assert counts["Conv2D"] == 7 and "DepthwiseConv2dNative" not in counts
-    assert [node.attr["T"].type for node in result.node if node.op == "Pad"] == [types_pb2.DT_QUINT8] * 4
+    assert counts["Conv2D"] == 7 and "DepthwiseConv2dNative" not in counts and "Pad" not in counts
     logits = sample_graphs.mobilenet_logits(graph)
     feed = {sample_graphs.MOBILENET_INPUT: images[32:]}
     (expected,), (actual,) = run_graph(graph, [logits], feed), run_graph(result, [logits], feed)
-    # Measured: same top-1, max |error| 0.3 % of the largest |logit| (1.6 % before the residual
-    # adds and Pads stayed in 8 bits: every round trip through float re-rounded).
+    # Measured: same top-1, max |error| 0.3 % of the largest |logit| (8.4 % under the AVX2 cap,
+    # whose u8 x s8 sums saturate: the block outputs are signed, shifted to codes near 128).
     assert np.mean(expected.argmax(1) == actual.argmax(1)) == 1.0
-    assert np.abs(actual - expected).max() <= 0.03 * np.abs(expected).max()
+    assert np.abs(actual - expected).max() <= (0.03 if _vnni_kernels() else 0.12) * np.abs(expected).max()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,6 +296,7 @@ def test_residual_add_and_relu_run_inside_the_conv_as_calibration_measures_them(
                                "residual_out/quantize_convs/quantize_summand_span"]
     np.testing.assert_allclose(_const(nodes, "residual_out/quantize_convs/bias"),
                                BIASES[2] + BIASES[2][::-1], rtol=1e-5, atol=1e-6)
+    assert TransformGraph(result, *RESIDUAL_IO, [f"quantize_convs(ranges_file={path})"]) == result
 
     # The probe computes what the kernel computes: within one output step on every value.
     from serving_optimiser.graph_transforms.transforms.quantize_convs import layer_probes
@@ -298,15 +310,19 @@ def test_residual_add_and_relu_run_inside_the_conv_as_calibration_measures_them(
     emulated = probes["conv"].int8_output(conv_input)
     (kernel,) = run_graph(result, ["residual_out"], rows)
     step = ranges["tail"][1] / 255.0
-    assert np.abs(kernel - emulated).max() <= 1.01 * step
+    # VNNI: within one step (rounding). AVX2's saturating sums: measured 3 steps.
+    assert np.abs(kernel - emulated).max() <= (1.01 if _vnni_kernels() else 4.0) * step
     # Against float: the error is the summand's and the output's 8-bit steps and the filter's.
     assert np.abs(kernel - expected).max() <= 0.03 * expected.max()
 
 
 @pytest.mark.parametrize(
-    ("activation", "folded"), [("relu", True), ("signed", False)], ids=["relu_input_folds", "signed_input_stays"])
+    ("activation", "folded", "depthwise"),
+    [("relu", True, False), ("signed", False, False), ("relu", True, True)],
+    ids=["relu_input_folds", "signed_input_stays", "depthwise_pads_codes"],
+)
 @needs_kernels
-def test_pad_folds_only_where_code_0_is_zero(activation, folded, tmp_path, caplog):
+def test_pad_folds_only_where_code_0_is_zero(activation, folded, depthwise, tmp_path, caplog):
     def make():
         inputs = tf.compat.v1.placeholder(tf.float32, [None, 9, 9, 32], name="inputs")
         first = tf.nn.conv2d(inputs, tf.constant(SIDE), 1, "SAME", name="first")
@@ -315,11 +331,17 @@ def test_pad_folds_only_where_code_0_is_zero(activation, folded, tmp_path, caplo
             first = tf.nn.relu(first, name="first_relu")
         # Keras' ZeroPadding2D before a stride-2 VALID conv (MobileNetV2's correct_pad).
         padded = tf.pad(first, [[0, 0], [0, 1], [0, 1], [0, 0]], name="pad")
+        if depthwise:
+            down = tf.nn.depthwise_conv2d(padded, tf.constant(DEPTHWISE[:, :, :32]), [1, 2, 2, 1], "VALID", name="down")
+            down = tf.nn.relu(tf.nn.bias_add(down, tf.constant(BIASES[2])), name="out")
+            return
         down = tf.nn.conv2d(padded, tf.constant(RESIDUAL), 2, "VALID", name="down")
         tf.nn.bias_add(down, tf.constant(BIASES[2]), name="out")
 
     graph = build(make)
-    rows = {"inputs": np.random.default_rng(3).normal(0.0, 1.0, (64, 9, 9, 32)).astype(np.float32)}
+    # Non-negative inputs: the first layer's input needs no shift (under AVX2 a shifted input's
+    # saturating sums would hide what this test is about); its output is signed without a ReLU.
+    rows = {"inputs": np.random.default_rng(3).uniform(0.0, 2.0, (64, 9, 9, 32)).astype(np.float32)}
     path = tmp_path / "ranges.json"
     path.write_text(json.dumps(calibrate_ranges(graph, [rows])))
     with caplog.at_level(logging.INFO, logger=LOGGER):
@@ -327,7 +349,14 @@ def test_pad_folds_only_where_code_0_is_zero(activation, folded, tmp_path, caplo
     nodes = nodes_by_name(result)
     down = nodes["out/quantize_convs/conv"]
     first = "first_relu" if activation == "relu" else "first_bias"
-    if folded:
+    if depthwise:
+        # The depthwise op's shape function ignores padding_list, and (0, 1) on 9 rows is not
+        # what SAME pads (1, 1): the codes are padded, as uint8 (Bitcast, Pad, Bitcast).
+        assert "pad" not in nodes
+        assert down.input[0] == "out/quantize_convs/padded" and down.attr["padding"].s == b"VALID"
+        assert nodes["out/quantize_convs/pad"].attr["T"].type == types_pb2.DT_UINT8
+        assert nodes["out/quantize_convs/codes"].input == [f"{first}/quantize_convs/conv:0"]
+    elif folded:
         # No float between the two kernels: the Pad is the second kernel's padding_list.
         assert "pad" not in nodes and down.input[0] == f"{first}/quantize_convs/conv:0"
         assert list(down.attr["padding_list"].list.i) == [0, 0, 0, 1, 0, 1, 0, 0]
@@ -340,8 +369,10 @@ def test_pad_folds_only_where_code_0_is_zero(activation, folded, tmp_path, caplo
         assert down.input[0] == "out/quantize_convs/quantize:0" and not down.attr["padding_list"].list.i
         assert "keeps its Pad 'pad' float: its input can be negative" in caplog.text
     (expected,), (actual,) = run_graph(graph, ["out"], rows), run_graph(result, ["out"], rows)
-    # Measured 1.0-1.5 % of the largest |output| (two 8-bit layers, calibrated on these rows).
-    assert np.abs(actual - expected).max() <= MAX_ERROR_FRACTION * np.abs(expected).max()
+    # Two 8-bit layers calibrated on these rows: measured 1.0-1.5 % of the largest |output|;
+    # 9.5-11.3 % under the AVX2 cap (its u8 x s8 sums saturate).
+    bound = MAX_ERROR_FRACTION if _vnni_kernels() else 0.15
+    assert np.abs(actual - expected).max() <= bound * np.abs(expected).max()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,11 +533,13 @@ def test_keras_mobilenet_v2_stays_in_8_bits_through_its_blocks(tmp_path, caplog)
     # residual add between layers of 16 channels or more, in 8 bits.
     assert len(_fused(nodes, DEPTHWISE_RELU)) == 17 and len(_fused(nodes, CONV_SUM)) == 9
     assert not _fused(nodes, "DepthwiseConv2dNative")
-    # The four ZeroPadding2D before stride-2 depthwise convs pad 8-bit codes: the expand layers'
-    # as they are, or (block_1, block_3: their expand convs read 8 channels, float) QuantizeV2's.
-    pads = _fused(nodes, "Pad")
-    assert len(pads) == 4 and all(pad.attr["T"].type == types_pb2.DT_QUINT8 for pad in pads.values())
-    sources = sorted(_source(pad.input[0]).split("/")[-4] for pad in pads.values())
+    # The four ZeroPadding2D before stride-2 depthwise convs pad what SAME pads at these sizes:
+    # the kernels pad the codes themselves, the expand layers' as they are, or (block_1,
+    # block_3: their expand convs read 8 channels, float) QuantizeV2's.
+    assert not _fused(nodes, "Pad")
+    strided = [node for node in _fused(nodes, DEPTHWISE_RELU).values() if list(node.attr["strides"].list.i)[1] == 2]
+    assert len(strided) == 4 and all(node.attr["padding"].s == b"SAME" for node in strided)
+    sources = sorted(_source(node.input[0]).split("/")[-4] for node in strided)
     assert sources == ["block_13_expand_relu_1", "block_1_depthwise_relu_1", "block_3_depthwise_relu_1",
                        "block_6_expand_relu_1"]
     errors = _conv_step(report)["layer_errors"]
@@ -515,5 +548,8 @@ def test_keras_mobilenet_v2_stays_in_8_bits_through_its_blocks(tmp_path, caplog)
     # the error), max |error| 8.0 % of the logit range (10.0 % before the adds and Pads stayed
     # in 8 bits). 52 layers in a row, 1 x 1 maps at the end (no pooling to average errors out)
     # and 8-channel projections between them: the error is MobileNetV2 0.35's at 32 x 32.
-    assert np.mean(expected.argmax(1) == actual.argmax(1)) >= 0.98
-    assert np.abs(actual - expected).max() <= 0.12 * (expected.max() - expected.min())
+    # Under the AVX2 cap (saturating sums, worst on the shifted signed block outputs): 97.7-98 %
+    # and 26 % of the range.
+    assert np.mean(expected.argmax(1) == actual.argmax(1)) >= (0.98 if _vnni_kernels() else 0.97)
+    bound = 0.12 if _vnni_kernels() else 0.35
+    assert np.abs(actual - expected).max() <= bound * (expected.max() - expected.min())
