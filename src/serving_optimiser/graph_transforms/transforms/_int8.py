@@ -58,6 +58,20 @@ def quantize_weights_symmetric(
     return codes, (bound * (127.0 / levels)).astype(np.float64)
 
 
+def int16_safe_levels(values: np.ndarray, reduce_axis: int, channel_axis: int | None = None) -> int:
+    """Weight levels for a layer whose input codes sit around 128 (a signed input shifted to
+    [0, max - min]). The kernels without VNNI (AVX2, AVX-512 before VNNI) add each pair of
+    neighbouring u8 x s8 products along the reduction axis in int16 (vpmaddubsw), which saturates
+    past 32767: two neighbouring weight codes may sum to 128 at most (255 x 128 < 32767). 127
+    where the weights allow, else as many as the worst pair leaves (64 at the least)."""
+    codes, _ = quantize_weights_symmetric(values, channel_axis)
+    magnitudes = np.abs(np.moveaxis(codes.astype(np.int32), reduce_axis, 0))
+    if magnitudes.shape[0] % 2:
+        magnitudes = np.concatenate([magnitudes, np.zeros_like(magnitudes[:1])])
+    worst = int((magnitudes[0::2] + magnitudes[1::2]).max()) if magnitudes.size else 0
+    return 127 if worst <= 128 else max(64, (127 * 128) // worst)
+
+
 @functools.cache
 def int8_kernels_available() -> bool:
     """Whether this process runs QuantizedMatMulWithBiasAndDequantize (x86 oneDNN builds, oneDNN on).

@@ -55,6 +55,7 @@ from ._int8 import (
     guard_params,
     guard_refusal,
     int8_kernels_available,
+    int16_safe_levels,
     quantize_weights_symmetric,
     splice_layers,
 )
@@ -384,10 +385,26 @@ def _pads_as_same(graph_def: graph_pb2.GraphDef, layers: dict[str, _Conv]) -> No
         layer.same_padding = same == layer.padding_list[2:6]
 
 
+def _input_low(layer: _Conv) -> float:
+    """What code 0 of the layer's input means: below 0.0 when a signed input is shifted."""
+    if layer.quantized_input is not None:
+        return layer.quantized_input.output_range[0]
+    return min(layer.input_range[0], 0.0)
+
+
+def _weight_codes(layer: _Conv) -> tuple[np.ndarray, np.ndarray]:
+    """The filter's codes and per-channel bounds; a shifted input's codes sit around 128, so its
+    conv takes the weight levels the kernels without VNNI do not saturate on (along the input
+    channels: :func:`int16_safe_levels`)."""
+    axis = 2 if layer.depthwise else 3
+    levels = 127 if layer.depthwise or _input_low(layer) >= 0.0 else int16_safe_levels(layer.filter, 2, axis)
+    return quantize_weights_symmetric(layer.filter, axis=axis, levels=levels)
+
+
 def _layer_nodes(layer: _Conv) -> list[node_def_pb2.NodeDef]:
     """The fused op (``fused_name``), its Consts and the QuantizeV2 of any float input."""
     conv, device, prefix = layer.conv, layer.conv.device, f"{layer.end.name}/{SUFFIX}"
-    codes, bounds = quantize_weights_symmetric(layer.filter, axis=2 if layer.depthwise else 3)
+    codes, bounds = _weight_codes(layer)
     nodes = [
         content_const(f"{prefix}/filter", codes, QINT8),
         content_const(f"{prefix}/filter_min", (-bounds).astype(np.float32), FLOAT),
@@ -574,7 +591,7 @@ def layer_probes(graph_def: graph_pb2.GraphDef, ranges: dict, minimum_dim: int =
         name = layer.conv.name
         if layer.summand is not None and name not in providers:
             continue
-        codes, bounds = quantize_weights_symmetric(layer.filter, axis=2 if layer.depthwise else 3)
+        codes, bounds = _weight_codes(layer)
         scale = (bounds / 127.0).reshape((1, 1, -1, 1) if layer.depthwise else (1, 1, 1, -1))
         decoded = tf.constant((codes.astype(np.float64) * scale).astype(np.float32))
         strides = list(layer.conv.attr["strides"].list.i)

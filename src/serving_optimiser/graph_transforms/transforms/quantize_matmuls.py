@@ -53,6 +53,7 @@ from ._int8 import (
     guard_params,
     guard_refusal,
     int8_kernels_available,
+    int16_safe_levels,
     quantize_weights_symmetric,
     splice_layers,
 )
@@ -394,19 +395,9 @@ def layer_probes(graph_def: graph_pb2.GraphDef, ranges: dict, minimum_dim: int =
 
 
 def _weight_levels(layer: _Layer) -> int:
-    """How many weight levels a layer whose input is shifted to [0, max - min] may use. Its codes
-    sit around 128, and the kernels without VNNI (AVX2, AVX-512 before VNNI) add each pair of
-    neighbouring u8 x s8 products along K in int16 (vpmaddubsw), which saturates past 32767: so
-    two neighbouring weight codes may sum to 128 at most (255 x 128 < 32767). Fewer levels where
-    the 127-level codes break that, as few as the worst pair needs (64 at the least)."""
-    if layer.non_negative:
-        return 127
-    codes, _ = quantize_weights_symmetric(layer.weights)
-    magnitudes = np.abs(codes.astype(np.int32))
-    if magnitudes.shape[0] % 2:
-        magnitudes = np.concatenate([magnitudes, np.zeros((1, magnitudes.shape[1]), np.int32)])
-    worst = int((magnitudes[0::2] + magnitudes[1::2]).max()) if magnitudes.size else 0
-    return 127 if worst <= 128 else max(64, (127 * 128) // worst)
+    """All 127 weight levels for a ReLU's output; a shifted signed input's codes sit around 128,
+    so fewer where the kernels without VNNI would saturate (:func:`int16_safe_levels`)."""
+    return 127 if layer.non_negative else int16_safe_levels(layer.weights, reduce_axis=0)
 
 
 def _layer_nodes(layer: _Layer) -> list[node_def_pb2.NodeDef]:
