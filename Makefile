@@ -51,7 +51,7 @@ bench-transforms: setup ## Time the notebook's transform list on frozen Iris and
 bench-saved-model: setup ## Time optimise_saved_model on a Keras MobileNetV2 SavedModel
 	python scripts/bench_optimise_saved_model.py
 
-bench-int8: setup ## int8 MatMuls vs float, quantize_weights, quantize_nodes: per layer and whole Iris model
+bench-int8: setup ## int8 vs float: per layer, Iris, MobileNetV2, the speed guard; Keras ResNet50, MobileNetV2, MHA, MLP beside LiteRT and OpenVINO int8
 	python scripts/bench_int8.py
 	python scripts/bench_int8_models.py
 
