@@ -112,3 +112,13 @@ def test_every_file_a_transform_list_reads_is_an_optimise_dep():
     assert named, "no variant calibrates: the int8 variant should name the calibrate stage's output"
     assert named <= declared_paths(stages()["optimise"]["deps"])
     assert named <= declared_paths(stages()["calibrate"]["outs"])
+
+
+def test_the_calibrate_stage_depends_on_exactly_the_variants_that_read_its_file():
+    """It calibrates after the transforms those variants run first: their params, and no other
+    variant's (editing the lossless list must not rerun it)."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    out = next(iter(declared_paths(stages()["calibrate"]["outs"])))
+    reading = {f"optimise.{variant}" for variant, transforms in params["optimise"].items()
+               if any(f"ranges_file={out}" in transform for transform in transforms)}
+    assert reading and set(stages()["calibrate"]["params"]) == reading
