@@ -184,6 +184,32 @@ def test_calibrated_layers_chain_in_quint8(frozen, ranges_path):
     assert again == calibrated
 
 
+def test_a_layer_with_more_weights_than_chain_max_weights_does_not_chain(frozen, ranges_path):
+    """4 x 64 = 256 weights chain; 64 x 64 = 4096 > 4095 end in ...AndDequantize and a float ReLU."""
+    calibrated = TransformGraph(frozen, list(sample_graphs.IRIS_FEATURES), [OUTPUT], [
+        f"quantize_matmuls(minimum_dim=1, chain_max_weights=4095, ranges_file={ranges_path})"])
+    counts, nodes = op_counts(calibrated), nodes_by_name(calibrated)
+    assert counts[CHAINED_OP] == 1 and counts[QUANTIZED_OP] == 2 and counts["QuantizeV2"] == 2
+    assert nodes["dnn/hiddenlayer_0/Relu"].op == CHAINED_OP
+    assert nodes["dnn/hiddenlayer_1/BiasAdd"].op == QUANTIZED_OP and nodes["dnn/hiddenlayer_1/Relu"].op == "Relu"
+    assert nodes[LOGITS].input[0] == f"{LOGITS}/quantize_matmuls/quantize:0"
+
+
+@needs_kernels
+def test_an_unchained_layer_matches_float_within_tolerance(frozen, ranges_path):
+    calibrated = TransformGraph(frozen, list(sample_graphs.IRIS_FEATURES), [OUTPUT], [
+        f"quantize_matmuls(minimum_dim=1, chain_max_weights=4095, ranges_file={ranges_path})"])
+    error, agreement, logit_error = _fidelity(frozen, calibrated, iris_feeds(20_000, seed=21))
+    assert error <= MAX_PROBABILITY_ERROR and agreement >= MIN_CLASS_AGREEMENT
+    assert logit_error <= MAX_LOGIT_ERROR_FRACTION
+
+
+def test_negative_chain_max_weights_is_a_one_line_error():
+    graph, _ = _dense(negative_inputs=True)
+    with pytest.raises(TransformError, match=r"^quantize_matmuls: chain_max_weights must be >= 0, got -1$"):
+        TransformGraph(graph, ["inputs"], ["out"], ["quantize_matmuls(minimum_dim=1, chain_max_weights=-1)"])
+
+
 def test_a_relu_read_elsewhere_breaks_the_chain(frozen, ranges_path):
     """A ReLU that is an output (or read by more than the next layer) keeps its float values."""
     hidden = "dnn/hiddenlayer_0/Relu"
@@ -593,13 +619,21 @@ def test_einsum_projections_are_int8_and_the_attention_einsums_stay_float(attent
     mha = _scope(attention, "mha_1")
     assert einsums == [f"{mha}/einsum/Einsum", f"{mha}/einsum_1/Einsum"]
     assert op_counts(result)[QUANTIZED_OP] == 4
+    codes = {}
     for projection, last in zip(PROJECTIONS, ("Add", "Add", "Add", "BiasAdd")):
         output = nodes[f"{mha}/{projection}/{last}"]
         prefix = f"{mha}/{projection}/{last}/quantize_matmuls"
         assert output.op == "Reshape" and output.input == [f"{prefix}/matmul", f"{prefix}/output_shape"]
-        assert nodes[f"{prefix}/matmul"].op == QUANTIZED_OP and nodes[f"{prefix}/flat"].op == "Reshape"
+        assert nodes[f"{prefix}/matmul"].op == QUANTIZED_OP
         assert nodes[f"{prefix}/input_shape"].op == "Shape"
         assert f"{mha}/{projection}/einsum/Einsum" not in nodes
+        codes[projection] = nodes[f"{prefix}/matmul"].input[0]
+    # Query, key and value read one tensor: one flattening Reshape and one QuantizeV2 serve them.
+    shared = f"{mha}/query_1/Add/quantize_matmuls"
+    assert [codes[p] for p in PROJECTIONS[:3]] == [f"{shared}/quantize:0"] * 3
+    assert nodes[f"{shared}/quantize"].input[0] == f"{shared}/flat"
+    assert op_counts(result)["QuantizeV2"] == 2
+    assert not any(f"{mha}/{p}/Add/quantize_matmuls/flat" in nodes for p in ("key_1", "value_1"))
     lines = sorted(r.getMessage() for r in caplog.records if r.name == LOGGER and "stays float" in r.getMessage())
     assert lines == [
         f"quantize_matmuls: Einsum '{name}' stays float: neither operand is a Const (a product of two "

@@ -64,6 +64,12 @@ log = logging.getLogger(__name__)
 QUANTIZED_OP = "QuantizedMatMulWithBiasAndDequantize"
 CHAINED_OP = "QuantizedMatMulWithBiasAndReluAndRequantize"
 SUFFIX = "quantize_matmuls"
+# Above this many weights (K x N) a calibrated ReLU layer ends in ...AndDequantize + Relu instead
+# of chaining in quint8: TF 2.21's ...AndRequantize kernel costs a fixed extra per call that grows
+# with K x N (measured at 16 rows on AVX-512: +0.0 ms at 128 x 512, +0.3 ms at 512 x 512,
+# +0.8 ms at 784 x 1024, +12.8 ms at 2048 x 2048), which outweighs what the chain saves below
+# thousands of rows per call.
+DEFAULT_CHAIN_MAX_WEIGHTS = 65536
 # For the callers that import them from here (the calibrate stage, the benchmark, the tests).
 __all__ = ["CHAINED_OP", "QUANTIZED_OP", "calibrate_ranges", "int8_kernels_available", "layer_probes",
            "quantize_matmuls"]
@@ -109,6 +115,9 @@ class _Layer:
     output_name: str = ""
     requantize_max: float | None = None
     quantized_input: tuple[str, str, str] | None = None
+    # Another layer's fused-op prefix whose QuantizeV2 of the same activations and range this
+    # layer reads (attention's query, key and value projections read one tensor).
+    shared_quantize: str | None = None
 
     def __post_init__(self) -> None:
         self.output_name = self.output_name or self.last.name
@@ -422,6 +431,10 @@ def _layer_nodes(layer: _Layer) -> list[node_def_pb2.NodeDef]:
         quantized, min_a, max_a = layer.quantized_input
         if layer.flatten:
             quantized = f"{prefix}/flat:0"
+    elif layer.shared_quantize is not None:
+        nodes = [node for node in nodes if not node.name.startswith(f"{prefix}/flat")]
+        quantize = f"{layer.shared_quantize}/quantize"
+        quantized, min_a, max_a = f"{quantize}:0", f"{quantize}:1", f"{quantize}:2"
     else:
         if layer.flatten:
             activations = f"{prefix}/flat"
@@ -474,7 +487,10 @@ def _layer_nodes(layer: _Layer) -> list[node_def_pb2.NodeDef]:
         fused_name,
         [quantized, f"{prefix}/weights", bias_input, min_a, max_a,
          f"{prefix}/weights_min", f"{prefix}/weights_max", *output_range],
-        {"T1": QUINT8, "T2": QINT8, "Toutput": output_type, "input_quant_mode": "MIN_FIRST"},
+        # The kernel always sees [0, max] here, where SCALED and MIN_FIRST read the codes alike;
+        # MIN_FIRST would recompute K x N weight column sums on one thread at every call (oneDNN v3
+        # kernel), 1.2-1.7 ms of a 784 x 1024 layer's 2.2 ms at batch 1 to 64 on AVX-512.
+        {"T1": QUINT8, "T2": QINT8, "Toutput": output_type, "input_quant_mode": "SCALED"},
         device=device,
     )
     fused.attr["Tbias"].type = FLOAT
@@ -511,11 +527,12 @@ def _layer_nodes(layer: _Layer) -> list[node_def_pb2.NodeDef]:
     return nodes
 
 
-def _chain(layers: dict[str, _Layer], consumers: dict, output_names: Iterable[str]) -> None:
+def _chain(layers: dict[str, _Layer], consumers: dict, output_names: Iterable[str], max_weights: int) -> None:
     """Join calibrated layers whose Relu feeds only the next calibrated layer (see the docstring):
     directly, through a tensordot's front (an identity Transpose and a Reshape, which go) or an
     einsum's flattening; Shape ops may read the Relu too (they then read the codes, which have
-    its shape)."""
+    its shape). A layer with more than ``max_weights`` weights does not chain: TF 2.21's
+    ...AndRequantize kernel pays a fixed cost per call that grows with K x N."""
     outputs = {parse_input(name)[1] for name in output_names}
     by_source: dict[str, list[_Layer]] = {}
     for layer in layers.values():
@@ -523,7 +540,7 @@ def _chain(layers: dict[str, _Layer], consumers: dict, output_names: Iterable[st
             by_source.setdefault(layer.source, []).append(layer)
     for layer in layers.values():
         readers = consumers.get(layer.last.name, [])
-        if layer.input_range is None or len(readers) != 1:
+        if layer.input_range is None or len(readers) != 1 or layer.weights.size > max_weights:
             continue
         relu = readers[0]
         if relu.op != "Relu" or attr_type(relu) != FLOAT or control_inputs(relu) or relu.name in outputs:
@@ -550,10 +567,25 @@ def _chain(layers: dict[str, _Layer], consumers: dict, output_names: Iterable[st
             following.absorbed += following.front
 
 
+def _share_quantize(layers: Iterable[_Layer]) -> None:
+    """Layers that quantize the same activations over the same range read one QuantizeV2 (and
+    one flattening Reshape): the first such layer's. Per-batch ranges are shared too (one Min,
+    one Max), since they are computed from the same tensor."""
+    owners: dict[tuple, str] = {}
+    for layer in layers:
+        if layer.quantized_input is not None:
+            continue
+        key = (layer.activations, layer.flatten, layer.weights.shape[0], layer.non_negative, layer.input_range)
+        owner = owners.setdefault(key, f"{layer.output_name}/{SUFFIX}")
+        if owner != f"{layer.output_name}/{SUFFIX}":
+            layer.shared_quantize = owner
+
+
 @register(
     "quantize_matmuls",
     params={
         "minimum_dim": "32",
+        "chain_max_weights": f"{DEFAULT_CHAIN_MAX_WEIGHTS} (calibrated ReLU layers with more weights do not chain)",
         "ranges_file": "(none: ranges measured per batch at run time)",
         "max_layer_error": f"{DEFAULT_MAX_LAYER_ERROR:g} (with calibration: a layer over it stays float)",
         "keep_float": "(none; repeatable: MatMul, BatchMatMul or Einsum names that stay float)",
@@ -577,7 +609,8 @@ def quantize_matmuls(graph_def: graph_pb2.GraphDef, context: TransformContext) -
     and a Mul), except in a calibrated chain (below).
     Produces, for a layer whose last node (the bias add, else the MatMul) is ``<n>``:
     ``<n>`` itself as a QuantizedMatMulWithBiasAndDequantize (quint8 x qint8, float bias and
-    output, input_quant_mode MIN_FIRST), so every reader is unchanged; ``<n>/quantize_matmuls/``
+    output, input_quant_mode SCALED: the kernel always sees [0, max]), so every reader is
+    unchanged; ``<n>/quantize_matmuls/``
     ``weights`` (qint8 codes, symmetric range ``weights_min``/``weights_max`` = -a/a, a the
     largest |weight|, transpose_b applied), ``bias`` (zeros without a bias add), ``quantize``
     (QuantizeV2 quint8 MIN_FIRST of the activations), ``input_min``/``input_max``: per batch
@@ -591,12 +624,18 @@ def quantize_matmuls(graph_def: graph_pb2.GraphDef, context: TransformContext) -
     absorbed Reshape's own shape tensor, or to ``output_shape`` (ConcatV2 of ``leading_shape``,
     a StridedSlice of ``input_shape`` = Shape of the activations, and ``output_dims``), so any
     batch and sequence length works; ``flat`` (Reshape to ``flat_shape`` [-1, K]) feeds it.
+    Layers that multiply the same activations over the same range (attention's query, key and
+    value) share the first one's ``flat``, ``quantize`` and range nodes.
     Calibrated chains: when a layer with a calibrated range is read only by a Relu ``<r>``
     (not a graph output) that only the next layer with a calibrated range reads, ``<r>``
     becomes a QuantizedMatMulWithBiasAndReluAndRequantize emitting quint8 in [0, the next
     layer's calibrated max] (``output_min``/``output_max``), and the next layer takes those
     codes as they are: no float tensor, Relu or QuantizeV2 between them (0.31 x float against
-    0.38 x per batch on the Iris DNN, 100,000 rows). The next layer may read the Relu through a
+    0.38 x per batch on the Iris DNN, 100,000 rows), unless the first layer has more than
+    ``chain_max_weights`` weights (K x N, default 65536): TF 2.21's ...AndRequantize kernel costs
+    a fixed extra per call that grows with K x N, so such a layer ends in ...AndDequantize and
+    a float Relu (a 784 -> 1024 -> 1024 MLP: 0.65 x float at 16 rows unchained, 1.23 x chained).
+    The next layer may read the Relu through a
     tensordot's identity Transpose and flattening Reshape (removed) or flatten it itself; Shape
     ops of the Relu then read the codes (quint8, same shape: ``<r>`` is then a Reshape of
     ``<r>/quantize_matmuls/matmul``).
@@ -619,6 +658,9 @@ def quantize_matmuls(graph_def: graph_pb2.GraphDef, context: TransformContext) -
     minimum_dim = context.get_int("minimum_dim", 32)
     if minimum_dim < 1:
         raise TransformError(f"quantize_matmuls: minimum_dim must be >= 1, got {minimum_dim}")
+    chain_max_weights = context.get_int("chain_max_weights", DEFAULT_CHAIN_MAX_WEIGHTS)
+    if chain_max_weights < 0:
+        raise TransformError(f"quantize_matmuls: chain_max_weights must be >= 0, got {chain_max_weights}")
     bound, keep_float = guard_params("quantize_matmuls", context)
     calibration = calibration_of("quantize_matmuls", context)
     ranges = dict(calibration.ranges) if calibration is not None else {}
@@ -637,7 +679,8 @@ def quantize_matmuls(graph_def: graph_pb2.GraphDef, context: TransformContext) -
     check_range_names("quantize_matmuls", ranges, graph_def)
     if not layers:
         return graph_def
-    _chain(layers, consumers, context.output_names)
+    _chain(layers, consumers, context.output_names, chain_max_weights)
+    _share_quantize(layers.values())
     # Each layer's nodes go where the node it ends in was; the nodes it absorbs go.
     replaced = {layer.output_name: _layer_nodes(layer) for layer in layers.values()}
     nodes = node_map(graph_def)
