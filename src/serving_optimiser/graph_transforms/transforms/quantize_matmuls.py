@@ -65,11 +65,13 @@ QUANTIZED_OP = "QuantizedMatMulWithBiasAndDequantize"
 CHAINED_OP = "QuantizedMatMulWithBiasAndReluAndRequantize"
 SUFFIX = "quantize_matmuls"
 # Above this many weights (K x N) a calibrated ReLU layer ends in ...AndDequantize + Relu instead
-# of chaining in quint8: TF 2.21's ...AndRequantize kernel costs a fixed extra per call that grows
-# with K x N (measured at 16 rows on AVX-512: +0.0 ms at 128 x 512, +0.3 ms at 512 x 512,
-# +0.8 ms at 784 x 1024, +12.8 ms at 2048 x 2048), which outweighs what the chain saves below
-# thousands of rows per call.
-DEFAULT_CHAIN_MAX_WEIGHTS = 65536
+# of chaining in quint8: TF 2.21's ...AndRequantize kernel costs an extra per call that grows
+# faster than K x N past a few hundred KB of weights (one layer alone, 16 rows,
+# AVX-512: +0.3 ms at 512 x 512, +0.8 ms at 784 x 1024, +12.8 ms at 2048 x 2048). Whole models
+# put the break-even between 512 x 512 (the Iris DNN chained: 1.29 x / 0.30 x float at 1 / 100,000
+# rows, unchained 1.68 x / 0.35 x) and 784 x 1024 (a Keras MLP chained: 1.84 x / 1.23 x / 0.73 x
+# at 1 / 16 / 64 rows, unchained 0.79 x / 0.65 x / 0.51 x).
+DEFAULT_CHAIN_MAX_WEIGHTS = 512 * 512
 # For the callers that import them from here (the calibrate stage, the benchmark, the tests).
 __all__ = ["CHAINED_OP", "QUANTIZED_OP", "calibrate_ranges", "int8_kernels_available", "layer_probes",
            "quantize_matmuls"]
@@ -632,9 +634,10 @@ def quantize_matmuls(graph_def: graph_pb2.GraphDef, context: TransformContext) -
     layer's calibrated max] (``output_min``/``output_max``), and the next layer takes those
     codes as they are: no float tensor, Relu or QuantizeV2 between them (0.31 x float against
     0.38 x per batch on the Iris DNN, 100,000 rows), unless the first layer has more than
-    ``chain_max_weights`` weights (K x N, default 65536): TF 2.21's ...AndRequantize kernel costs
-    a fixed extra per call that grows with K x N, so such a layer ends in ...AndDequantize and
-    a float Relu (a 784 -> 1024 -> 1024 MLP: 0.65 x float at 16 rows unchained, 1.23 x chained).
+    ``chain_max_weights`` weights (K x N, default 262144 = 512 x 512): TF 2.21's ...AndRequantize
+    kernel costs an extra per call that outgrows the chain's gain beyond that, so such a layer
+    ends in ...AndDequantize and a float Relu (a 784 -> 1024 -> 1024 MLP: 0.65 x float at 16 rows
+    unchained, 1.23 x chained).
     The next layer may read the Relu through a
     tensordot's identity Transpose and flattening Reshape (removed) or flatten it itself; Shape
     ops of the Relu then read the codes (quint8, same shape: ``<r>`` is then a Reshape of
