@@ -3,11 +3,13 @@ at 224 x 224, a MultiHeadAttention encoder, a wide MLP), beside LiteRT full int8
 NNCF int8 of the same model, all timed in this process.
 
     python scripts/bench_int8_models.py [--models resnet50,mobilenet_v2,encoder,wide_mlp]
-        [--batch-sizes 1,16,64] [--rounds 7] [--keep DIR] [--quick]
+        [--batch-sizes 1,16,64] [--rounds 7] [--keep DIR] [--quick] [--serving-batch-size N]
 
 Per model and candidate: the ratio to float at each batch size (median of per-round ratios,
 interleaved rounds in a seeded random order), the median call in ms, and top-1 agreement with
 float and max |diff| / float's output range on held-out rows (calibration uses other rows).
+--serving-batch-size N adds int8_bN: the int8 list through optimise_saved_model's speed guard
+at N rows (layers go back to float while the whole model is not faster than the export).
 How each model is made to answer like a trained one: serving_optimiser.bench_models. The CPU
 line comes first; progress goes to stderr. --quick shrinks every model (a smoke test, minutes
 to seconds). Set ONEDNN_MAX_CPU_ISA=AVX2 TF_ENABLE_ONEDNN_OPTS=1 to emulate an AVX2-only CPU.
@@ -29,6 +31,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
     parser.add_argument("--keep", help="write the models here instead of a temporary directory")
     parser.add_argument("--quick", action="store_true", help="small models and data: a smoke test")
+    parser.add_argument("--serving-batch-size", type=int, metavar="N",
+                        help="also time int8 through the speed guard at N rows (candidate int8_bN)")
     args = parser.parse_args(argv)
     quiet_tensorflow()
     from serving_optimiser import bench_models
@@ -42,8 +46,8 @@ def main(argv: list[str]) -> int:
         batch_sizes = sorted({int(size) for size in args.batch_sizes.split(",")})
     except ValueError:
         parser.error(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
-    if batch_sizes[0] < 1 or args.rounds < 1:
-        parser.error("batch sizes and --rounds must be positive")
+    if batch_sizes[0] < 1 or args.rounds < 1 or (args.serving_batch_size is not None and args.serving_batch_size < 1):
+        parser.error("batch sizes, --rounds and --serving-batch-size must be positive")
     machine = describe_machine()
     from serving_optimiser.graph_transforms.transforms._int8 import int8_kernels_available
     from serving_optimiser.runtime import kernel_settings
@@ -59,7 +63,8 @@ def main(argv: list[str]) -> int:
         base = Path(args.keep or scratch)
         for name in names:
             try:
-                results.append(bench_models.bench_model(name, base, sizes, batch_sizes, args.rounds))
+                results.append(bench_models.bench_model(name, base, sizes, batch_sizes, args.rounds,
+                                                        serving_batch_size=args.serving_batch_size))
             except Exception as error:  # noqa: BLE001 - one line per failed model, the others go on
                 failures.append(f"{name}: {type(error).__name__}: {str(error).splitlines()[0]}")
                 print(f"FAILED {failures[-1]}", flush=True)

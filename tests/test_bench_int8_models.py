@@ -1,5 +1,6 @@
 """scripts/bench_int8_models.py end to end on the two small models at --quick size: a real run in a
-subprocess (build, train, export, optimise_saved_model, LiteRT and OpenVINO int8, timing), and
+subprocess (build, train, export, optimise_saved_model with and without the speed guard at batch 1,
+LiteRT and OpenVINO int8, timing), and
 the table it prints."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.onednn]
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_int8_models.py"
 MODELS = ("wide_mlp", "encoder")
-CANDIDATES = ("float", "int8", "litert_int8", "openvino_int8")
+CANDIDATES = ("float", "int8", "int8_b1", "litert_int8", "openvino_int8")
 BATCH_SIZES = (1, 16)
 HEADER = ("| model | candidate | x float @1 | x float @16 | ms @1 | ms @16 | top-1 agreement "
           "| max abs diff / range |")
@@ -24,7 +25,7 @@ HEADER = ("| model | candidate | x float @1 | x float @16 | ms @1 | ms @16 | top
 @pytest.fixture(scope="module")
 def run() -> subprocess.CompletedProcess:
     command = [sys.executable, str(SCRIPT), "--quick", "--models", ",".join(MODELS), "--batch-sizes",
-               ",".join(map(str, BATCH_SIZES)), "--rounds", "2"]
+               ",".join(map(str, BATCH_SIZES)), "--rounds", "2", "--serving-batch-size", "1"]
     # The subprocess inherits TF_ENABLE_ONEDNN_OPTS from the onednn pass of make test.
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -78,6 +79,9 @@ def test_notes_say_how_each_model_answers(run):
         assert re.search(rf"^{model} \(.*\): trained 2 epochs", run.stdout, re.MULTILINE)
     assert re.search(r"^  float on the held-out rows: accuracy [\d.]+", run.stdout, re.MULTILINE)
     assert re.search(r"^  int8: .*QuantizedMatMulWithBias", run.stdout, re.MULTILINE)
+    guard_notes = re.findall(r"^  int8_b1: .*; sent back to float by the speed guard at batch 1: (\d+) layer\(s\)$",
+                             run.stdout, re.MULTILINE)
+    assert len(guard_notes) == len(MODELS)
 
 
 def test_progress_goes_to_stderr(run):

@@ -323,8 +323,10 @@ def _outputs(predictor, x: np.ndarray, chunk: int = 64) -> np.ndarray:
 
 
 def _candidates(name: str, built: Built, base: Path, calibration: np.ndarray, check: np.ndarray,
-                result: Result) -> dict:
-    """name -> loaded predictor; a peer that cannot convert this model adds a note instead."""
+                result: Result, serving_batch_size: int | None = None) -> dict:
+    """name -> loaded predictor; a peer that cannot convert this model adds a note instead.
+    With ``serving_batch_size`` N, ``int8_bN`` is the same int8 list through the speed guard
+    at N rows (layers go back to float while the whole model is not faster than the export)."""
     from .errors import first_line
     from .peers.litert import LiteRTPredictor, litert_model_bytes
     from .peers.openvino import OpenVINOPredictor, openvino_model_files
@@ -338,15 +340,20 @@ def _candidates(name: str, built: Built, base: Path, calibration: np.ndarray, ch
     progress(f"{name}: exported in {time.perf_counter() - start:.1f} s")
     predictors = {"float": TFPredictor.load(exported, signature=SIGNATURE)}
 
-    def int8() -> object:
+    def int8(candidate: str = "int8", batch_size: int | None = None) -> object:
         report = optimise_saved_model(
-            exported, base / name / "int8", INT8_TRANSFORMS, signature_keys=[SIGNATURE], overwrite=True,
+            exported, base / name / candidate, INT8_TRANSFORMS, signature_keys=[SIGNATURE], overwrite=True,
             calibration_inputs={SIGNATURE: {built.key: calibration}}, sample_inputs={SIGNATURE: {built.key: check}},
+            serving_batch_size=batch_size,
         )
-        guarded = sorted({layer for step in report.get("calibration", []) for layer in step["float_by_guard"]})
-        result.notes.append(f"int8: {describe_ops(report['onednn_only_ops']) or 'no int8 op'}"
-                            + (f"; kept float by the error guard: {', '.join(guarded)}" if guarded else ""))
-        return TFPredictor.load(base / name / "int8", signature=SIGNATURE)
+        steps = report.get("calibration", [])
+        guarded = sorted({layer for step in steps for layer in step["float_by_guard"]})
+        slow = [layer for step in steps for layer in step.get("float_by_speed", [])]
+        result.notes.append(f"{candidate}: {describe_ops(report['onednn_only_ops']) or 'no int8 op'}"
+                            + (f"; kept float by the error guard: {', '.join(guarded)}" if guarded else "")
+                            + (f"; sent back to float by the speed guard at batch {batch_size}: {len(slow)} layer(s)"
+                               if batch_size is not None else ""))
+        return TFPredictor.load(base / name / candidate, signature=SIGNATURE)
 
     def litert() -> object:
         path = base / name / "litert_int8.tflite"
@@ -361,7 +368,11 @@ def _candidates(name: str, built: Built, base: Path, calibration: np.ndarray, ch
             (directory / filename).write_bytes(content)
         return OpenVINOPredictor.load(directory / "model.xml", threads=THREADS, signature=SIGNATURE)
 
-    for candidate, make in (("int8", int8), ("litert_int8", litert), ("openvino_int8", openvino)):
+    makers = [("int8", int8), ("litert_int8", litert), ("openvino_int8", openvino)]
+    if serving_batch_size is not None:
+        guarded = f"int8_b{serving_batch_size}"
+        makers.insert(1, (guarded, lambda: int8(guarded, serving_batch_size)))
+    for candidate, make in makers:
         start = time.perf_counter()
         try:
             predictors[candidate] = make()
@@ -386,7 +397,7 @@ def _calls_per_round(predictor, inputs: dict[int, dict], target_seconds: float) 
 
 
 def bench_model(name: str, base: Path, sizes: Sizes, batch_sizes: Sequence[int], rounds: int,
-                seed: int = 0) -> Result:
+                seed: int = 0, serving_batch_size: int | None = None) -> Result:
     from .timing import TimedModel, local_timer, measure_side_by_side
 
     start = time.perf_counter()
@@ -396,7 +407,7 @@ def bench_model(name: str, base: Path, sizes: Sizes, batch_sizes: Sequence[int],
     progress(f"{name}: built in {time.perf_counter() - start:.1f} s ({built.how})")
     calibration = built.data(sizes.calibration_rows, 101)[0]  # calibration rows: never measured
     held_out, labels = built.data(max(sizes.eval_rows, *batch_sizes), 202)
-    predictors = _candidates(name, built, base, calibration, held_out[:8], result)
+    predictors = _candidates(name, built, base, calibration, held_out[:8], result, serving_batch_size)
 
     progress(f"{name}: agreement on {len(held_out)} held-out rows")
     outputs = {candidate: _outputs(predictor, held_out) for candidate, predictor in predictors.items()}
