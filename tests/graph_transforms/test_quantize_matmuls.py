@@ -13,6 +13,7 @@ from graph_helpers import build, nodes_by_name, op_counts, run_graph
 from tensorflow.core.framework import types_pb2
 
 from serving_optimiser.graph_transforms import TransformError, TransformGraph
+from serving_optimiser.graph_transforms.transforms._int8 import min_first_output_range
 from serving_optimiser.graph_transforms.transforms.quantize_matmuls import (
     CHAINED_OP,
     QUANTIZED_OP,
@@ -304,6 +305,48 @@ def test_one_layer_matches_float(negative_inputs, transpose_b, bias_op):
     expected, actual = run_graph(graph, ["out"], {"inputs": rows})[0], run_graph(result, ["out"], {"inputs": rows})[0]
     # One input step (range / 255) times the column's summed |weight| bounds the error; 2 %
     # of the output range is well above what we measure (0.4-0.7 %).
+    assert np.abs(actual - expected).max() <= 0.02 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize(("low", "high"), [(-1.5, 3.0), (0.2, 0.4), (-5.0, -1.0), (-0.001, 0.002), (0.0, 0.0)])
+def test_min_first_output_range_is_what_quantize_v2_reports(low, high):
+    quantized = tf.raw_ops.QuantizeV2(input=tf.constant([0.1, -0.2]), min_range=tf.constant(low),
+                                      max_range=tf.constant(high), T=tf.quint8, mode="MIN_FIRST")
+    expected = (float(quantized.output_min.numpy()), float(quantized.output_max.numpy()))
+    assert min_first_output_range(low, high) == expected
+
+
+def _calibrated_dense(tmp_path, low: float = -3.0, high: float = 4.5):
+    graph, rows = _dense(negative_inputs=True)
+    path = tmp_path / "ranges.json"
+    path.write_text(json.dumps({"product": [low, high]}))
+    transform = f"quantize_matmuls(minimum_dim=1, ranges_file={path})"
+    return graph, rows, TransformGraph(graph, ["inputs"], ["out"], [transform])
+
+
+def test_a_calibrated_shifted_input_gets_its_compensated_bias_as_a_const(tmp_path):
+    graph, _, result = _calibrated_dense(tmp_path)
+    nodes, prefix = nodes_by_name(result), "out/quantize_matmuls"
+    assert nodes["out"].op == QUANTIZED_OP
+    assert list(nodes["out"].input[2:5]) == [f"{prefix}/bias_compensated", f"{prefix}/zero", f"{prefix}/input_span"]
+    assert {nodes[f"{prefix}/{name}"].op for name in ("bias_compensated", "zero", "input_span")} == {"Const"}
+    assert not {f"{prefix}/bias_shift", f"{prefix}/column_sums", f"{prefix}/bias"} & set(nodes)
+    assert op_counts(result)["QuantizeV2"] == 1 and not {"Mul", "AddV2", "Sub"} & set(op_counts(result))
+    # The Consts hold what the per-call ops would compute: bias + min * column sums, max - min
+    # (the weights' bound is read back in float32 here, so to 1e-6).
+    codes = tf.make_ndarray(nodes[f"{prefix}/weights"].attr["value"].tensor).astype(np.float64)
+    bound = float(tf.make_ndarray(nodes[f"{prefix}/weights_max"].attr["value"].tensor))
+    column_sums = (codes * (bound / 127.0)).sum(axis=0).astype(np.float32)
+    bias = tf.make_ndarray(nodes_by_name(graph)["bias"].attr["value"].tensor)
+    compensated = tf.make_ndarray(nodes[f"{prefix}/bias_compensated"].attr["value"].tensor)
+    np.testing.assert_allclose(compensated, bias + np.float32(-3.0) * column_sums, rtol=1e-6, atol=1e-6)
+    assert float(tf.make_ndarray(nodes[f"{prefix}/input_span"].attr["value"].tensor)) == 7.5
+
+
+@needs_kernels
+def test_a_calibrated_shifted_input_layer_matches_float(tmp_path):
+    graph, rows, result = _calibrated_dense(tmp_path, *np.quantile(_dense(negative_inputs=True)[1], [0.0, 1.0]))
+    expected, actual = run_graph(graph, ["out"], {"inputs": rows})[0], run_graph(result, ["out"], {"inputs": rows})[0]
     assert np.abs(actual - expected).max() <= 0.02 * np.abs(expected).max()
 
 

@@ -33,6 +33,17 @@ def float_scalar(name: str, value: float) -> node_def_pb2.NodeDef:
     return content_const(name, np.float32(value), FLOAT)
 
 
+def min_first_output_range(low: float, high: float, ensure_minimum_range: float = 0.01) -> tuple[float, float]:
+    """The output_min and output_max that QuantizeV2 (MIN_FIRST, the default ensure_minimum_range)
+    reports for a constant range [low, high]: TensorFlow's and oneDNN's kernels both widen it to
+    hold 0 and to span at least 1 % of its largest magnitude, in float32."""
+    low32, high32 = np.float32(low), np.float32(high)
+    minimum = min(np.float32(0.0), low32)
+    epsilon = max(np.float32(1.0), max(abs(low32), abs(high32))) * np.float32(ensure_minimum_range)
+    maximum = max(np.float32(0.0), max(high32, np.float32(minimum + epsilon)))
+    return float(minimum), float(maximum)
+
+
 def quantize_weights_symmetric(
     values: np.ndarray, axis: int | None = None, levels: int = 127
 ) -> tuple[np.ndarray, np.ndarray]:

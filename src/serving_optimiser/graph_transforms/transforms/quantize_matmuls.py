@@ -54,6 +54,7 @@ from ._int8 import (
     guard_refusal,
     int8_kernels_available,
     int16_safe_levels,
+    min_first_output_range,
     quantize_weights_symmetric,
     splice_layers,
 )
@@ -466,15 +467,25 @@ def _layer_nodes(layer: _Layer) -> list[node_def_pb2.NodeDef]:
         # alike), so it is told the codes cover [0, max - min], i.e. it computes (x - min) @ W,
         # and min * column sums of the decoded weights go into the bias.
         decoded = codes.astype(np.float64) * (bound / 127.0)
+        column_sums = decoded.sum(axis=0).astype(np.float32)
         bias_input = f"{prefix}/bias_compensated"
-        nodes += [
-            content_const(f"{prefix}/bias", layer.bias, FLOAT),
-            content_const(f"{prefix}/column_sums", decoded.sum(axis=0).astype(np.float32), FLOAT),
-            make_node("Mul", f"{prefix}/bias_shift", [min_a, f"{prefix}/column_sums"], {"T": FLOAT}),
-            make_node("AddV2", bias_input, [f"{prefix}/bias", f"{prefix}/bias_shift"], {"T": FLOAT}),
-            make_node("Sub", f"{prefix}/input_span", [max_a, min_a], {"T": FLOAT}),
-            float_scalar(f"{prefix}/zero", 0.0),
-        ]
+        if layer.quantized_input is None and input_range is not None:
+            # A calibrated range: QuantizeV2 reports the same min and max at every call, so the
+            # compensated bias and the span are Consts, the same float32 values the run-time ops
+            # below compute (three small ops per layer fewer: ~0.1 ms of an encoder at batch 1).
+            low, high = min_first_output_range(*input_range)
+            compensated = layer.bias.astype(np.float32) + np.float32(low) * column_sums
+            nodes += [content_const(bias_input, compensated, FLOAT),
+                      float_scalar(f"{prefix}/input_span", np.float32(high) - np.float32(low))]
+        else:
+            nodes += [
+                content_const(f"{prefix}/bias", layer.bias, FLOAT),
+                content_const(f"{prefix}/column_sums", column_sums, FLOAT),
+                make_node("Mul", f"{prefix}/bias_shift", [min_a, f"{prefix}/column_sums"], {"T": FLOAT}),
+                make_node("AddV2", bias_input, [f"{prefix}/bias", f"{prefix}/bias_shift"], {"T": FLOAT}),
+                make_node("Sub", f"{prefix}/input_span", [max_a, min_a], {"T": FLOAT}),
+            ]
+        nodes.append(float_scalar(f"{prefix}/zero", 0.0))
         min_a, max_a = f"{prefix}/zero", f"{prefix}/input_span"
     if layer.requantize_max is None:
         # min/max_freezed_output are required inputs that the float-output kernel ignores
@@ -618,8 +629,9 @@ def quantize_matmuls(graph_def: graph_pb2.GraphDef, context: TransformContext) -
     (QuantizeV2 quint8 MIN_FIRST of the activations), ``input_min``/``input_max``: per batch
     at run time (Max, and Min over ``reduction_dims``) by default, Consts with ``ranges_file``.
     An activation read from a Relu/Relu6 gets min 0 as a Const. Otherwise a negative minimum
-    is folded into ``bias_compensated`` (``bias`` + min * ``column_sums``, via ``bias_shift``)
-    and the kernel sees the range [``zero``, ``input_span``]. Float weight and bias Consts that
+    is folded into ``bias_compensated`` (``bias`` + min * ``column_sums``: a Const when the
+    range is calibrated, else computed per call via ``bias_shift``) and the kernel sees the range
+    [``zero``, ``input_span``] (a Const too when calibrated). Float weight and bias Consts that
     nothing else reads are removed.
     Where the output is not the 2-D product (a bias after a Reshape, a BatchMatMul, an Einsum),
     the fused op is ``<n>/quantize_matmuls/matmul`` and ``<n>`` is a Reshape of it: to the
