@@ -1,5 +1,6 @@
 """scripts/bench_int8_models.py end to end on the two small models at --quick size: a real run in a
-subprocess (build, train, export, optimise_saved_model with and without the speed guard at batch 1,
+subprocess (build, train, export, optimise_saved_model: the float list, int8 with and without the speed guard at
+batch 1,
 LiteRT and OpenVINO int8, timing), and
 the table it prints."""
 
@@ -16,7 +17,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.onednn]
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_int8_models.py"
 MODELS = ("wide_mlp", "encoder")
-CANDIDATES = ("float", "int8", "int8_b1", "litert_int8", "openvino_int8")
+CANDIDATES = ("float", "float_optimised", "int8", "int8_b1", "litert_int8", "openvino_int8")
 BATCH_SIZES = (1, 16)
 HEADER = ("| model | candidate | x float @1 | x float @16 | ms @1 | ms @16 | top-1 agreement "
           "| max abs diff / range |")

@@ -1,0 +1,270 @@
+"""fuse_layer_norms: put Keras 3's LayerNormalization in the form TensorFlow fuses into one op.
+
+Keras 3 computes a layer norm as ``x * inv + (beta - mean * inv)`` spelled with a Neg, a
+StopGradient and its gamma and beta reshaped to the input's rank. Grappler's remapper fuses a
+layer norm into one ``_MklLayerNorm`` op when oneDNN is on, but only in one spelling (the one
+tf-keras' non-fused path produced): the reduction axis given as ``rank - 1``, gamma and beta
+1-D Consts, ``beta - (gamma * rsqrt(var + eps)) * mean`` as a Sub. This transform rewrites the
+Keras 3 spelling into that one. Without oneDNN, or wherever the remapper does not fuse it, the
+rewritten graph computes the same float32 values bit for bit (same ops, ``a + -(b)`` written
+``a - b``); fused, to within float rounding (oneDNN's layer norm sums in another order).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from tensorflow.core.framework import graph_pb2, node_def_pb2, types_pb2
+
+from ..context import TransformContext
+from ..graph_utils import (
+    const_value,
+    consumers_map,
+    control_inputs,
+    data_inputs,
+    make_node,
+    new_graph_like,
+    node_map,
+    node_name_from_input,
+)
+from ..registry import register
+from .weights import content_const
+
+log = logging.getLogger(__name__)
+
+SUFFIX = "fuse_layer_norms"
+FLOAT = types_pb2.DT_FLOAT
+INT32 = types_pb2.DT_INT32
+
+
+@dataclass
+class _LayerNorm:
+    x: str  # the normalised tensor, as the Mean reads it
+    mean: node_def_pb2.NodeDef
+    variance: node_def_pb2.NodeDef
+    squared_difference: node_def_pb2.NodeDef
+    stop_gradient: node_def_pb2.NodeDef | None
+    rsqrt: str  # Rsqrt(variance + eps), as the scale reads it
+    scale: node_def_pb2.NodeDef  # Mul(rsqrt, gamma)
+    gamma: np.ndarray
+    beta: np.ndarray
+    scaled_x: node_def_pb2.NodeDef  # Mul(x, scale)
+    negated_mean: node_def_pb2.NodeDef
+    shift: node_def_pb2.NodeDef  # Mul(-mean, scale)
+    shifted: node_def_pb2.NodeDef  # AddV2(shift, beta)
+    output: node_def_pb2.NodeDef  # AddV2(scaled_x, shifted)
+    axis: int | None  # the reduction axis as rank - 1, when the rank is known
+
+
+def _other(node: node_def_pb2.NodeDef, name: str) -> str | None:
+    """The data input of a two-input node that is not ``name`` (either order)."""
+    inputs = data_inputs(node)
+    if len(inputs) != 2 or control_inputs(node):
+        return None
+    names = [node_name_from_input(i) for i in inputs]
+    if names[0] == name and inputs[0] == name:
+        return inputs[1]
+    if names[1] == name and inputs[1] == name:
+        return inputs[0]
+    return None
+
+
+def _only_reader(consumers: dict, name: str, op: str) -> node_def_pb2.NodeDef | None:
+    readers = consumers.get(name, [])
+    if len(readers) == 1 and readers[0].op == op and readers[0].attr["T"].type == FLOAT:
+        return readers[0]
+    return None
+
+
+def _channel_const(nodes: dict, input_string: str, rank: int | None) -> np.ndarray | None:
+    """A float Const that broadcasts over the last axis only ([C], [1, C], [1, 1, C], ...)."""
+    node = nodes.get(node_name_from_input(input_string))
+    if node is None or node.op != "Const" or node.attr["dtype"].type != FLOAT or input_string != node.name:
+        return None
+    value = const_value(node)
+    if value.ndim < 1 or any(d != 1 for d in value.shape[:-1]) or (rank is not None and value.ndim > rank):
+        return None
+    return value.reshape(-1)
+
+
+def _match(mean: node_def_pb2.NodeDef, nodes: dict, consumers: dict, protected: set[str]) -> _LayerNorm | str:
+    """The Keras 3 layer norm whose first Mean is ``mean``, or why it is not one."""
+    x, axes = data_inputs(mean)[:2] if len(data_inputs(mean)) == 2 else (None, None)
+    axes_node = nodes.get(node_name_from_input(axes)) if axes else None
+    if axes_node is None or axes_node.op != "Const" or not mean.attr["keep_dims"].b or control_inputs(mean):
+        return "its Mean does not keep dims over a Const axis"
+    axis_values = const_value(axes_node).reshape(-1)
+    if axis_values.size != 1:
+        return "it reduces over more than one axis"
+    readers = consumers.get(mean.name, [])
+    negated = [r for r in readers if r.op == "Neg"]
+    centred = [r for r in readers if r.op in ("StopGradient", "Identity", "SquaredDifference")]
+    if len(negated) != 1 or len(centred) != 1 or len(readers) != 2:
+        return "its mean is read by other ops"
+    stop_gradient = centred[0] if centred[0].op != "SquaredDifference" else None
+    squared = centred[0] if stop_gradient is None else _only_reader(consumers, stop_gradient.name, "SquaredDifference")
+    if squared is None or data_inputs(squared) != [x, stop_gradient.name if stop_gradient else mean.name]:
+        return "no SquaredDifference of the input and its mean"
+    variance = _only_reader(consumers, squared.name, "Mean")
+    if variance is None or not variance.attr["keep_dims"].b:
+        return "no Mean of the squared difference"
+    variance_axes = nodes.get(node_name_from_input(data_inputs(variance)[1]))
+    if variance_axes is None or variance_axes.op != "Const" or not np.array_equal(
+            const_value(variance_axes).reshape(-1), axis_values):
+        return "the variance reduces over another axis"
+    add_epsilon = _only_reader(consumers, variance.name, "AddV2")
+    epsilon = _other(add_epsilon, variance.name) if add_epsilon is not None else None
+    epsilon_node = nodes.get(node_name_from_input(epsilon)) if epsilon else None
+    if epsilon_node is None or epsilon_node.op != "Const" or const_value(epsilon_node).size != 1:
+        return "no Const epsilon added to the variance"
+    rsqrt = _only_reader(consumers, add_epsilon.name, "Rsqrt")
+    scale = _only_reader(consumers, rsqrt.name, "Mul") if rsqrt is not None else None
+    gamma_input = _other(scale, rsqrt.name) if scale is not None else None
+    if gamma_input is None:
+        return "no Mul of the inverse deviation by gamma"
+    gamma_node = nodes.get(node_name_from_input(gamma_input))
+    rank = gamma_node.attr["value"].tensor.tensor_shape.dim if gamma_node is not None else None
+    rank = len(rank) if rank is not None and len(rank) > 1 else None
+    gamma = _channel_const(nodes, gamma_input, rank)
+    if gamma is None:
+        return "gamma is not a float Const over the last axis"
+    (shift,) = consumers[negated[0].name] if len(consumers.get(negated[0].name, [])) == 1 else (None,)
+    scale_readers = consumers.get(scale.name, [])
+    scaled_x = [r for r in scale_readers if r is not shift]
+    if (shift is None or shift.op != "Mul" or _other(shift, negated[0].name) != scale.name or len(scale_readers) != 2
+            or scaled_x[0].op != "Mul" or _other(scaled_x[0], scale.name) != x):
+        return "not the -mean * scale, x * scale form"
+    shifted = _only_reader(consumers, shift.name, "AddV2")
+    beta_input = _other(shifted, shift.name) if shifted is not None else None
+    beta = _channel_const(nodes, beta_input, rank) if beta_input else None
+    if beta is None or beta.shape != gamma.shape:
+        return "no float Const beta over the last axis added to the shift"
+    output = _only_reader(consumers, shifted.name, "AddV2")
+    if (output is None or _other(output, shifted.name) != scaled_x[0].name
+            or len(consumers.get(scaled_x[0].name, [])) != 1):
+        return "the scaled input and the shift are not added"
+    inner = [mean, squared, variance, add_epsilon, rsqrt, scale, negated[0], shift, shifted, scaled_x[0]]
+    if stop_gradient is not None:
+        inner.append(stop_gradient)
+    if any(node.name in protected for node in inner) or any(control_inputs(node) for node in [*inner, output]):
+        return "a node inside it is a graph output or has control inputs"
+    axis = int(axis_values[0])
+    if axis < 0:
+        axis = rank + axis if rank is not None else None
+    rsqrt_input = _other(scale, gamma_input)
+    return _LayerNorm(x, mean, variance, squared, stop_gradient, rsqrt_input, scale, gamma, beta, scaled_x[0],
+                      negated[0], shift, shifted, output, axis)
+
+
+def _rewritten(norm: _LayerNorm) -> tuple[list[node_def_pb2.NodeDef], set[str]]:
+    """The canonical form's nodes (replacing those of the same names) and the names that go."""
+    prefix = f"{norm.output.name}/{SUFFIX}"
+    device = norm.output.device
+    new = [content_const(f"{prefix}/gamma", norm.gamma.astype(np.float32), FLOAT),
+           content_const(f"{prefix}/beta", norm.beta.astype(np.float32), FLOAT)]
+    mean, variance = node_def_pb2.NodeDef(), node_def_pb2.NodeDef()
+    mean.CopyFrom(norm.mean)
+    variance.CopyFrom(norm.variance)
+    if norm.axis is not None:
+        new.append(content_const(f"{prefix}/axis", np.array([norm.axis], np.int32), INT32))
+        for node in (mean, variance):
+            node.input[1] = f"{prefix}/axis"
+            node.attr["Tidx"].type = INT32
+    squared = node_def_pb2.NodeDef()
+    squared.CopyFrom(norm.squared_difference)
+    squared.input[1] = norm.mean.name
+    scale = node_def_pb2.NodeDef()
+    scale.CopyFrom(norm.scale)
+    del scale.input[:]
+    scale.input.extend([norm.rsqrt, f"{prefix}/gamma"])
+    scaled_x = node_def_pb2.NodeDef()
+    scaled_x.CopyFrom(norm.scaled_x)
+    del scaled_x.input[:]
+    scaled_x.input.extend([norm.x, norm.scale.name])
+    new += [
+        mean, variance, squared, scale, scaled_x,
+        make_node("Mul", f"{prefix}/scaled_mean", [norm.scale.name, norm.mean.name], {"T": FLOAT}),
+        make_node("Sub", f"{prefix}/shift", [f"{prefix}/beta", f"{prefix}/scaled_mean"], {"T": FLOAT}),
+    ]
+    output = node_def_pb2.NodeDef()
+    output.CopyFrom(norm.output)
+    del output.input[:]
+    output.input.extend([norm.scaled_x.name, f"{prefix}/shift"])
+    new.append(output)
+    for node in new:
+        node.device = device
+        node.attr.pop("_output_shapes", None)
+    removed = {norm.negated_mean.name, norm.shift.name, norm.shifted.name}
+    if norm.stop_gradient is not None:
+        removed.add(norm.stop_gradient.name)
+    return new, removed
+
+
+@register("fuse_layer_norms")
+def fuse_layer_norms(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
+    """Rewrite Keras 3 LayerNormalization subgraphs into the form grappler fuses into ``_MklLayerNorm``.
+
+    Matches, for a float tensor ``x``: ``mean`` = Mean(x, [axis], keep_dims) read only by a Neg
+    and by SquaredDifference(x, mean) (directly or through a StopGradient/Identity);
+    ``variance`` = Mean of it over the same axis; Rsqrt(AddV2(variance, Const eps)) times a
+    Const gamma (``scale``); ``x * scale + (-mean * scale + beta)`` with a Const beta; gamma
+    and beta broadcast over the last axis only ([C] or [1, ..., C]); Mul and AddV2 operands in
+    either order; no control inputs, no intermediate node read elsewhere or a graph output.
+    Produces: the same node names for the Means, SquaredDifference (now of x and ``mean``),
+    ``scale`` = Mul(Rsqrt, gamma), ``x * scale`` and the output AddV2 = Add(x * scale,
+    ``<out>/fuse_layer_norms/shift``), where ``shift`` = Sub(``beta``, ``scaled_mean`` =
+    Mul(scale, mean)); gamma and beta become 1-D Consts ``<out>/fuse_layer_norms/gamma|beta``;
+    a negative axis becomes ``<out>/fuse_layer_norms/axis`` = rank - 1 when the rank is known
+    from gamma's broadcast shape (the remapper fuses only a non-negative last axis, and only
+    rank 2 or 3 inputs, and only where shape inference proves the output has the input's shape:
+    after a residual Add it does, straight after a tensordot's run-time Reshape it may not). The
+    Neg, the StopGradient and the old shift nodes go; the old gamma
+    and beta Consts stay for other readers (strip_unused_nodes removes them).
+    Every other graph is returned unchanged; a near miss is logged with its reason.
+    Running it again changes nothing more.
+    """
+    nodes = node_map(graph_def)
+    consumers = consumers_map(graph_def)
+    protected = {node_name_from_input(name) for name in context.output_names}
+    replaced: dict[str, node_def_pb2.NodeDef] = {}
+    removed: set[str] = set()
+    added: list[node_def_pb2.NodeDef] = []
+    for node in graph_def.node:
+        if node.op != "Mean" or node.attr["T"].type != FLOAT or node.name in replaced:
+            continue
+        if not any(reader.op == "Neg" for reader in consumers.get(node.name, [])):
+            continue  # not a Keras 3 layer norm's first Mean (or already rewritten)
+        norm = _match(node, nodes, consumers, protected)
+        if isinstance(norm, str):
+            log.info("fuse_layer_norms: Mean '%s' stays as it is: %s", node.name, norm)
+            continue
+        new, gone = _rewritten(norm)
+        for new_node in new:
+            if new_node.name in nodes:
+                replaced[new_node.name] = new_node
+            else:
+                added.append(new_node)
+        removed |= gone
+        if norm.axis is None:
+            log.info("fuse_layer_norms: layer norm '%s' has a negative axis and no known rank: "
+                     "rewritten, but TensorFlow will not fuse it", norm.output.name)
+    if not replaced:
+        return graph_def
+    result = new_graph_like(graph_def)
+    for node in graph_def.node:
+        if node.name in removed:
+            continue
+        result.node.append(replaced.get(node.name, node))
+    # New nodes go before their layer norm's output, so the graph stays in execution order.
+    order = []
+    by_output: dict[str, list[node_def_pb2.NodeDef]] = {}
+    for new_node in added:
+        by_output.setdefault(new_node.name.split(f"/{SUFFIX}/")[0], []).append(new_node)
+    for node in result.node:
+        order.extend(by_output.pop(node.name, []))
+        order.append(node)
+    del result.node[:]
+    result.node.extend(order)
+    return result
