@@ -177,8 +177,14 @@ def optimise_saved_model(
                 steps.speed_ratios.append(ratio)
                 layer = steps.next_fallback(for_speed=True) if ratio >= 1.0 else None
                 if layer is None:
-                    log.info("at batch %d the optimised model takes %.2f x the original's time", serving_batch_size,
-                             ratio)
+                    if ratio >= 1.0:
+                        # Every int8 layer is float again: what is left costs the list's float rewrites.
+                        log.warning("at batch %d the optimised model still takes %.2f x the original's time with "
+                                    "no int8 layer left to send back: the list's other transforms cost that here",
+                                    serving_batch_size, ratio)
+                    else:
+                        log.info("at batch %d the optimised model takes %.2f x the original's time",
+                                 serving_batch_size, ratio)
                     break
                 log.info("at batch %d the optimised model takes %.2f x the original's time: %s goes back to float",
                          serving_batch_size, ratio, layer)
