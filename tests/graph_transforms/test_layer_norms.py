@@ -71,6 +71,9 @@ def test_the_keras_layer_norm_takes_the_form_grappler_fuses(keras_norm):
         assert tf.make_ndarray(nodes[name].attr["value"].tensor).shape == (length,)
     assert tf.make_ndarray(nodes[f"{prefix}/axis"].attr["value"].tensor).tolist() == [rank - 1]
     assert mean.input[1] == variance.input[1] == f"{prefix}/axis"
+    # Keras' broadcast gamma and beta Consts ([1, ..., C]) had no other reader: they go.
+    assert not [n.name for n in fused.node if n.op == "Const" and "norm_1/Reshape" in n.name]
+    assert [n.name for n in graph.node if n.op == "Const" and "norm_1/Reshape" in n.name]
 
 
 def test_the_rewritten_graph_computes_the_same_function(keras_norm):

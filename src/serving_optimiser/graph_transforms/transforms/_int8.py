@@ -219,8 +219,9 @@ def splice_layers(
     removed: set[str],
     output_names: Iterable[str],
 ) -> graph_pb2.GraphDef:
-    """Each int8 layer's nodes where the node it replaces was, without the nodes it absorbed, and
-    without the float weights that nothing reads any more."""
+    """Each rewritten layer's nodes where the node it replaces was, without the nodes it absorbed,
+    and without the float weights that nothing reads any more (the int8 transforms,
+    fuse_layer_norms)."""
     nodes = []
     for node in graph_def.node:
         if node.name in replaced:

@@ -12,6 +12,7 @@ rewritten graph computes the same float32 values bit for bit (same ops, ``a + -(
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 
@@ -25,11 +26,11 @@ from ..graph_utils import (
     control_inputs,
     data_inputs,
     make_node,
-    new_graph_like,
     node_map,
     node_name_from_input,
 )
 from ..registry import register
+from ._int8 import splice_layers
 from .weights import content_const
 
 log = logging.getLogger(__name__)
@@ -158,48 +159,48 @@ def _match(mean: node_def_pb2.NodeDef, nodes: dict, consumers: dict, protected: 
                       negated[0], shift, shifted, output, axis)
 
 
-def _rewritten(norm: _LayerNorm) -> tuple[list[node_def_pb2.NodeDef], set[str]]:
-    """The canonical form's nodes (replacing those of the same names) and the names that go."""
+def _with_inputs(node: node_def_pb2.NodeDef, *inputs: str) -> node_def_pb2.NodeDef:
+    rewritten = copy.deepcopy(node)
+    del rewritten.input[:]
+    rewritten.input.extend(inputs)
+    rewritten.attr.pop("_output_shapes", None)
+    return rewritten
+
+
+def _rewritten(norm: _LayerNorm) -> tuple[dict[str, list[node_def_pb2.NodeDef]], set[str]]:
+    """The canonical form: the nodes that take each old node's place, and the names that go."""
     prefix = f"{norm.output.name}/{SUFFIX}"
-    device = norm.output.device
-    new = [content_const(f"{prefix}/gamma", norm.gamma.astype(np.float32), FLOAT),
-           content_const(f"{prefix}/beta", norm.beta.astype(np.float32), FLOAT)]
-    mean, variance = node_def_pb2.NodeDef(), node_def_pb2.NodeDef()
-    mean.CopyFrom(norm.mean)
-    variance.CopyFrom(norm.variance)
+    axes = [data_inputs(norm.mean)[1]]
     if norm.axis is not None:
-        new.append(content_const(f"{prefix}/axis", np.array([norm.axis], np.int32), INT32))
+        axes = [f"{prefix}/axis"]
+    mean = _with_inputs(norm.mean, norm.x, *axes)
+    variance = _with_inputs(norm.variance, norm.squared_difference.name, *axes)
+    if norm.axis is not None:
         for node in (mean, variance):
-            node.input[1] = f"{prefix}/axis"
             node.attr["Tidx"].type = INT32
-    squared = node_def_pb2.NodeDef()
-    squared.CopyFrom(norm.squared_difference)
-    squared.input[1] = norm.mean.name
-    scale = node_def_pb2.NodeDef()
-    scale.CopyFrom(norm.scale)
-    del scale.input[:]
-    scale.input.extend([norm.rsqrt, f"{prefix}/gamma"])
-    scaled_x = node_def_pb2.NodeDef()
-    scaled_x.CopyFrom(norm.scaled_x)
-    del scaled_x.input[:]
-    scaled_x.input.extend([norm.x, norm.scale.name])
-    new += [
-        mean, variance, squared, scale, scaled_x,
+    new_nodes = [
+        content_const(f"{prefix}/gamma", norm.gamma.astype(np.float32), FLOAT),
+        content_const(f"{prefix}/beta", norm.beta.astype(np.float32), FLOAT),
         make_node("Mul", f"{prefix}/scaled_mean", [norm.scale.name, norm.mean.name], {"T": FLOAT}),
         make_node("Sub", f"{prefix}/shift", [f"{prefix}/beta", f"{prefix}/scaled_mean"], {"T": FLOAT}),
+        _with_inputs(norm.output, norm.scaled_x.name, f"{prefix}/shift"),
     ]
-    output = node_def_pb2.NodeDef()
-    output.CopyFrom(norm.output)
-    del output.input[:]
-    output.input.extend([norm.scaled_x.name, f"{prefix}/shift"])
-    new.append(output)
-    for node in new:
-        node.device = device
-        node.attr.pop("_output_shapes", None)
+    if norm.axis is not None:
+        new_nodes.insert(0, content_const(f"{prefix}/axis", np.array([norm.axis], np.int32), INT32))
+    for node in new_nodes:
+        node.device = norm.output.device
+    replaced = {
+        norm.mean.name: [mean],
+        norm.variance.name: [variance],
+        norm.squared_difference.name: [_with_inputs(norm.squared_difference, norm.x, norm.mean.name)],
+        norm.scale.name: [_with_inputs(norm.scale, norm.rsqrt, f"{prefix}/gamma")],
+        norm.scaled_x.name: [_with_inputs(norm.scaled_x, norm.x, norm.scale.name)],
+        norm.output.name: new_nodes,
+    }
     removed = {norm.negated_mean.name, norm.shift.name, norm.shifted.name}
     if norm.stop_gradient is not None:
         removed.add(norm.stop_gradient.name)
-    return new, removed
+    return replaced, removed
 
 
 @register("fuse_layer_norms")
@@ -220,17 +221,16 @@ def fuse_layer_norms(graph_def: graph_pb2.GraphDef, context: TransformContext) -
     from gamma's broadcast shape (the remapper fuses only a non-negative last axis, and only
     rank 2 or 3 inputs, and only where shape inference proves the output has the input's shape:
     after a residual Add it does, straight after a tensordot's run-time Reshape it may not). The
-    Neg, the StopGradient and the old shift nodes go; the old gamma
-    and beta Consts stay for other readers (strip_unused_nodes removes them).
+    Neg, the StopGradient and the old shift nodes go, and so do the old gamma and beta Consts
+    when nothing else reads them.
     Every other graph is returned unchanged; a near miss is logged with its reason.
     Running it again changes nothing more.
     """
     nodes = node_map(graph_def)
     consumers = consumers_map(graph_def)
     protected = {node_name_from_input(name) for name in context.output_names}
-    replaced: dict[str, node_def_pb2.NodeDef] = {}
+    replaced: dict[str, list[node_def_pb2.NodeDef]] = {}
     removed: set[str] = set()
-    added: list[node_def_pb2.NodeDef] = []
     for node in graph_def.node:
         if node.op != "Mean" or node.attr["T"].type != FLOAT or node.name in replaced:
             continue
@@ -240,31 +240,12 @@ def fuse_layer_norms(graph_def: graph_pb2.GraphDef, context: TransformContext) -
         if isinstance(norm, str):
             log.info("fuse_layer_norms: Mean '%s' stays as it is: %s", node.name, norm)
             continue
-        new, gone = _rewritten(norm)
-        for new_node in new:
-            if new_node.name in nodes:
-                replaced[new_node.name] = new_node
-            else:
-                added.append(new_node)
-        removed |= gone
+        norm_replaced, norm_removed = _rewritten(norm)
+        replaced.update(norm_replaced)
+        removed |= norm_removed
         if norm.axis is None:
             log.info("fuse_layer_norms: layer norm '%s' has a negative axis and no known rank: "
                      "rewritten, but TensorFlow will not fuse it", norm.output.name)
     if not replaced:
         return graph_def
-    result = new_graph_like(graph_def)
-    for node in graph_def.node:
-        if node.name in removed:
-            continue
-        result.node.append(replaced.get(node.name, node))
-    # New nodes go before their layer norm's output, so the graph stays in execution order.
-    order = []
-    by_output: dict[str, list[node_def_pb2.NodeDef]] = {}
-    for new_node in added:
-        by_output.setdefault(new_node.name.split(f"/{SUFFIX}/")[0], []).append(new_node)
-    for node in result.node:
-        order.extend(by_output.pop(node.name, []))
-        order.append(node)
-    del result.node[:]
-    result.node.extend(order)
-    return result
+    return splice_layers(graph_def, replaced, removed, context.output_names)
