@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 import tensorflow as tf
-from graph_helpers import frozen_function_graph, nodes_by_name, op_counts, run_graph
+from graph_helpers import build, frozen_function_graph, nodes_by_name, op_counts, run_graph
 
 from serving_optimiser.graph_transforms import TransformGraph
 from serving_optimiser.graph_transforms.transforms._int8 import int8_kernels_available
@@ -125,3 +125,44 @@ def test_a_norm_whose_inner_node_is_an_output_stays_as_it_is(keras_norm):
     negated_mean = next(n.name for n in graph.node if n.op == "Neg")
     result = TransformGraph(graph, [placeholder], [output, negated_mean], ["fuse_layer_norms"])
     assert result == graph
+
+
+def _hand_built_norm(gamma_shape: tuple[int, ...]):
+    """The Keras 3 spelling on a rank-4 input, gamma and beta of ``gamma_shape`` (not Keras' own:
+    its broadcast shape always has the input's rank)."""
+    rng = np.random.default_rng(11)
+    gamma, beta = (rng.normal(1.0, 0.3, gamma_shape).astype(np.float32) for _ in range(2))
+
+    def make():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 2, 3, 8], name="x")
+        mean = tf.reduce_mean(x, [-1], keepdims=True)
+        variance = tf.reduce_mean(tf.math.squared_difference(x, tf.stop_gradient(mean)), [-1], keepdims=True)
+        scale = tf.math.rsqrt(variance + 1e-3) * tf.constant(gamma, name="gamma")
+        tf.add(x * scale, -mean * scale + tf.constant(beta, name="beta"), name="out")
+
+    return build(make), rng.normal(0.0, 2.0, (5, 2, 3, 8)).astype(np.float32)
+
+
+@pytest.mark.parametrize("gamma_shape", [(1, 1, 8), (8,)], ids=["rank3_gamma", "vector_gamma"])
+def test_the_axis_is_the_inputs_last_not_gammas(gamma_shape):
+    graph, rows = _hand_built_norm(gamma_shape)
+    fused = TransformGraph(graph, ["x"], ["out"], ["fuse_layer_norms"])
+    assert tf.make_ndarray(nodes_by_name(fused)["out/fuse_layer_norms/axis"].attr["value"].tensor).tolist() == [3]
+    (expected,), (actual,) = (run_graph(g, ["out"], {"x": rows}) for g in (graph, fused))
+    assert np.abs(actual - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_a_gamma_with_more_axes_than_the_input_stays_as_it_is(caplog):
+    rng = np.random.default_rng(2)
+
+    def make():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 8], name="x")
+        mean = tf.reduce_mean(x, [-1], keepdims=True)
+        variance = tf.reduce_mean(tf.math.squared_difference(x, tf.stop_gradient(mean)), [-1], keepdims=True)
+        scale = tf.math.rsqrt(variance + 1e-3) * tf.constant(rng.normal(size=(1, 1, 8)).astype(np.float32))
+        tf.add(x * scale, -mean * scale + tf.constant(rng.normal(size=(1, 1, 8)).astype(np.float32)), name="out")
+
+    graph = build(make)
+    with caplog.at_level(logging.INFO, logger="serving_optimiser"):
+        assert TransformGraph(graph, ["x"], ["out"], ["fuse_layer_norms"]) == graph
+    assert "gamma or beta has more axes than its input (rank 2)" in caplog.text

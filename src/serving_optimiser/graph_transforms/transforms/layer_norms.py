@@ -56,7 +56,7 @@ class _LayerNorm:
     shift: node_def_pb2.NodeDef  # Mul(-mean, scale)
     shifted: node_def_pb2.NodeDef  # AddV2(shift, beta)
     output: node_def_pb2.NodeDef  # AddV2(scaled_x, shifted)
-    axis: int | None  # the reduction axis as rank - 1, when the rank is known
+    axis: int  # the reduction axis as the graph gives it (Keras: -1)
 
 
 def _other(node: node_def_pb2.NodeDef, name: str) -> str | None:
@@ -64,10 +64,9 @@ def _other(node: node_def_pb2.NodeDef, name: str) -> str | None:
     inputs = data_inputs(node)
     if len(inputs) != 2 or control_inputs(node):
         return None
-    names = [node_name_from_input(i) for i in inputs]
-    if names[0] == name and inputs[0] == name:
+    if inputs[0] == name:
         return inputs[1]
-    if names[1] == name and inputs[1] == name:
+    if inputs[1] == name:
         return inputs[0]
     return None
 
@@ -79,15 +78,31 @@ def _only_reader(consumers: dict, name: str, op: str) -> node_def_pb2.NodeDef | 
     return None
 
 
-def _channel_const(nodes: dict, input_string: str, rank: int | None) -> np.ndarray | None:
-    """A float Const that broadcasts over the last axis only ([C], [1, C], [1, 1, C], ...)."""
+def _channel_const(nodes: dict, input_string: str) -> np.ndarray | None:
+    """A float Const that broadcasts over the last axis only ([C], [1, C], [1, 1, C], ...), as [C];
+    whether it has no more axes than the input is checked once the input's rank is known."""
     node = nodes.get(node_name_from_input(input_string))
     if node is None or node.op != "Const" or node.attr["dtype"].type != FLOAT or input_string != node.name:
         return None
     value = const_value(node)
-    if value.ndim < 1 or any(d != 1 for d in value.shape[:-1]) or (rank is not None and value.ndim > rank):
+    if value.ndim < 1 or any(d != 1 for d in value.shape[:-1]):
         return None
-    return value.reshape(-1)
+    return value
+
+
+def _static_ranks(graph_def: graph_pb2.GraphDef, tensors: set[str]) -> dict[str, int | None]:
+    """Each tensor's rank as TensorFlow's shape inference knows it (None: unknown, or the graph
+    does not import)."""
+    import tensorflow as tf
+
+    graph = tf.Graph()
+    try:
+        with graph.as_default():
+            # import_graph_def adds default attrs to the GraphDef it is given: give it a copy.
+            tf.compat.v1.import_graph_def(copy.deepcopy(graph_def), name="")
+    except (ValueError, TypeError, tf.errors.OpError):
+        return dict.fromkeys(tensors)
+    return {name: graph.get_tensor_by_name(name if ":" in name else f"{name}:0").shape.rank for name in tensors}
 
 
 def _match(mean: node_def_pb2.NodeDef, nodes: dict, consumers: dict, protected: set[str]) -> _LayerNorm | str:
@@ -125,10 +140,7 @@ def _match(mean: node_def_pb2.NodeDef, nodes: dict, consumers: dict, protected: 
     gamma_input = _other(scale, rsqrt.name) if scale is not None else None
     if gamma_input is None:
         return "no Mul of the inverse deviation by gamma"
-    gamma_node = nodes.get(node_name_from_input(gamma_input))
-    rank = gamma_node.attr["value"].tensor.tensor_shape.dim if gamma_node is not None else None
-    rank = len(rank) if rank is not None and len(rank) > 1 else None
-    gamma = _channel_const(nodes, gamma_input, rank)
+    gamma = _channel_const(nodes, gamma_input)
     if gamma is None:
         return "gamma is not a float Const over the last axis"
     (shift,) = consumers[negated[0].name] if len(consumers.get(negated[0].name, [])) == 1 else (None,)
@@ -139,7 +151,7 @@ def _match(mean: node_def_pb2.NodeDef, nodes: dict, consumers: dict, protected: 
         return "not the -mean * scale, x * scale form"
     shifted = _only_reader(consumers, shift.name, "AddV2")
     beta_input = _other(shifted, shift.name) if shifted is not None else None
-    beta = _channel_const(nodes, beta_input, rank) if beta_input else None
+    beta = _channel_const(nodes, beta_input) if beta_input else None
     if beta is None or beta.shape != gamma.shape:
         return "no float Const beta over the last axis added to the shift"
     output = _only_reader(consumers, shifted.name, "AddV2")
@@ -151,12 +163,9 @@ def _match(mean: node_def_pb2.NodeDef, nodes: dict, consumers: dict, protected: 
         inner.append(stop_gradient)
     if any(node.name in protected for node in inner) or any(control_inputs(node) for node in [*inner, output]):
         return "a node inside it is a graph output or has control inputs"
-    axis = int(axis_values[0])
-    if axis < 0:
-        axis = rank + axis if rank is not None else None
     rsqrt_input = _other(scale, gamma_input)
     return _LayerNorm(x, mean, variance, squared, stop_gradient, rsqrt_input, scale, gamma, beta, scaled_x[0],
-                      negated[0], shift, shifted, output, axis)
+                      negated[0], shift, shifted, output, int(axis_values[0]))
 
 
 def _with_inputs(node: node_def_pb2.NodeDef, *inputs: str) -> node_def_pb2.NodeDef:
@@ -167,26 +176,27 @@ def _with_inputs(node: node_def_pb2.NodeDef, *inputs: str) -> node_def_pb2.NodeD
     return rewritten
 
 
-def _rewritten(norm: _LayerNorm) -> tuple[dict[str, list[node_def_pb2.NodeDef]], set[str]]:
-    """The canonical form: the nodes that take each old node's place, and the names that go."""
+def _rewritten(norm: _LayerNorm, last_axis: int | None) -> tuple[dict[str, list[node_def_pb2.NodeDef]], set[str]]:
+    """The canonical form: the nodes that take each old node's place, and the names that go;
+    ``last_axis`` (rank - 1) replaces a negative axis when the input's rank is known."""
     prefix = f"{norm.output.name}/{SUFFIX}"
     axes = [data_inputs(norm.mean)[1]]
-    if norm.axis is not None:
+    if last_axis is not None:
         axes = [f"{prefix}/axis"]
     mean = _with_inputs(norm.mean, norm.x, *axes)
     variance = _with_inputs(norm.variance, norm.squared_difference.name, *axes)
-    if norm.axis is not None:
+    if last_axis is not None:
         for node in (mean, variance):
             node.attr["Tidx"].type = INT32
     new_nodes = [
-        content_const(f"{prefix}/gamma", norm.gamma.astype(np.float32), FLOAT),
-        content_const(f"{prefix}/beta", norm.beta.astype(np.float32), FLOAT),
+        content_const(f"{prefix}/gamma", norm.gamma.reshape(-1).astype(np.float32), FLOAT),
+        content_const(f"{prefix}/beta", norm.beta.reshape(-1).astype(np.float32), FLOAT),
         make_node("Mul", f"{prefix}/scaled_mean", [norm.scale.name, norm.mean.name], {"T": FLOAT}),
         make_node("Sub", f"{prefix}/shift", [f"{prefix}/beta", f"{prefix}/scaled_mean"], {"T": FLOAT}),
         _with_inputs(norm.output, norm.scaled_x.name, f"{prefix}/shift"),
     ]
-    if norm.axis is not None:
-        new_nodes.insert(0, content_const(f"{prefix}/axis", np.array([norm.axis], np.int32), INT32))
+    if last_axis is not None:
+        new_nodes.insert(0, content_const(f"{prefix}/axis", np.array([last_axis], np.int32), INT32))
     for node in new_nodes:
         node.device = norm.output.device
     replaced = {
@@ -217,35 +227,50 @@ def fuse_layer_norms(graph_def: graph_pb2.GraphDef, context: TransformContext) -
     ``scale`` = Mul(Rsqrt, gamma), ``x * scale`` and the output AddV2 = Add(x * scale,
     ``<out>/fuse_layer_norms/shift``), where ``shift`` = Sub(``beta``, ``scaled_mean`` =
     Mul(scale, mean)); gamma and beta become 1-D Consts ``<out>/fuse_layer_norms/gamma|beta``;
-    a negative axis becomes ``<out>/fuse_layer_norms/axis`` = rank - 1 when the rank is known
-    from gamma's broadcast shape (the remapper fuses only a non-negative last axis, and only
+    axis -1 becomes ``<out>/fuse_layer_norms/axis`` = rank - 1 when TensorFlow's shape
+    inference knows the input's rank (the remapper fuses only a non-negative last axis, and only
     rank 2 or 3 inputs, and only where shape inference proves the output has the input's shape:
     after a residual Add it does, straight after a tensordot's run-time Reshape it may not). The
     Neg, the StopGradient and the old shift nodes go, and so do the old gamma and beta Consts
     when nothing else reads them.
+    A norm whose gamma or beta has more axes than its input (or any but one of an input of
+    unknown rank) stays as it is: [1, 1, C] and [C] would not broadcast alike.
     Every other graph is returned unchanged; a near miss is logged with its reason.
     Running it again changes nothing more.
     """
     nodes = node_map(graph_def)
     consumers = consumers_map(graph_def)
     protected = {node_name_from_input(name) for name in context.output_names}
-    replaced: dict[str, list[node_def_pb2.NodeDef]] = {}
-    removed: set[str] = set()
+    norms: list[_LayerNorm] = []
     for node in graph_def.node:
-        if node.op != "Mean" or node.attr["T"].type != FLOAT or node.name in replaced:
+        if node.op != "Mean" or node.attr["T"].type != FLOAT:
             continue
         if not any(reader.op == "Neg" for reader in consumers.get(node.name, [])):
             continue  # not a Keras 3 layer norm's first Mean (or already rewritten)
         norm = _match(node, nodes, consumers, protected)
         if isinstance(norm, str):
             log.info("fuse_layer_norms: Mean '%s' stays as it is: %s", node.name, norm)
+        else:
+            norms.append(norm)
+    if not norms:
+        return graph_def
+    ranks = _static_ranks(graph_def, {norm.x for norm in norms})
+    replaced: dict[str, list[node_def_pb2.NodeDef]] = {}
+    removed: set[str] = set()
+    for norm in norms:
+        rank = ranks[norm.x]
+        # gamma [1, ..., C] and [C] broadcast alike only against an input with at least as many axes.
+        if max(norm.gamma.ndim, norm.beta.ndim) > (rank if rank is not None else 1):
+            log.info("fuse_layer_norms: Mean '%s' stays as it is: gamma or beta has more axes than its input "
+                     "(rank %s)", norm.mean.name, "unknown" if rank is None else rank)
             continue
-        norm_replaced, norm_removed = _rewritten(norm)
+        last_axis = rank - 1 if rank is not None and norm.axis == -1 else None
+        norm_replaced, norm_removed = _rewritten(norm, last_axis)
         replaced.update(norm_replaced)
         removed |= norm_removed
-        if norm.axis is None:
-            log.info("fuse_layer_norms: layer norm '%s' has a negative axis and no known rank: "
-                     "rewritten, but TensorFlow will not fuse it", norm.output.name)
+        if norm.axis < 0 and last_axis is None:
+            log.info("fuse_layer_norms: layer norm '%s' reduces over axis %d of an input of unknown rank: "
+                     "rewritten, but TensorFlow will not fuse it", norm.output.name, norm.axis)
     if not replaced:
         return graph_def
     return splice_layers(graph_def, replaced, removed, context.output_names)
