@@ -9,7 +9,8 @@ Per model and candidate: the ratio to float at each batch size (median of per-ro
 interleaved rounds in a seeded random order), the median call in ms, and top-1 agreement with
 float and max |diff| / float's output range on held-out rows (calibration uses other rows).
 --serving-batch-size N adds int8_bN: the int8 list through optimise_saved_model's speed guard
-at N rows (layers go back to float while the whole model is not faster than the export).
+at N rows (layers go back to float while the whole model is not faster than the export); below
+16 rows the same list without fuse_layer_norms.
 How each model is made to answer like a trained one: serving_optimiser.bench_models. The CPU
 line comes first; progress goes to stderr. --quick shrinks every model (a smoke test, minutes
 to seconds). Set ONEDNN_MAX_CPU_ISA=AVX2 TF_ENABLE_ONEDNN_OPTS=1 to emulate an AVX2-only CPU.

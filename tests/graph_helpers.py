@@ -88,6 +88,21 @@ def run_graph(
         return session.run([tensor(f) for f in fetches], feed_dict=feed_dict)
 
 
+def ops_run(graph_def: graph_pb2.GraphDef, fetch: str, feeds: dict[str, np.ndarray]) -> set[str]:
+    """The op types that ran, as the session traced them: after TensorFlow's own rewrites (oneDNN's
+    renames its ops, e.g. _MklLayerNorm, _MklQuantizeV2)."""
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.compat.v1.import_graph_def(graph_pb2.GraphDef.FromString(graph_def.SerializeToString()), name="")
+    metadata = tf.compat.v1.RunMetadata()
+    with tf.compat.v1.Session(graph=graph) as session:
+        session.run(f"{fetch}:0", {f"{name}:0": value for name, value in feeds.items()},
+                    options=tf.compat.v1.RunOptions(trace_level=tf.compat.v1.RunOptions.FULL_TRACE),
+                    run_metadata=metadata)
+    return {stats.timeline_label.split(" = ")[1].split("(")[0] for device in metadata.step_stats.dev_stats
+            for stats in device.node_stats if " = " in stats.timeline_label}
+
+
 def have_oracle() -> bool:
     return _pywrap_transform_graph is not None
 

@@ -27,10 +27,18 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-_PREPARE = "remove_nodes(op=Identity) fold_constants(ignore_errors=true) fold_batch_norms fold_old_batch_norms " \
-    "fuse_layer_norms"
+_FOLDS = "remove_nodes(op=Identity) fold_constants(ignore_errors=true) fold_batch_norms fold_old_batch_norms"
+_PREPARE = f"{_FOLDS} fuse_layer_norms"
 _FINISH = "strip_unused_nodes sort_by_execution_order"
-INT8_TRANSFORMS = f"{_PREPARE} quantize_convs quantize_matmuls {_FINISH}"
+# TensorFlow's QuantizeV2 kernel: no slower than oneDNN's up to ~512 K floats per call (every
+# MatMul input here up to batch 64), far faster at batch 1 (docs/differences/quantize_matmuls.md).
+_QUANTIZE = "quantize_convs quantize_matmuls(quantize_kernel=tensorflow)"
+INT8_TRANSFORMS = f"{_PREPARE} {_QUANTIZE} {_FINISH}"
+# The int8 list for small batches (int8_bN below SMALL_BATCH): oneDNN's fused layer norm builds
+# its primitives at every call (~0.1 ms per norm), which large batches amortise and small ones
+# pay for; the unfused norm costs less there.
+SMALL_BATCH_INT8_TRANSFORMS = f"{_FOLDS} {_QUANTIZE} {_FINISH}"
+SMALL_BATCH = 16
 # The same list without the int8 transforms: how much of int8's gain the float rewrites make.
 FLOAT_TRANSFORMS = f"{_PREPARE} {_FINISH}"
 SIGNATURE = "serving_default"
@@ -329,8 +337,9 @@ def _outputs(predictor, x: np.ndarray, chunk: int = 64) -> np.ndarray:
 def _candidates(name: str, built: Built, base: Path, calibration: np.ndarray, check: np.ndarray,
                 result: Result, serving_batch_size: int | None = None) -> dict:
     """name -> loaded predictor; a peer that cannot convert this model adds a note instead.
-    With ``serving_batch_size`` N, ``int8_bN`` is the same int8 list through the speed guard
-    at N rows (layers go back to float while the whole model is not faster than the export)."""
+    With ``serving_batch_size`` N, ``int8_bN`` is the int8 list through the speed guard at N rows
+    (layers go back to float while the whole model is not faster than the export); below
+    :data:`SMALL_BATCH` rows, :data:`SMALL_BATCH_INT8_TRANSFORMS`."""
     from .errors import first_line
     from .peers.litert import LiteRTPredictor, litert_model_bytes
     from .peers.openvino import OpenVINOPredictor, openvino_model_files
@@ -345,8 +354,10 @@ def _candidates(name: str, built: Built, base: Path, calibration: np.ndarray, ch
     predictors = {"float": TFPredictor.load(exported, signature=SIGNATURE)}
 
     def int8(candidate: str = "int8", batch_size: int | None = None) -> object:
+        transforms = SMALL_BATCH_INT8_TRANSFORMS if batch_size is not None and batch_size < SMALL_BATCH \
+            else INT8_TRANSFORMS
         report = optimise_saved_model(
-            exported, base / name / candidate, INT8_TRANSFORMS, signature_keys=[SIGNATURE], overwrite=True,
+            exported, base / name / candidate, transforms, signature_keys=[SIGNATURE], overwrite=True,
             calibration_inputs={SIGNATURE: {built.key: calibration}}, sample_inputs={SIGNATURE: {built.key: check}},
             serving_batch_size=batch_size,
         )

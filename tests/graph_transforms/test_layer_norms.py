@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 import tensorflow as tf
-from graph_helpers import build, frozen_function_graph, nodes_by_name, op_counts, run_graph
+from graph_helpers import build, frozen_function_graph, nodes_by_name, op_counts, ops_run, run_graph
 
 from serving_optimiser.graph_transforms import TransformGraph
 from serving_optimiser.graph_transforms.transforms._int8 import int8_kernels_available
@@ -85,24 +85,11 @@ def test_the_rewritten_graph_computes_the_same_function(keras_norm):
     assert np.abs(actual - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
-def _ops_run(graph, output: str, placeholder: str, rows) -> set[str]:
-    imported = tf.Graph()
-    with imported.as_default():
-        tf.compat.v1.import_graph_def(graph, name="")
-    metadata = tf.compat.v1.RunMetadata()
-    with tf.compat.v1.Session(graph=imported) as session:
-        session.run(f"{output}:0", {f"{placeholder}:0": rows},
-                    options=tf.compat.v1.RunOptions(trace_level=tf.compat.v1.RunOptions.FULL_TRACE),
-                    run_metadata=metadata)
-    return {stats.timeline_label.split(" = ")[1].split("(")[0] for device in metadata.step_stats.dev_stats
-            for stats in device.node_stats if " = " in stats.timeline_label}
-
-
 @pytest.mark.onednn
 def test_tensorflow_fuses_the_rewritten_norm_into_one_op(keras_norm):
     graph, fused, placeholder, output, rows, _ = keras_norm
-    assert "_MklLayerNorm" not in _ops_run(graph, output, placeholder, rows)
-    ran = _ops_run(fused, output, placeholder, rows)
+    assert "_MklLayerNorm" not in ops_run(graph, output, {placeholder: rows})
+    ran = ops_run(fused, output, {placeholder: rows})
     assert "_MklLayerNorm" in ran and "Rsqrt" not in ran and "SquaredDifference" not in ran
 
 

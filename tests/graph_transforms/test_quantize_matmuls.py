@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import sample_graphs
 import tensorflow as tf
-from graph_helpers import build, nodes_by_name, op_counts, run_graph
+from graph_helpers import build, nodes_by_name, op_counts, ops_run, run_graph
 from tensorflow.core.framework import types_pb2
 
 from serving_optimiser.graph_transforms import TransformError, TransformGraph
@@ -348,6 +348,73 @@ def test_a_calibrated_shifted_input_layer_matches_float(tmp_path):
     graph, rows, result = _calibrated_dense(tmp_path, *np.quantile(_dense(negative_inputs=True)[1], [0.0, 1.0]))
     expected, actual = run_graph(graph, ["out"], {"inputs": rows})[0], run_graph(result, ["out"], {"inputs": rows})[0]
     assert np.abs(actual - expected).max() <= 0.02 * np.abs(expected).max()
+
+
+def _tensorflow_kernel_dense(tmp_path, negative_inputs: bool, calibrated: bool = True, kernel: str = "tensorflow"):
+    graph, rows = _dense(negative_inputs)
+    ranges = ""
+    if calibrated:
+        path = tmp_path / "ranges.json"
+        path.write_text(json.dumps({"product": [float(rows.min()), float(rows.max())]}))
+        ranges = f", ranges_file={path}"
+    transform = f"quantize_matmuls(minimum_dim=1, quantize_kernel={kernel}{ranges})"
+    return graph, rows, TransformGraph(graph, ["inputs"], ["out"], [transform])
+
+
+def test_the_tensorflow_quantize_kernel_shifts_a_calibrated_input_and_quantizes_it_scaled(tmp_path):
+    graph, rows, result = _tensorflow_kernel_dense(tmp_path, negative_inputs=True)
+    nodes, prefix = nodes_by_name(result), "out/quantize_matmuls"
+    quantize, low = nodes[f"{prefix}/quantize"], min_first_output_range(float(rows.min()), float(rows.max()))[0]
+    assert (quantize.attr["mode"].s, quantize.attr["round_mode"].s) == (b"SCALED", b"HALF_AWAY_FROM_ZERO")
+    assert quantize.input[0] == f"{prefix}/shifted" and nodes[f"{prefix}/shifted"].op == "Sub"
+    assert list(nodes[f"{prefix}/shifted"].input) == ["inputs", f"{prefix}/input_shift"]
+    assert float(tf.make_ndarray(nodes[f"{prefix}/input_shift"].attr["value"].tensor)) == np.float32(low)
+    assert float(tf.make_ndarray(nodes[f"{prefix}/input_min"].attr["value"].tensor)) == 0.0
+    # The fused op reads the range QuantizeV2 used (its own widening included), the bias
+    # compensated for the shift.
+    assert list(nodes["out"].input[2:5]) == [f"{prefix}/bias_compensated", f"{prefix}/quantize:1",
+                                             f"{prefix}/quantize:2"]
+    assert not {f"{prefix}/zero", f"{prefix}/input_span"} & set(nodes)
+    codes = tf.make_ndarray(nodes[f"{prefix}/weights"].attr["value"].tensor).astype(np.float64)
+    bound = float(tf.make_ndarray(nodes[f"{prefix}/weights_max"].attr["value"].tensor))
+    column_sums = (codes * (bound / 127.0)).sum(axis=0).astype(np.float32)
+    bias = tf.make_ndarray(nodes_by_name(graph)["bias"].attr["value"].tensor)
+    np.testing.assert_allclose(tf.make_ndarray(nodes[f"{prefix}/bias_compensated"].attr["value"].tensor),
+                               bias + np.float32(low) * column_sums, rtol=1e-6, atol=1e-6)
+    assert TransformGraph(result, ["inputs"], ["out"], ["quantize_matmuls(minimum_dim=1)"]) == result
+
+
+def test_the_tensorflow_quantize_kernel_leaves_a_per_batch_shifted_input_to_min_first(tmp_path):
+    _, _, result = _tensorflow_kernel_dense(tmp_path, negative_inputs=True, calibrated=False)
+    nodes = nodes_by_name(result)
+    assert nodes["out/quantize_matmuls/quantize"].attr["mode"].s == b"MIN_FIRST"
+    assert "out/quantize_matmuls/shifted" not in nodes
+
+
+def test_an_unknown_quantize_kernel_is_a_one_line_error():
+    graph, _ = _dense(negative_inputs=True)
+    with pytest.raises(TransformError, match="quantize_kernel must be one of onednn, tensorflow, got 'eigen'"):
+        TransformGraph(graph, ["inputs"], ["out"], ["quantize_matmuls(quantize_kernel=eigen)"])
+
+
+@needs_kernels
+@pytest.mark.parametrize(("negative_inputs", "calibrated"), [(True, True), (False, True), (False, False)],
+                         ids=["calibrated_shifted_input", "calibrated_relu_input", "per_batch_relu_input"])
+def test_the_tensorflow_quantize_kernel_runs_and_gives_the_onednn_kernels_answer(tmp_path, negative_inputs,
+                                                                                 calibrated):
+    graph, rows, result = _tensorflow_kernel_dense(tmp_path, negative_inputs, calibrated)
+    _, _, reference = _tensorflow_kernel_dense(tmp_path, negative_inputs, calibrated, kernel="onednn")
+    ran = ops_run(result, "out", {"inputs": rows})
+    assert "QuantizeV2" in ran and "_MklQuantizeV2" not in ran and "_MklQuantizedMatMulWithBiasAndDequantize" in ran
+    assert "_MklQuantizeV2" in ops_run(reference, "out", {"inputs": rows})
+    expected = run_graph(graph, ["out"], {"inputs": rows})[0]
+    actual, other = (run_graph(g, ["out"], {"inputs": rows})[0] for g in (result, reference))
+    assert np.abs(actual - expected).max() <= 0.02 * np.abs(expected).max()
+    # The same codes but for ties rounded the other way (half away from zero against to even) and
+    # float32 rounding of the shift: one input step on a few elements, at most.
+    step = (float(rows.max()) - min(float(rows.min()), 0.0)) / 255
+    column_bound = np.abs(tf.make_ndarray(nodes_by_name(graph)["weights"].attr["value"].tensor)).sum(axis=0).max()
+    assert np.abs(actual - other).max() <= step * column_bound
 
 
 @needs_kernels
@@ -690,6 +757,24 @@ def test_einsum_projections_are_int8_and_the_attention_einsums_stay_float(attent
 def test_einsum_projections_match_float(attention, batch, length):
     result = _transform(attention)
     rows = {"x": _sequence_rows(batch, length, seed=20 + batch)}
+    (expected,), (actual,) = (run_graph(g, ["Identity"], rows) for g in (attention.graph_def, result))
+    assert _range_fraction(expected, actual) <= MAX_RANGE_FRACTION
+
+
+@needs_kernels
+def test_calibrated_projections_share_one_tensorflow_quantize_and_match_float(attention, tmp_path):
+    from serving_optimiser.saved_model import calibrate_frozen_model
+
+    calibration = calibrate_frozen_model(attention, {"serving_default": {"x": _sequence_rows(64, 16, seed=40)}})
+    path = tmp_path / "ranges.json"
+    path.write_text(json.dumps(calibration.to_json()))
+    result = _transform(attention, f"quantize_matmuls(ranges_file={path}, quantize_kernel=tensorflow)")
+    counts = op_counts(result)
+    # Query, key and value read one shifted, SCALED QuantizeV2; the attention output its own.
+    assert counts[QUANTIZED_OP] == 4 and counts["QuantizeV2"] == 2 and counts["Sub"] == 2
+    assert {n.attr["mode"].s for n in result.node if n.op == "QuantizeV2"} == {b"SCALED"}
+    rows = {"x": _sequence_rows(3, 16, seed=41)}
+    assert "_MklQuantizeV2" not in ops_run(result, "Identity", rows)
     (expected,), (actual,) = (run_graph(g, ["Identity"], rows) for g in (attention.graph_def, result))
     assert _range_fraction(expected, actual) <= MAX_RANGE_FRACTION
 

@@ -73,6 +73,12 @@ SUFFIX = "quantize_matmuls"
 # rows, unchained 1.68 x / 0.35 x) and 784 x 1024 (a Keras MLP chained: 1.84 x / 1.23 x / 0.73 x
 # at 1 / 16 / 64 rows, unchained 0.79 x / 0.65 x / 0.51 x).
 DEFAULT_CHAIN_MAX_WEIGHTS = 512 * 512
+# Which kernel quantizes a float activation (``quantize_kernel``). oneDNN's QuantizeV2 (MIN_FIRST,
+# which TensorFlow hands to oneDNN) builds a new oneDNN primitive at every call: ~90 us at
+# 64 x 128 floats, the fastest from about 128 K floats (AVX-512, 2 threads: 0.13 ms against
+# 0.42 ms at 4096 x 128). SCALED with round_mode HALF_AWAY_FROM_ZERO is left to TensorFlow's own
+# kernel (oneDNN's rewrite takes only HALF_TO_EVEN): ~10 us at 64 x 128.
+QUANTIZE_KERNELS = ("onednn", "tensorflow")
 # For the callers that import them from here (the calibrate stage, the benchmark, the tests).
 __all__ = ["CHAINED_OP", "QUANTIZED_OP", "calibrate_ranges", "int8_kernels_available", "layer_probes",
            "quantize_matmuls"]
@@ -121,6 +127,7 @@ class _Layer:
     # Another layer's fused-op prefix whose QuantizeV2 of the same activations and range this
     # layer reads (attention's query, key and value projections read one tensor).
     shared_quantize: str | None = None
+    quantize_kernel: str = "onednn"  # one of QUANTIZE_KERNELS
 
     def __post_init__(self) -> None:
         self.output_name = self.output_name or self.last.name
@@ -412,6 +419,14 @@ def _weight_levels(layer: _Layer) -> int:
     return 127 if layer.non_negative else int16_safe_levels(layer.weights, reduce_axis=0)
 
 
+def _tensorflow_quantize(layer: _Layer) -> bool:
+    """Whether the layer's own QuantizeV2 (or the one it shares) runs on TensorFlow's kernel: with
+    ``quantize_kernel=tensorflow``, for an input that is never negative or has a calibrated range
+    (a per-batch minimum would need MIN_FIRST's run-time shift)."""
+    return (layer.quantize_kernel == "tensorflow" and layer.quantized_input is None
+            and (layer.non_negative or layer.input_range is not None))
+
+
 def _layer_nodes(layer: _Layer) -> list[node_def_pb2.NodeDef]:
     """The fused op (named ``layer.output_name``, or ``<output_name>/quantize_matmuls/matmul``
     when a Reshape named ``output_name`` restores the output's shape), and the nodes it reads."""
@@ -441,7 +456,15 @@ def _layer_nodes(layer: _Layer) -> list[node_def_pb2.NodeDef]:
     else:
         if layer.flatten:
             activations = f"{prefix}/flat"
-        if input_range is not None:
+        if _tensorflow_quantize(layer) and not layer.non_negative:
+            # Shifted by the calibrated minimum (as MIN_FIRST would) so that SCALED's [0, max] holds it.
+            low, high = min_first_output_range(*input_range)
+            nodes += [float_scalar(f"{prefix}/input_shift", low),
+                      make_node("Sub", f"{prefix}/shifted", [activations, f"{prefix}/input_shift"], {"T": FLOAT}),
+                      float_scalar(f"{prefix}/input_min", 0.0),
+                      float_scalar(f"{prefix}/input_max", np.float32(high) - np.float32(low))]
+            activations = f"{prefix}/shifted"
+        elif input_range is not None:
             # Calibrated: a constant range; values outside it are clipped by QuantizeV2.
             low, high = (0.0, input_range[1]) if layer.non_negative else input_range
             nodes += [float_scalar(f"{prefix}/input_min", low), float_scalar(f"{prefix}/input_max", high)]
@@ -458,6 +481,10 @@ def _layer_nodes(layer: _Layer) -> list[node_def_pb2.NodeDef]:
         nodes.append(make_node("QuantizeV2", quantize,
                                [activations, f"{prefix}/input_min", f"{prefix}/input_max"],
                                {"T": QUINT8, "mode": "MIN_FIRST"}))
+        if _tensorflow_quantize(layer):
+            # Codes in [0, max] either way (the input is >= 0 or shifted): the same codes.
+            nodes[-1].attr["mode"].s = b"SCALED"
+            nodes[-1].attr["round_mode"].s = b"HALF_AWAY_FROM_ZERO"
         quantized, min_a, max_a = f"{quantize}:0", f"{quantize}:1", f"{quantize}:2"
     if layer.non_negative:
         bias_input = f"{prefix}/bias"
@@ -469,7 +496,13 @@ def _layer_nodes(layer: _Layer) -> list[node_def_pb2.NodeDef]:
         decoded = codes.astype(np.float64) * (bound / 127.0)
         column_sums = decoded.sum(axis=0).astype(np.float32)
         bias_input = f"{prefix}/bias_compensated"
-        if layer.quantized_input is None and input_range is not None:
+        if _tensorflow_quantize(layer):
+            # The codes are of x - low over [0, QuantizeV2's max]: only the bias needs compensating.
+            low = min_first_output_range(*input_range)[0]
+            compensated = layer.bias.astype(np.float32) + np.float32(low) * column_sums
+            nodes.append(content_const(bias_input, compensated, FLOAT))
+            min_a, max_a = f"{quantize}:1", f"{quantize}:2"
+        elif layer.quantized_input is None and input_range is not None:
             # A calibrated range: QuantizeV2 reports the same min and max at every call, so the
             # compensated bias and the span are Consts, the same float32 values the run-time ops
             # below compute (three small ops per layer fewer: ~0.1 ms of an encoder at batch 1).
@@ -485,8 +518,9 @@ def _layer_nodes(layer: _Layer) -> list[node_def_pb2.NodeDef]:
                 make_node("AddV2", bias_input, [f"{prefix}/bias", f"{prefix}/bias_shift"], {"T": FLOAT}),
                 make_node("Sub", f"{prefix}/input_span", [max_a, min_a], {"T": FLOAT}),
             ]
-        nodes.append(float_scalar(f"{prefix}/zero", 0.0))
-        min_a, max_a = f"{prefix}/zero", f"{prefix}/input_span"
+        if not _tensorflow_quantize(layer):
+            nodes.append(float_scalar(f"{prefix}/zero", 0.0))
+            min_a, max_a = f"{prefix}/zero", f"{prefix}/input_span"
     if layer.requantize_max is None:
         # min/max_freezed_output are required inputs that the float-output kernel ignores
         # (checked: any values give the same result); the weight range Consts fill them.
@@ -602,6 +636,7 @@ def _share_quantize(layers: Iterable[_Layer]) -> None:
         "ranges_file": "(none: ranges measured per batch at run time)",
         "max_layer_error": f"{DEFAULT_MAX_LAYER_ERROR:g} (with calibration: a layer over it stays float)",
         "keep_float": "(none; repeatable: MatMul, BatchMatMul or Einsum names that stay float)",
+        "quantize_kernel": "onednn (or tensorflow: faster below ~100 K floats per call, e.g. batch 1)",
     },
 )
 def quantize_matmuls(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
@@ -668,6 +703,15 @@ def quantize_matmuls(graph_def: graph_pb2.GraphDef, context: TransformContext) -
     resolves badly (on the Iris DNN its 4x512 layer caused nearly all the flips).
     MatMuls, BatchMatMuls and Einsums inside library functions (kept While/If bodies) get one
     line each too: this transform does not run on function bodies.
+    ``quantize_kernel``: which kernel turns a float activation into codes. ``onednn`` (the
+    default) as above. ``tensorflow``: ``quantize`` is QuantizeV2 SCALED, round_mode
+    HALF_AWAY_FROM_ZERO, which oneDNN's rewrite leaves to TensorFlow's own kernel; a shifted
+    input with a calibrated range is first moved to [0, span] by ``shifted`` (Sub of
+    ``input_shift``, the calibrated minimum), and the fused op reads QuantizeV2's own output range.
+    The same codes up to ties (+-1); oneDNN's MIN_FIRST QuantizeV2 builds a primitive at every call
+    (~90 us at 64 x 128 floats) but is faster on large tensors (~128 K floats and up), so
+    ``tensorflow`` is for small batches (an encoder at batch 1: 2.44 -> 1.90 ms, float 1.75 ms).
+    Per-batch shifted inputs keep MIN_FIRST (their shift is QuantizeV2's own).
     Running it again changes nothing more.
     """
     minimum_dim = context.get_int("minimum_dim", 32)
@@ -676,6 +720,10 @@ def quantize_matmuls(graph_def: graph_pb2.GraphDef, context: TransformContext) -
     chain_max_weights = context.get_int("chain_max_weights", DEFAULT_CHAIN_MAX_WEIGHTS)
     if chain_max_weights < 0:
         raise TransformError(f"quantize_matmuls: chain_max_weights must be >= 0, got {chain_max_weights}")
+    quantize_kernel = context.get_string("quantize_kernel", "onednn")
+    if quantize_kernel not in QUANTIZE_KERNELS:
+        raise TransformError(f"quantize_matmuls: quantize_kernel must be one of {', '.join(QUANTIZE_KERNELS)}, "
+                             f"got '{quantize_kernel}'")
     bound, keep_float = guard_params("quantize_matmuls", context)
     calibration = calibration_of("quantize_matmuls", context)
     ranges = dict(calibration.ranges) if calibration is not None else {}
@@ -687,6 +735,7 @@ def quantize_matmuls(graph_def: graph_pb2.GraphDef, context: TransformContext) -
         if reason is not None:
             log.info("quantize_matmuls: %s '%s' stays float: %s", layer.matmul.op, name, reason)
             continue
+        layer.quantize_kernel = quantize_kernel
         layers[name] = layer
         if name not in ranges and ranges:
             log.info("quantize_matmuls: %s '%s' is not in ranges_file; its input range is per batch",
