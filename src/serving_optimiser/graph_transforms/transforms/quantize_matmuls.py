@@ -74,10 +74,10 @@ SUFFIX = "quantize_matmuls"
 # at 1 / 16 / 64 rows, unchained 0.79 x / 0.65 x / 0.51 x).
 DEFAULT_CHAIN_MAX_WEIGHTS = 512 * 512
 # Which kernel quantizes a float activation (``quantize_kernel``). oneDNN's QuantizeV2 (MIN_FIRST,
-# which TensorFlow hands to oneDNN) builds a new oneDNN primitive at every call: ~90 us at
-# 64 x 128 floats, the fastest from about 128 K floats (AVX-512, 2 threads: 0.13 ms against
-# 0.42 ms at 4096 x 128). SCALED with round_mode HALF_AWAY_FROM_ZERO is left to TensorFlow's own
-# kernel (oneDNN's rewrite takes only HALF_TO_EVEN): ~10 us at 64 x 128.
+# which TensorFlow hands to oneDNN) builds a new oneDNN primitive at every call: 0.1-0.16 ms at
+# 64 x 128 floats. SCALED with round_mode HALF_AWAY_FROM_ZERO is left to TensorFlow's own kernel
+# (oneDNN's rewrite takes only HALF_TO_EVEN): 8 us there, no slower up to ~512 K floats per call,
+# slower beyond (AVX-512, 2 threads: 0.68 against 0.52 ms at 16384 x 128).
 QUANTIZE_KERNELS = ("onednn", "tensorflow")
 # For the callers that import them from here (the calibrate stage, the benchmark, the tests).
 __all__ = ["CHAINED_OP", "QUANTIZED_OP", "calibrate_ranges", "int8_kernels_available", "layer_probes",
@@ -636,7 +636,7 @@ def _share_quantize(layers: Iterable[_Layer]) -> None:
         "ranges_file": "(none: ranges measured per batch at run time)",
         "max_layer_error": f"{DEFAULT_MAX_LAYER_ERROR:g} (with calibration: a layer over it stays float)",
         "keep_float": "(none; repeatable: MatMul, BatchMatMul or Einsum names that stay float)",
-        "quantize_kernel": "onednn (or tensorflow: faster below ~100 K floats per call, e.g. batch 1)",
+        "quantize_kernel": "onednn (or tensorflow: TensorFlow's QuantizeV2, far faster on small tensors)",
     },
 )
 def quantize_matmuls(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
@@ -709,8 +709,8 @@ def quantize_matmuls(graph_def: graph_pb2.GraphDef, context: TransformContext) -
     input with a calibrated range is first moved to [0, span] by ``shifted`` (Sub of
     ``input_shift``, the calibrated minimum), and the fused op reads QuantizeV2's own output range.
     The same codes up to ties (+-1); oneDNN's MIN_FIRST QuantizeV2 builds a primitive at every call
-    (~90 us at 64 x 128 floats) but is faster on large tensors (~128 K floats and up), so
-    ``tensorflow`` is for small batches (an encoder at batch 1: 2.44 -> 1.90 ms, float 1.75 ms).
+    (0.1-0.16 ms at 64 x 128 floats) and is faster only past ~512 K floats per call, so
+    ``tensorflow`` suits serving batches (an encoder at batch 1: 2.44 -> 1.90 ms, float 1.75 ms).
     Per-batch shifted inputs keep MIN_FIRST (their shift is QuantizeV2's own).
     Running it again changes nothing more.
     """
