@@ -78,24 +78,25 @@ def run_graph(
     def tensor(name: str) -> str:
         return name if ":" in name else f"{name}:0"
 
+    with tf.compat.v1.Session(graph=_imported(graph_def)) as session:
+        feed_dict = {tensor(k): v for k, v in (feeds or {}).items()}
+        return session.run([tensor(f) for f in fetches], feed_dict=feed_dict)
+
+
+def _imported(graph_def: graph_pb2.GraphDef) -> tf.Graph:
     graph = tf.Graph()
     with graph.as_default():
         # import_graph_def adds default attrs to the GraphDef it is given; import a copy so
         # the caller's graph (often a module-level constant) is not changed behind its back.
         tf.compat.v1.import_graph_def(graph_pb2.GraphDef.FromString(graph_def.SerializeToString()), name="")
-    with tf.compat.v1.Session(graph=graph) as session:
-        feed_dict = {tensor(k): v for k, v in (feeds or {}).items()}
-        return session.run([tensor(f) for f in fetches], feed_dict=feed_dict)
+    return graph
 
 
 def ops_run(graph_def: graph_pb2.GraphDef, fetch: str, feeds: dict[str, np.ndarray]) -> set[str]:
     """The op types that ran, as the session traced them: after TensorFlow's own rewrites (oneDNN's
     renames its ops, e.g. _MklLayerNorm, _MklQuantizeV2)."""
-    graph = tf.Graph()
-    with graph.as_default():
-        tf.compat.v1.import_graph_def(graph_pb2.GraphDef.FromString(graph_def.SerializeToString()), name="")
     metadata = tf.compat.v1.RunMetadata()
-    with tf.compat.v1.Session(graph=graph) as session:
+    with tf.compat.v1.Session(graph=_imported(graph_def)) as session:
         session.run(f"{fetch}:0", {f"{name}:0": value for name, value in feeds.items()},
                     options=tf.compat.v1.RunOptions(trace_level=tf.compat.v1.RunOptions.FULL_TRACE),
                     run_metadata=metadata)

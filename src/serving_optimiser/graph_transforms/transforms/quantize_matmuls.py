@@ -433,6 +433,7 @@ def _layer_nodes(layer: _Layer) -> list[node_def_pb2.NodeDef]:
     name, device = layer.output_name, layer.matmul.device
     prefix = f"{name}/{SUFFIX}"
     fused_name = name if layer.output_shape is None else f"{prefix}/matmul"
+    tensorflow_kernel = _tensorflow_quantize(layer)
     codes, bound = quantize_weights_symmetric(layer.weights, levels=_weight_levels(layer))
     nodes = [
         content_const(f"{prefix}/weights", codes, QINT8),
@@ -456,7 +457,7 @@ def _layer_nodes(layer: _Layer) -> list[node_def_pb2.NodeDef]:
     else:
         if layer.flatten:
             activations = f"{prefix}/flat"
-        if _tensorflow_quantize(layer) and not layer.non_negative:
+        if tensorflow_kernel and not layer.non_negative:
             # Shifted by the calibrated minimum (as MIN_FIRST would) so that SCALED's [0, max] holds it.
             low, high = min_first_output_range(*input_range)
             nodes += [float_scalar(f"{prefix}/input_shift", low),
@@ -478,13 +479,10 @@ def _layer_nodes(layer: _Layer) -> list[node_def_pb2.NodeDef]:
                 nodes.append(make_node("Min", f"{prefix}/input_min", [activations, f"{prefix}/reduction_dims"],
                                        {"T": FLOAT, "Tidx": INT32, "keep_dims": False}))
         quantize = f"{prefix}/quantize"
+        # Codes in [0, max] either way on TensorFlow's kernel (the input is >= 0 or shifted).
+        mode = {"mode": "SCALED", "round_mode": "HALF_AWAY_FROM_ZERO"} if tensorflow_kernel else {"mode": "MIN_FIRST"}
         nodes.append(make_node("QuantizeV2", quantize,
-                               [activations, f"{prefix}/input_min", f"{prefix}/input_max"],
-                               {"T": QUINT8, "mode": "MIN_FIRST"}))
-        if _tensorflow_quantize(layer):
-            # Codes in [0, max] either way (the input is >= 0 or shifted): the same codes.
-            nodes[-1].attr["mode"].s = b"SCALED"
-            nodes[-1].attr["round_mode"].s = b"HALF_AWAY_FROM_ZERO"
+                               [activations, f"{prefix}/input_min", f"{prefix}/input_max"], {"T": QUINT8, **mode}))
         quantized, min_a, max_a = f"{quantize}:0", f"{quantize}:1", f"{quantize}:2"
     if layer.non_negative:
         bias_input = f"{prefix}/bias"
@@ -496,20 +494,15 @@ def _layer_nodes(layer: _Layer) -> list[node_def_pb2.NodeDef]:
         decoded = codes.astype(np.float64) * (bound / 127.0)
         column_sums = decoded.sum(axis=0).astype(np.float32)
         bias_input = f"{prefix}/bias_compensated"
-        if _tensorflow_quantize(layer):
-            # The codes are of x - low over [0, QuantizeV2's max]: only the bias needs compensating.
-            low = min_first_output_range(*input_range)[0]
-            compensated = layer.bias.astype(np.float32) + np.float32(low) * column_sums
-            nodes.append(content_const(bias_input, compensated, FLOAT))
-            min_a, max_a = f"{quantize}:1", f"{quantize}:2"
-        elif layer.quantized_input is None and input_range is not None:
+        if layer.quantized_input is None and input_range is not None:
             # A calibrated range: QuantizeV2 reports the same min and max at every call, so the
             # compensated bias and the span are Consts, the same float32 values the run-time ops
             # below compute (three small ops per layer fewer: ~0.1 ms of an encoder at batch 1).
             low, high = min_first_output_range(*input_range)
             compensated = layer.bias.astype(np.float32) + np.float32(low) * column_sums
-            nodes += [content_const(bias_input, compensated, FLOAT),
-                      float_scalar(f"{prefix}/input_span", np.float32(high) - np.float32(low))]
+            nodes.append(content_const(bias_input, compensated, FLOAT))
+            if not tensorflow_kernel:
+                nodes.append(float_scalar(f"{prefix}/input_span", np.float32(high) - np.float32(low)))
         else:
             nodes += [
                 content_const(f"{prefix}/bias", layer.bias, FLOAT),
@@ -518,7 +511,9 @@ def _layer_nodes(layer: _Layer) -> list[node_def_pb2.NodeDef]:
                 make_node("AddV2", bias_input, [f"{prefix}/bias", f"{prefix}/bias_shift"], {"T": FLOAT}),
                 make_node("Sub", f"{prefix}/input_span", [max_a, min_a], {"T": FLOAT}),
             ]
-        if not _tensorflow_quantize(layer):
+        # On TensorFlow's kernel the codes are of x - low over [0, QuantizeV2's max] already, so the
+        # fused op reads QuantizeV2's own range; MIN_FIRST's codes are told [0, span].
+        if not tensorflow_kernel:
             nodes.append(float_scalar(f"{prefix}/zero", 0.0))
             min_a, max_a = f"{prefix}/zero", f"{prefix}/input_span"
     if layer.requantize_max is None:
