@@ -35,7 +35,7 @@ PINNED_THREADS = 2  # intra-op and inter-op; a 1-core machine still splits work 
 _QUIET_LEVEL = "3"
 
 
-_hook_state = {"quiet": False, "pinned": False}
+_hook_state = {"quiet": False, "pinned": False, "python_log_level": logging.ERROR}
 
 
 class _TensorFlowImport(importlib.abc.MetaPathFinder):
@@ -71,7 +71,7 @@ class _SettingsLoader(importlib.abc.Loader):
             with native_output_silenced():
                 self._loader.exec_module(module)
             for noisy in ("tensorflow", "absl"):
-                logging.getLogger(noisy).setLevel(logging.ERROR)
+                logging.getLogger(noisy).setLevel(_hook_state["python_log_level"])
         else:
             self._loader.exec_module(module)
         if _hook_state["pinned"]:
@@ -122,14 +122,24 @@ def native_output_silenced() -> Iterator[None]:
 
 
 def quiet_tensorflow() -> None:
-    """No TensorFlow, absl or oneDNN start-up line on stderr, unless the user set
-    ``TF_CPP_MIN_LOG_LEVEL`` below 3 to see them. Call before TensorFlow is imported."""
+    """No TensorFlow, absl or oneDNN start-up line on stderr unless the user set
+    ``TF_CPP_MIN_LOG_LEVEL=0`` to see everything. Call before TensorFlow is imported.
+
+    At every level of 1 or more the import runs silenced: absl's "All log messages before
+    absl::InitializeLog()" warning and oneDNN's notice ignore the level (both were seen at 1 and
+    2, where a one-line error then came after four lines of start-up). What TensorFlow logs
+    after its start-up follows the level: Python's ``tensorflow`` and ``absl`` loggers show
+    warnings at 1 and errors only at 2 and 3, as TensorFlow's C++ logging does. Unset means 3.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", _QUIET_LEVEL)
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-    if os.environ["TF_CPP_MIN_LOG_LEVEL"] != _QUIET_LEVEL:
+    level = os.environ["TF_CPP_MIN_LOG_LEVEL"].strip()
+    if level == "0":
         return
+    python_level = logging.WARNING if level == "1" else logging.ERROR
     for noisy in ("tensorflow", "absl", "h5py"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+        logging.getLogger(noisy).setLevel(python_level)
+    _hook_state["python_log_level"] = python_level
     _hook_state["quiet"] = True
     _install_hook()
 

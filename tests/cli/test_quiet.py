@@ -24,9 +24,13 @@ sys.exit(code)
 """
 
 
-def run_tool(module: str, *argv: str) -> tuple[int, list[str], str]:
+def run_tool(module: str, *argv: str, log_level: str | None = None) -> tuple[int, list[str], str]:
+    """Run a tool with ``TF_CPP_MIN_LOG_LEVEL`` unset (the Makefile's exported value cleared), or
+    set to ``log_level``."""
     # oneDNN's rewrites forced on: the start-up lines appear then even on CPUs without AVX-512.
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"} | {"TF_ENABLE_ONEDNN_OPTS": "1"}
+    if log_level is not None:
+        env["TF_CPP_MIN_LOG_LEVEL"] = log_level
     result = subprocess.run(
         [sys.executable, "-c", RUNNER.format(module=module), *argv], env=env, capture_output=True, text=True
     )
@@ -100,3 +104,30 @@ def test_errors_found_by_tensorflow_are_one_line_too(module, tmp_path):
     assert code == 1 and len(stderr) == 1, stderr
     assert stderr[0].startswith(f"{module}: error: ")
     assert marker == "tensorflow imported"
+
+
+@pytest.mark.parametrize("log_level", [None, "1", "2"], ids=["unset", "level-1", "level-2"])
+def test_corrupt_saved_model_is_one_line_at_every_quiet_log_level(log_level, tmp_path):
+    """TF_CPP_MIN_LOG_LEVEL=2 (errors only) is a common line in shell profiles and Dockerfiles: absl's
+    pre-init warning and oneDNN's notice ignore it, so the import must be silenced at 1 and 2 too."""
+    (tmp_path / "saved_model.pb").write_bytes(b"garbage")
+    code, stderr, marker = run_tool(
+        "optimise_saved_model", str(tmp_path), str(tmp_path / "out"), "--transforms", "strip_unused_nodes",
+        log_level=log_level,
+    )
+    assert code == 1 and len(stderr) == 1, stderr
+    assert stderr[0].startswith("optimise_saved_model: error: ") and "malformed or truncated" in stderr[0]
+    assert marker == "tensorflow imported"
+    assert not (tmp_path / "out").exists()
+
+
+def test_log_level_0_shows_tensorflows_start_up(tmp_path):
+    """0 means everything: the start-up lines show, then the same one-line error."""
+    (tmp_path / "saved_model.pb").write_bytes(b"garbage")
+    code, stderr, _ = run_tool(
+        "optimise_saved_model", str(tmp_path), str(tmp_path / "out"), "--transforms", "strip_unused_nodes",
+        log_level="0",
+    )
+    assert code == 1
+    assert any("oneDNN custom operations are on" in line for line in stderr[:-1]), stderr
+    assert stderr[-1].startswith("optimise_saved_model: error: ")
