@@ -14,7 +14,7 @@ def main(argv: list[str]) -> None:
 
     from serving_optimiser.pipeline.export import export_saved_model
     from serving_optimiser.pipeline.params import PipelineParams
-    from serving_optimiser.pipeline.train import load_weights
+    from serving_optimiser.pipeline.weights import load_weights
 
     vocabulary = PipelineParams.load(args.params).label_vocabulary()
     export_saved_model(load_weights(args.weights), args.out, vocabulary)

@@ -3,6 +3,9 @@
 DNNClassifier's defaults that matter are kept: ReLU hidden layers, Glorot-uniform kernels and
 zero biases, Adagrad (learning rate 0.05, initial accumulator 0.1) and a loss summed over the
 batch (TF 1.10's ``loss_reduction=SUM``).
+
+The weights are the same bits on Intel and AMD CPUs: every contraction of the training step is
+at most 256 deep and Grappler leaves the traced graph as it is (``bounded_contraction``).
 """
 
 from __future__ import annotations
@@ -14,9 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from .bounded_contraction import CONTRACTION_DEPTH_BOUND, bounded_dense_class, graph_as_traced
 from .data import FEATURE_NAMES
 from .params import TrainParams
+from .weights import load_weights, save_weights
+
+__all__ = ["load_weights", "save_weights"]  # their home was here; callers still import them from train
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +42,42 @@ def make_deterministic(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def build_model(hidden_units: list[int], n_classes: int):
+def build_model(hidden_units: list[int], n_classes: int, max_batch_rows: int = CONTRACTION_DEPTH_BOUND):
+    """The DNN with Dense layers whose contractions stay within the depth bound in training, for
+    batches of up to ``max_batch_rows`` rows (the gradient dW contracts over the rows)."""
     import keras
 
+    dense = bounded_dense_class()
     layers = [keras.Input(shape=(len(FEATURE_NAMES),), name="features")]
     for index, units in enumerate(hidden_units):
-        layers.append(keras.layers.Dense(units, activation="relu", name=f"hiddenlayer_{index}"))
-    layers.append(keras.layers.Dense(n_classes, name="logits"))
+        layers.append(dense(units, max_rows=max_batch_rows, activation="relu", name=f"hiddenlayer_{index}"))
+    layers.append(dense(n_classes, max_rows=max_batch_rows, name="logits"))
     return keras.Sequential(layers, name="dnn")
+
+
+def compiled_model(params: TrainParams, n_classes: int):
+    """The model as training runs it: built for ``params.batch_size`` rows, compiled with
+    DNNClassifier's optimiser and summed loss."""
+    import keras
+
+    model = build_model(params.hidden_units, n_classes, max_batch_rows=params.batch_size)
+    model.compile(
+        optimizer=keras.optimizers.Adagrad(learning_rate=params.learning_rate, initial_accumulator_value=0.1),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum"),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def training_step_graph(model, rows: int):
+    """The graph of one training step (forward, gradients, optimiser update) at ``rows`` rows,
+    traced as ``model.fit`` traces it, with every shape known."""
+    import tensorflow as tf
+
+    model.optimizer.build(model.trainable_variables)
+    features = tf.TensorSpec([rows, len(FEATURE_NAMES)], tf.float32)
+    labels = tf.TensorSpec([rows], tf.int64)
+    return tf.function(model.train_step).get_concrete_function((features, labels)).graph
 
 
 def progress_callback(epochs: int, every_fraction: float = 0.1):
@@ -78,23 +112,17 @@ def train_model(
 ):
     """Train and return ``(model, history)``; history maps metric name to per-epoch values."""
     make_deterministic(params.seed)
-    import keras
-
-    model = build_model(params.hidden_units, n_classes)
-    model.compile(
-        optimizer=keras.optimizers.Adagrad(learning_rate=params.learning_rate, initial_accumulator_value=0.1),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum"),
-        metrics=["accuracy"],
-    )
-    history = model.fit(
-        stack_features(features),
-        labels,
-        batch_size=params.batch_size,
-        epochs=params.epochs,
-        shuffle=True,
-        verbose=verbose,
-        callbacks=[progress_callback(params.epochs)],
-    )
+    model = compiled_model(params, n_classes)
+    with graph_as_traced():
+        history = model.fit(
+            stack_features(features),
+            labels,
+            batch_size=params.batch_size,
+            epochs=params.epochs,
+            shuffle=True,
+            verbose=verbose,
+            callbacks=[progress_callback(params.epochs)],
+        )
     return model, {name: [float(v) for v in values] for name, values in history.history.items()}
 
 
@@ -114,24 +142,3 @@ def log_history(history: dict[str, list[float]], live_dir: str | Path) -> None:
 def dense_weights(model) -> list[tuple[np.ndarray, np.ndarray]]:
     """(kernel, bias) per Dense layer, input to output: the only state inference needs."""
     return [(layer.kernel.numpy(), layer.bias.numpy()) for layer in model.layers]
-
-
-def save_weights(weights: list[tuple[np.ndarray, np.ndarray]], path: str | Path) -> None:
-    """Save the inference weights as an .npz (no optimiser slots)."""
-    from ..atomic import atomic_file
-
-    arrays = {}
-    for index, (kernel, bias) in enumerate(weights):
-        arrays[f"layer{index}_kernel"] = kernel
-        arrays[f"layer{index}_bias"] = bias
-    with atomic_file(path, "wb") as stream:
-        np.savez(stream, **arrays)
-
-
-def load_weights(path: str | Path) -> list[tuple[np.ndarray, np.ndarray]]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: weights file not found (run the train stage first)")
-    with np.load(path) as data:
-        count = len(data.files) // 2
-        return [(data[f"layer{i}_kernel"], data[f"layer{i}_bias"]) for i in range(count)]
