@@ -63,7 +63,7 @@ def test_optimise_saved_model_help_explains_default_inputs_and_min_agreement(cap
     flat = " ".join(out.split())
     assert "64 seeded rows generated from each input's dtype and shape" in flat
     assert "Without --min-agreement nothing is checked" in flat
-    assert "default: no check, the agreement is only reported" in flat
+    assert "default: no check, the verdicts are only reported" in flat
 
 
 def test_list_prints_every_transform_with_its_arguments_and_defaults(capsys):

@@ -61,3 +61,10 @@ def mixed_scale_wide_deep(models_dir):
     from saved_model.models import build_mixed_scale_wide_deep
 
     return _built(models_dir, "mixed_scale_wide_deep", build_mixed_scale_wide_deep)
+
+
+@pytest.fixture(scope="session")
+def output_kinds_module(models_dir):
+    from saved_model.models import build_output_kinds_module
+
+    return _built(models_dir, "output_kinds_module", build_output_kinds_module)

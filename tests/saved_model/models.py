@@ -352,3 +352,64 @@ CALIBRATED_INT8 = (
     "remove_nodes(op=Identity) fold_constants(ignore_errors=true) fold_batch_norms fold_old_batch_norms "
     "quantize_convs quantize_matmuls strip_unused_nodes sort_by_execution_order"
 )
+
+
+class OutputKindsModule(tf.Module):
+    """One signature with an output of every kind, most behind shape-only ops, and two that only
+    look like a kind (a Softmax scaled, a regression head whose double an ArgMax reads). The
+    multi-label head is a nested tf.function, so its Sigmoid is in the function library."""
+
+    def __init__(self) -> None:
+        rng = np.random.default_rng(5)
+        self.class_head = tf.Variable(rng.normal(0, 1, (8, 4)).astype(np.float32))
+        self.tag_head = tf.Variable(rng.normal(0, 1, (8, 6)).astype(np.float32))
+        self.box_head = tf.Variable(rng.normal(0, 1, (8, 3)).astype(np.float32))
+
+    @tf.function
+    def tag_probabilities(self, x):
+        return tf.sigmoid(tf.matmul(x, self.tag_head))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32, name="x")])
+    def predict(self, x):
+        logits = tf.matmul(x, self.class_head)
+        probabilities = tf.nn.softmax(logits)
+        tags = self.tag_probabilities(x)
+        box = tf.matmul(x, self.box_head) + 1.0
+        return {
+            "probabilities": tf.reshape(tf.identity(probabilities), [-1, 4]),
+            "logits": tf.identity(logits),
+            "class_ids": tf.argmax(logits, axis=1),
+            "top_two": probabilities[:, :2],
+            "picked": tf.identity_n([box, probabilities])[1],
+            "tags": tf.squeeze(tf.expand_dims(tags, 1), 1),
+            "tags_float64": tf.cast(tags, tf.float64),
+            "tagged": tags > 0.5,
+            "box": box,
+            "box_rank": tf.argmax(box * 2.0, axis=1),
+            "scaled": probabilities * 2.0,
+        }
+
+
+# What each output of OutputKindsModule is, and the op or dtype that says so.
+OUTPUT_KINDS = {
+    "probabilities": ("class", "Softmax"),
+    "logits": ("class", "MatMul read by ArgMax"),
+    "class_ids": ("label", "dtype int64"),
+    "top_two": ("class", "Softmax"),
+    "picked": ("class", "Softmax"),
+    "tags": ("multi_label", "Sigmoid"),
+    "tags_float64": ("multi_label", "Sigmoid"),
+    "tagged": ("label", "dtype bool"),
+    "box": ("regression", "AddV2"),
+    "box_rank": ("label", "dtype int64"),
+    "scaled": ("regression", "Mul"),
+}
+
+
+def build_output_kinds_module(directory: str) -> None:
+    module = OutputKindsModule()
+    tf.saved_model.save(module, directory, signatures={"serving_default": module.predict})
+
+
+def output_kinds_inputs(rows: int = 200, seed: int = 0) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).normal(0, 1, (rows, 8)).astype(np.float32)}

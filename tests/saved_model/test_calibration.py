@@ -25,6 +25,9 @@ from serving_optimiser.saved_model import (
 
 FIRST, SECOND = "StatefulPartitionedCall/MatMul", "StatefulPartitionedCall/MatMul_1"
 GUARD_OFF = CALIBRATED_INT8.replace("quantize_matmuls", "quantize_matmuls(max_layer_error=10)")
+# The wide & deep's scores are read as one class per row (argmax); from its graph (a BiasAdd that no
+# ArgMax reads) they would be judged as regression.
+AS_CLASSES = {"scores": "class"}
 
 
 def _calibration_rows():
@@ -71,7 +74,8 @@ def test_layer_errors_find_the_layer_that_mixes_scales(mixed_scale_wide_deep):
 def test_guard_keeps_the_mixed_scale_layer_float_and_the_classes(mixed_scale_wide_deep, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="serving_optimiser"):
         report = optimise_saved_model(mixed_scale_wide_deep, tmp_path / "int8", CALIBRATED_INT8,
-                                      calibration_inputs=_calibration_rows(), sample_inputs=_held_out_rows())
+                                      calibration_inputs=_calibration_rows(), sample_inputs=_held_out_rows(),
+                                      output_kinds=AS_CLASSES)
     ops = _ops(tmp_path / "int8")
     assert ops[FIRST] == "MatMul"
     assert ops[SECOND.replace("MatMul_1", "BiasAdd_1")] in (QUANTIZED_OP, "QuantizedMatMulWithBiasAndReluAndRequantize")
@@ -86,11 +90,13 @@ def test_guard_keeps_the_mixed_scale_layer_float_and_the_classes(mixed_scale_wid
 @pytest.mark.onednn
 def test_without_the_guard_the_layer_costs_classes_and_the_fallback_restores_them(mixed_scale_wide_deep, tmp_path):
     unguarded = optimise_saved_model(mixed_scale_wide_deep, tmp_path / "unguarded", GUARD_OFF,
-                                     calibration_inputs=_calibration_rows(), sample_inputs=_held_out_rows())
+                                     calibration_inputs=_calibration_rows(), sample_inputs=_held_out_rows(),
+                                     output_kinds=AS_CLASSES)
     assert FIRST not in _ops(tmp_path / "unguarded")  # absorbed by its int8 layer
     assert unguarded["min_class_agreement"] < 0.97
     report = optimise_saved_model(mixed_scale_wide_deep, tmp_path / "fallback", GUARD_OFF, min_agreement=0.995,
-                                  calibration_inputs=_calibration_rows(), sample_inputs=_held_out_rows())
+                                  calibration_inputs=_calibration_rows(), sample_inputs=_held_out_rows(),
+                                  output_kinds=AS_CLASSES)
     step = next(s for s in report["calibration"] if s["transform"] == "quantize_matmuls")
     assert step["float_by_agreement"] == [FIRST]  # the worst layer, and only it
     assert _ops(tmp_path / "fallback")[FIRST] == "MatMul"
@@ -103,7 +109,8 @@ def test_fallback_that_cannot_reach_the_minimum_writes_nothing(mixed_scale_wide_
     destructive = "round_weights(num_steps=2) " + GUARD_OFF
     with pytest.raises(AgreementError, match=r"with every calibrated layer back to float; .* not written") as caught:
         optimise_saved_model(mixed_scale_wide_deep, tmp_path / "out", destructive, min_agreement=0.995,
-                             calibration_inputs=_calibration_rows(), sample_inputs=_held_out_rows())
+                             calibration_inputs=_calibration_rows(), sample_inputs=_held_out_rows(),
+                             output_kinds=AS_CLASSES)
     step = next(s for s in caught.value.report["calibration"] if s["transform"] == "quantize_matmuls")
     assert step["float_by_agreement"] == [FIRST, SECOND]
     assert not (tmp_path / "out").exists()
@@ -243,7 +250,8 @@ def test_a_layer_cut_out_of_the_graph_computes_what_it_computed_there(mixed_scal
 def test_the_speed_guard_sends_layers_back_until_the_model_is_faster(mixed_scale_wide_deep, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="serving_optimiser"):
         report = optimise_saved_model(mixed_scale_wide_deep, tmp_path / "int8", GUARD_OFF, serving_batch_size=1,
-                                      calibration_inputs=_calibration_rows(), sample_inputs=_held_out_rows())
+                                      calibration_inputs=_calibration_rows(), sample_inputs=_held_out_rows(),
+                                      output_kinds=AS_CLASSES)
     step = next(s for s in report["calibration"] if s["transform"] == "quantize_matmuls")
     ratios, tries = step["layer_time_ratios"], report["serving_batch"]["time_ratios"]
     assert step["timed_batch_size"] == 1 and set(ratios) == {FIRST, SECOND} and min(ratios.values()) > 0

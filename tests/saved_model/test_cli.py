@@ -31,11 +31,13 @@ def test_command_optimises_and_reports(tf1_iris, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "signature 'predict'" in result.stdout and "signature 'serving_default'" in result.stdout
-    assert "classes        class agreement  100.00%" in result.stdout
+    assert "classes        pass  label        label agreement 100.00% (>= 99.00%)" in result.stdout
+    assert "probabilities  pass  class        class agreement 100.00% (>= 99.00%)" in result.stdout
     assert "optimise_saved_model: quantize_weights:" in result.stderr  # progress, one line per transform
     assert "Traceback" not in result.stderr and "WARNING" not in result.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["size_ratio"] <= 0.3 and report["min_class_agreement"] >= 0.99
+    assert report["verdict"] == "pass" and report["generated_inputs"] == []
     assert (tmp_path / "out" / "saved_model.pb").is_file()
 
 
@@ -106,6 +108,7 @@ def test_command_calibrates_int8_and_times_it_at_the_serving_batch(mixed_scale_w
         mixed_scale_wide_deep, tmp_path / "out", "--transforms", CALIBRATED_INT8,
         "--calibration-inputs", tmp_path / "calibration.npz", "--sample-inputs", tmp_path / "held_out.npz",
         "--serving-batch-size", "64", "--min-agreement", "0.99", "--report", tmp_path / "report.json",
+        "--output-kind", "scores=class",  # a class per row (argmax), as the model is read; inferred: regression
     )
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "report.json").read_text())

@@ -10,11 +10,24 @@ Example:
 The comparison calls every kept signature of both models on the same inputs: the arrays of
 --sample-inputs, or else 64 seeded rows generated from each input's dtype and shape (unknown
 dimensions: 64 for the first, 1 for the others; floats ~ N(0, 1), integers in [0, 10), random
-bools, strings "0".."9"). Each output gets its max |difference| and, for class-like outputs
-(float with 2+ columns: argmax; integer, bool, string: the whole row), its class agreement:
-the fraction of rows whose class is the same. Without --min-agreement nothing is checked:
-the figures are only reported. A signature call that does not return within --compare-timeout
-seconds stops the run with an error naming it.
+bools, strings "0".."9"). Each output is judged by what it means. Its kind comes from the op
+that produces it (through Identity, Reshape, Squeeze, ExpandDims, StridedSlice, ...) and its
+dtype, or from --output-kind NAME=KIND:
+
+  class        Softmax, or a float output an ArgMax reads   argmax agreement        >= 0.99
+  label        integer, bool or string                      agreement               >= 0.99
+  multi_label  Sigmoid (each element a label at 0.5)        flips / orig. positives <= 0.02
+                                                            flips / all elements    <= 0.005
+  regression   anything else                                RMS |diff| / range      <= 0.01
+                                                            max |diff| / range      <= 0.05
+
+(range: the original output's max - min on the batch). On generated inputs, which are off the
+model's data, the report says so and only gross breakage fails: agreement >= 0.5, flips <= 0.5
+of the positives and 0.125 of all, RMS |diff| <= 0.1 and max |diff| <= 0.5 of the range.
+Each output's line gives its kind, figures, verdict and max |difference|. Without
+--min-agreement nothing is checked: the verdicts are only reported. With it, X is the class and
+label agreement tolerance and any failing verdict stops the run. A signature call that does not
+return within --compare-timeout seconds stops the run with an error naming it.
 
 OUT_DIR gets TF Serving's warm-up records (assets.extra/tf_serving_warmup_requests, batch 1
 per signature by default, from --sample-inputs where given), replayed by the model server at
@@ -25,8 +38,9 @@ TF_ENABLE_ONEDNN_OPTS=1. Such a model checks its kernels in its init op, so it f
 naming the fix, wherever they are missing.
 
 Progress goes to stderr, the per-output comparison to stdout. Exit codes: 0 done; 1 error
-(one or two lines on stderr, OUT_DIR not created); 2 bad usage; 3 class agreement under
---min-agreement (OUT_DIR not created); 130 interrupted.
+(one or two lines on stderr, OUT_DIR not created); 2 bad usage; 3 with --min-agreement, an
+output failed its verdict (one line naming the outputs and figures, OUT_DIR not created);
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -75,9 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "in int8 (each timed alone) first (int8 pays on large batches; at batch 1 it can cost "
                         "more than it saves)")
     parser.add_argument("--min-agreement", type=float, metavar="X",
-                        help="fail (exit 3, OUT_DIR not written) when an output's class agreement is under X "
-                        "(0..1); with --calibration-inputs, int8 layers first go back to float one at a time, "
-                        "largest error first, until it holds; default: no check, the agreement is only reported")
+                        help="fail (exit 3, OUT_DIR not written) when an output fails its verdict, X (0..1) being "
+                        "the class and label agreement tolerance; with --calibration-inputs, int8 layers first go "
+                        "back to float one at a time, largest error first, until every output passes; default: no "
+                        "check, the verdicts are only reported")
+    parser.add_argument("--output-kind", action="append", type=_output_kind, metavar="NAME=KIND",
+                        help="judge output NAME (or SIGNATURE/NAME) as KIND: class, label, multi_label or "
+                        "regression, instead of the kind inferred from the graph (repeatable)")
     parser.add_argument("--allow-ops", action="append", metavar="A,B",
                         help="ops to accept although the safety scan refuses them (e.g. PrintV2)")
     parser.add_argument("--no-dequantize-once", dest="dequantize_once", action="store_false",
@@ -116,6 +134,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _output_kind(text: str) -> tuple[str, str]:
+    from ..saved_model.output_kinds import parse_output_kinds
+
+    try:
+        ((name, kind),) = parse_output_kinds([text]).items()
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return name, kind
+
+
 def _batch_sizes(text: str) -> list[int]:
     if text.strip() == "0":
         return []
@@ -138,11 +166,31 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
+_METRIC_WORDS = {
+    "class_agreement": "class agreement",
+    "label_agreement": "label agreement",
+    "flips_of_positives": "flips of positives",
+    "flips_of_all": "of all",
+    "rms_diff_of_range": "RMS |diff| of range",
+    "max_diff_of_range": "max",
+}
+
+
+def _figures(result: dict) -> str:
+    """``class agreement 98.44% (>= 99.00%)``: each check's figure and bound, as percentages."""
+    return ", ".join(
+        f"{_METRIC_WORDS.get(c['metric'], c['metric'])} {_percent(c['value'])} ({c['op']} {_percent(c['tolerance'])})"
+        for c in result["checks"]
+    )
+
+
 def format_report(report: dict) -> str:
     """The report as the lines the tool prints on stdout."""
     lines = []
     for key, outputs in sorted(report.get("comparison", {}).items()):
-        lines.append(f"signature '{key}'")
+        generated = any(r.get("inputs") == "generated" for r in outputs.values())
+        lines.append(f"signature '{key}'" + (" (generated inputs: only the gross-breakage tolerances apply)"
+                                             if generated else ""))
         width = max(len(name) for name in outputs)
         for name, result in sorted(outputs.items()):
             diff = "-" if result["max_abs_diff"] is None else f"{result['max_abs_diff']:.3g}"
@@ -152,10 +200,14 @@ def format_report(report: dict) -> str:
                 same = f"identical within float rounding (max |diff| {diff})"
             else:
                 same = "differs"
-            lines.append(
-                f"  {name:<{width}}  class agreement {_percent(result['class_agreement']):>8}  "
-                f"max |diff| {diff:>9}  {same}"
-            )
+            if "verdict" in result:
+                lines.append(f"  {name:<{width}}  {result['verdict']:<4}  {result['kind']:<11}  {_figures(result)}  "
+                             f"max |diff| {diff}  {same}")
+            else:
+                lines.append(
+                    f"  {name:<{width}}  class agreement {_percent(result['class_agreement']):>8}  "
+                    f"max |diff| {diff:>9}  {same}"
+                )
     sizes = report.get("size_bytes")
     if sizes:
         ratio = report["size_ratio"]
@@ -197,6 +249,10 @@ def format_report(report: dict) -> str:
         lines.append(f"at batch {serving['batch_size']}: the optimised model's time over the original's: {tries}")
     if "min_class_agreement" in report:
         lines.append(f"lowest class agreement: {_percent(report['min_class_agreement'])}")
+    if "verdict" in report:
+        failing = report["failing_outputs"]
+        lines.append("verdict: pass (every output within its tolerance)" if not failing else
+                     f"verdict: fail ({len(failing)} output(s) outside their tolerance)")
     return "\n".join(lines)
 
 
@@ -265,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                     compare_timeout_s=args.compare_timeout,
                     calibration_inputs=args.calibration_inputs,
                     serving_batch_size=args.serving_batch_size,
+                    output_kinds=dict(args.output_kind or []),
                 )
             except AgreementError as error:
                 print(format_report(error.report))
@@ -276,8 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         print(format_report(report))
         if args.report:
             _write_report(args.report, report)
-        if args.min_agreement is not None and report.get("min_class_agreement") is None:
-            print(f"{PROG}: note: no output has a class agreement; --min-agreement checked nothing", file=sys.stderr)
+        if args.min_agreement is None and report.get("failing_outputs"):
+            print(f"{PROG}: note: {len(report['failing_outputs'])} output(s) outside their tolerance, reported only "
+                  "(--min-agreement X makes it an error): " + "; ".join(report["failing_outputs"]), file=sys.stderr)
 
     code = runner.run(PROG, body)
     return code or exit_code

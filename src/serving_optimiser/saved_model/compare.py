@@ -1,6 +1,7 @@
 """Comparing two SavedModels on the same inputs: each signature of the converted model is called
-next to the original's (``loaded.signatures[key](**inputs)``), and every output gets its class
-agreement, max |difference|, exact equality, and equality within float rounding.
+next to the original's (``loaded.signatures[key](**inputs)``), and every output gets its kind,
+the kind's metric and verdict (:mod:`.output_kinds`), its max |difference|, exact equality, and
+equality within float rounding.
 
 Within float rounding means ``|Δ| <= 1e-5 + 1e-4·max|output|`` elementwise (non-float outputs
 must be equal): the same function computed by other kernels. oneDNN's AVX-512 kernels sum in
@@ -9,10 +10,12 @@ original in the last bits on one CPU and not on another: logits up to ~11 by up 
 the error of sums of 512 products, so it scales with the output's magnitude, not each value's.
 8-bit weights move the same logits by ~1e-2, a hundred times more.
 
-Class agreement is the fraction of rows whose class is the same: argmax over the last axis for
-float outputs with at least two columns (scores, logits, probabilities), the whole row for
-integer, bool and string outputs (class ids, class names). It is None for other outputs
-(regression values, single-column scores), which max |difference| covers.
+Class agreement is the kind's agreement for ``class`` and ``label`` outputs (argmax over the last
+axis; equal elements) and None for the others: an argmax over regression coordinates or
+multi-label probabilities means nothing. The kind comes from the original's graph (or the
+caller's override). Without a kind, :func:`compare_outputs` guesses from the arrays as it always
+has: argmax for float outputs with at least two columns, the whole row for integer, bool and
+string outputs.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from . import output_kinds
 from .errors import SavedModelError, tensorflow_errors
 from .model import SignatureInfo
+from .output_kinds import DEFAULT_TOLERANCES, GROSS_TOLERANCES, Tolerances
 from .reader import as_tags, read_meta_graph, select_signature_keys, signature_info_from_proto
 from .safety import refuse_unsafe_ops, scan_for_unsafe_ops
 
@@ -57,9 +62,13 @@ def within_rounding(original: np.ndarray, converted: np.ndarray) -> bool:
     return bool(np.array_equal(a, b))
 
 
-def compare_outputs(original: np.ndarray, converted: np.ndarray) -> dict:
+def compare_outputs(
+    original: np.ndarray, converted: np.ndarray, kind: str | None = None, tolerances: Tolerances = DEFAULT_TOLERANCES
+) -> dict:
     """``{"class_agreement", "max_abs_diff", "equal", "within_rounding"}`` for one output (see the
-    module docstring)."""
+    module docstring); with a ``kind``, also its verdict under ``tolerances``
+    (:meth:`.output_kinds.Judgement.to_json`: ``kind``, ``metric``, ``value``, ``tolerance``,
+    ``verdict``, ``checks``)."""
     a, b = np.asarray(original), np.asarray(converted)
     if a.shape != b.shape:
         raise SavedModelError(f"shape {list(b.shape)} differs from the original's {list(a.shape)}")
@@ -80,18 +89,26 @@ def compare_outputs(original: np.ndarray, converted: np.ndarray) -> dict:
             both_nan = np.isnan(a.astype(common)) & np.isnan(b.astype(common))
             diff = np.where(both_nan, 0.0, np.nan_to_num(diff, nan=np.inf))
             max_abs_diff = float(diff.max())
+    judgement = None
     agreement = None
-    if a.dtype.kind == "f" and a.ndim >= 2 and a.shape[-1] >= 2:
+    if kind is not None:
+        judgement = output_kinds.judge(kind, a, b, tolerances)
+        if kind in ("class", "label"):
+            agreement = judgement.checks[0].value
+    elif a.dtype.kind == "f" and a.ndim >= 2 and a.shape[-1] >= 2:
         agreement = float(np.mean(np.argmax(a, axis=-1) == np.argmax(b, axis=-1))) if a.size else 1.0
     elif a.dtype.kind in "biuOSU" and a.ndim >= 1:
         rows = a.reshape(a.shape[0], -1) == b.reshape(b.shape[0], -1)
         agreement = float(np.mean(np.all(rows, axis=1))) if a.shape[0] else 1.0
-    return {
+    result = {
         "class_agreement": agreement,
         "max_abs_diff": max_abs_diff,
         "equal": equal,
         "within_rounding": equal or within_rounding(a, b),
     }
+    if judgement is not None:
+        result.update(judgement.to_json())
+    return result
 
 
 def generate_inputs(signature: SignatureInfo, batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0) -> dict:
@@ -176,11 +193,43 @@ def _as_tensor(signature: SignatureInfo, name: str, value):
     return tf.constant(array, dtype=tf.dtypes.as_dtype(info.dtype))
 
 
-def _signatures(directory: str, tags: tuple[str, ...], keys, allow_ops) -> dict[str, SignatureInfo]:
+def _signatures(directory: str, tags: tuple[str, ...], keys, allow_ops):
+    """The MetaGraphDef (scanned for unsafe ops) and the selected signatures."""
     meta_graph = read_meta_graph(directory, tags)
     refuse_unsafe_ops(scan_for_unsafe_ops(meta_graph, allow_ops), directory)
     selected = select_signature_keys(meta_graph, keys, directory)
-    return {k: signature_info_from_proto(k, meta_graph.signature_def[k]) for k in selected}
+    return meta_graph, {k: signature_info_from_proto(k, meta_graph.signature_def[k]) for k in selected}
+
+
+def check_output_kinds(overrides: Mapping[str, str] | None, signatures: Iterable[SignatureInfo]) -> None:
+    """Raise SavedModelError naming the first override whose kind is unknown or whose name
+    (``output`` or ``signature/output``) is no output of ``signatures``."""
+    signatures = list(signatures)
+    names = {name for s in signatures for name in s.outputs} | {f"{s.key}/{n}" for s in signatures for n in s.outputs}
+    for name, kind in sorted((overrides or {}).items()):
+        if kind not in output_kinds.KINDS:
+            raise SavedModelError(f"output kind '{kind}' for '{name}' is unknown (expected "
+                                  f"{', '.join(output_kinds.KINDS)})")
+        if name not in names:
+            raise SavedModelError(f"output kind for '{name}': no compared signature has that output "
+                                  f"(outputs: {', '.join(sorted(names))})")
+
+
+def signature_output_kinds(
+    meta_graph, signature: SignatureInfo, overrides: Mapping[str, str] | None = None
+) -> dict[str, tuple[str, str]]:
+    """``{output: (kind, why)}`` of one signature: the override (``signature/output`` before
+    ``output``) where given, else inferred from ``meta_graph``'s graph."""
+    inferred = output_kinds.infer_output_kinds(
+        meta_graph.graph_def, {name: (info.name, info.dtype) for name, info in signature.outputs.items()}
+    )
+    overrides = overrides or {}
+    for name in inferred:
+        for given in (f"{signature.key}/{name}", name):
+            if given in overrides:
+                inferred[name] = (overrides[given], "given")
+                break
+    return inferred
 
 
 def compare_saved_models(
@@ -193,20 +242,28 @@ def compare_saved_models(
     batch_size: int = DEFAULT_BATCH_SIZE,
     seed: int = 0,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    output_kind_overrides: Mapping[str, str] | None = None,
+    tolerances: Tolerances = DEFAULT_TOLERANCES,
+    generated_tolerances: Tolerances = GROSS_TOLERANCES,
 ) -> dict[str, dict[str, dict]]:
     """Call every selected signature (default: all of the converted model's) of both models on
-    the same inputs; ``{key: {output: {"class_agreement", "max_abs_diff", "equal"}}}``.
+    the same inputs; ``{key: {output: {...}}}`` with :func:`compare_outputs`' figures and verdict,
+    ``kind_from`` (what decided the kind) and ``inputs`` (``sample`` or ``generated``).
 
     ``inputs`` maps signature key -> input key -> array; signatures it omits get seeded inputs
-    generated from their dtypes and shapes. Both models are scanned for unsafe ops first. A call
-    that has not returned after ``timeout_s`` seconds is cancelled and reported as an error.
+    generated from their dtypes and shapes, and are judged by ``generated_tolerances`` (gross
+    breakage only) instead of ``tolerances``. Each output's kind is inferred from the original's
+    graph unless ``output_kind_overrides`` (``output`` or ``signature/output`` -> kind) gives it.
+    Both models are scanned for unsafe ops first. A call that has not returned after
+    ``timeout_s`` seconds is cancelled and reported as an error.
     """
     import tensorflow as tf
 
     tags = as_tags(tags)
     original_dir, converted_dir = str(original_dir), str(converted_dir)
-    converted = _signatures(converted_dir, tags, signature_keys, allow_ops)
-    original = _signatures(original_dir, tags, sorted(converted), allow_ops)
+    _, converted = _signatures(converted_dir, tags, signature_keys, allow_ops)
+    original_graph, original = _signatures(original_dir, tags, sorted(converted), allow_ops)
+    check_output_kinds(output_kind_overrides, converted.values())
     for key, signature in converted.items():
         before = original[key]
         if sorted(before.inputs) != sorted(signature.inputs) or sorted(before.outputs) != sorted(signature.outputs):
@@ -222,7 +279,9 @@ def compare_saved_models(
         loaded_converted = tf.saved_model.load(converted_dir, tags=list(tags))
     report: dict[str, dict[str, dict]] = {}
     for key, signature in sorted(converted.items()):
+        sampled = key in (inputs or {})
         feeds = dict((inputs or {}).get(key) or generate_inputs(signature, batch_size, seed))
+        kinds = signature_output_kinds(original_graph, original[key], output_kind_overrides)
         missing = sorted(set(signature.inputs) - set(feeds))
         if missing:
             raise SavedModelError(f"signature '{key}': no sample input for '{missing[0]}'")
@@ -233,10 +292,13 @@ def compare_saved_models(
             actual = call_with_time_limit(loaded_converted.signatures[key], tensors, timeout_s, converted_dir, key)
         report[key] = {}
         for name in sorted(signature.outputs):
+            kind, why = kinds[name]
             try:
-                report[key][name] = compare_outputs(expected[name], actual[name])
+                result = compare_outputs(expected[name], actual[name], kind,
+                                         tolerances if sampled else generated_tolerances)
             except SavedModelError as error:
                 raise SavedModelError(f"signature '{key}' output '{name}': {error}") from None
+            report[key][name] = {**result, "kind_from": why, "inputs": "sample" if sampled else "generated"}
         log.info("compared signature '%s' on %d rows", key, _rows(tensors))
     return report
 
@@ -282,3 +344,18 @@ def min_class_agreement(report: Mapping[str, Mapping[str, Mapping]]) -> float | 
     """The lowest class agreement over every output that has one (None if none has)."""
     values = [o["class_agreement"] for s in report.values() for o in s.values() if o["class_agreement"] is not None]
     return min(values) if values else None
+
+
+def failing_outputs(report: Mapping[str, Mapping[str, Mapping]]) -> list[str]:
+    """One phrase per output whose verdict fails, naming it and the figures over their bounds:
+    ``signature 'a' output 'p' (class): class agreement 0.9500 is under the minimum 0.9900``."""
+    result = []
+    for key, outputs in sorted(report.items()):
+        for name, figures in sorted(outputs.items()):
+            if figures.get("verdict") == "fail":
+                missed = [
+                    output_kinds.Check(c["metric"], c["value"], c["tolerance"], c["op"] == ">=").describe()
+                    for c in figures["checks"] if not c["passed"]
+                ]
+                result.append(f"signature '{key}' output '{name}' ({figures['kind']}): {', '.join(missed)}")
+    return result

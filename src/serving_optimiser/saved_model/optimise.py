@@ -3,6 +3,7 @@ original, and only then move the result into place."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -20,11 +21,19 @@ from ..graph_transforms.parser import ParsedTransform
 from ..graph_transforms.transforms._int8 import int8_kernels_available
 from ._files import check_output_directory, clear_directory, directory_size
 from .calibration import CALIBRATED_TRANSFORMS, calibrate_frozen_model, load_calibration_inputs
-from .compare import DEFAULT_TIMEOUT_S, compare_saved_models, load_sample_inputs, min_class_agreement
+from .compare import (
+    DEFAULT_TIMEOUT_S,
+    check_output_kinds,
+    compare_saved_models,
+    failing_outputs,
+    load_sample_inputs,
+    min_class_agreement,
+)
 from .convert import write_saved_model
 from .errors import SavedModelError
 from .freeze import freeze_saved_model
 from .onednn import missing_kernels_message, onednn_only_ops
+from .output_kinds import DEFAULT_TOLERANCES, GROSS_TOLERANCES, KINDS
 from .safety import check_allow_ops
 from .warmup import DEFAULT_BATCH_SIZES
 
@@ -34,7 +43,9 @@ SampleInputs = Mapping[str, Mapping[str, np.ndarray]]
 
 
 class AgreementError(SavedModelError):
-    """The converted model's class agreement fell under the minimum; ``report`` has the details."""
+    """With ``min_agreement``, an output of the converted model failed its verdict (its class
+    agreement under the minimum, or another kind's metric over its tolerance); ``report`` has the
+    details."""
 
     def __init__(self, message: str, report: dict):
         super().__init__(message)
@@ -63,14 +74,20 @@ def optimise_saved_model(
     compare_timeout_s: float = DEFAULT_TIMEOUT_S,
     calibration_inputs: SampleInputs | str | os.PathLike | None = None,
     serving_batch_size: int | None = None,
+    output_kinds: Mapping[str, str] | None = None,
 ) -> dict:
     """Freeze ``in_dir``, apply ``transforms`` (old-tool syntax), write the SavedModel ``out_dir``.
 
     The transform string, options and output directory are checked before anything loads. The
-    result is written in a temporary directory beside ``out_dir``, compared with the original
-    and renamed into place only when the lowest class agreement is at least ``min_agreement``
-    (AgreementError otherwise, ``out_dir`` not created). ``sample_inputs`` (signature -> input
-    -> array, or an ``.npz`` path) feed the comparison; signatures without get generated inputs.
+    result is written in a temporary directory beside ``out_dir`` and compared with the original:
+    each output gets its kind (inferred from the original's graph, or ``output_kinds``: output or
+    ``signature/output`` -> ``class``, ``label``, ``multi_label`` or ``regression``), its metric
+    and a verdict under the default tolerances (:mod:`.output_kinds`). ``sample_inputs``
+    (signature -> input -> array, or an ``.npz`` path) feed the comparison; signatures without
+    get generated inputs, on which only the gross-breakage tolerances apply. Without
+    ``min_agreement`` the verdicts are only reported; with it, ``min_agreement`` is the class
+    and label agreement tolerance and ``out_dir`` is renamed into place only when every output
+    passes (AgreementError otherwise, naming the outputs and figures, ``out_dir`` not created).
     ``frozen_dir``, if given, receives the frozen (untransformed) model. ``warmup_batch_sizes``
     (empty: none) are the batch sizes of the TF Serving warm-up records written for each kept
     signature, from the sample inputs where given. A signature call that takes longer than
@@ -84,7 +101,7 @@ def optimise_saved_model(
     quantize_convs step without a ``ranges_file`` on the graph as it is at that step; a layer
     whose int8 output error is over the step's ``max_layer_error`` stays float, and with
     ``min_agreement`` the int8 layers go back to float one at a time, largest error first,
-    until the agreement holds. With ``serving_batch_size`` each calibrated layer is also timed
+    until every output passes. With ``serving_batch_size`` each calibrated layer is also timed
     in int8 and float at that many rows on this machine, and stays float where int8 is not
     faster.
     Returns a report: sizes, node counts, timings and the per-output comparison.
@@ -99,6 +116,10 @@ def optimise_saved_model(
         raise SavedModelError(f"min_agreement must be between 0 and 1, found {min_agreement}")
     if min_agreement is not None and not compare:
         raise SavedModelError("min_agreement needs the comparison (compare=True)")
+    output_kinds = dict(output_kinds or {})
+    for name, kind in sorted(output_kinds.items()):
+        if kind not in KINDS:
+            raise SavedModelError(f"output kind '{kind}' for '{name}' is unknown (expected {', '.join(KINDS)})")
     check_output_directory(out_dir, overwrite)
     if isinstance(sample_inputs, (str, os.PathLike)) and not Path(sample_inputs).is_file():
         raise SavedModelError(f"{sample_inputs}: no such sample inputs file")
@@ -115,6 +136,7 @@ def optimise_saved_model(
 
     start = time.perf_counter()
     frozen = freeze_saved_model(in_dir, signature_keys, tags, allow_ops)
+    check_output_kinds(output_kinds, frozen.signatures.values())  # before frozen_dir is written
     if frozen_dir is not None:
         frozen.save(frozen_dir)
     timings["freeze_s"] = time.perf_counter() - start
@@ -146,6 +168,13 @@ def optimise_saved_model(
         "signatures": sorted(frozen.signatures),
         "transforms": transform_string,
     }
+    # An explicit min_agreement is the user's tolerance for classes and labels, on any inputs.
+    tolerances = DEFAULT_TOLERANCES, GROSS_TOLERANCES
+    if min_agreement is not None:
+        tolerances = tuple(dataclasses.replace(t, agreement=min_agreement) for t in tolerances)
+    if compare:
+        report["tolerances"] = {"sample": dataclasses.asdict(tolerances[0]),
+                                "generated": dataclasses.asdict(tolerances[1])}
     speed = None
     if serving_batch_size is not None and steps.calibrated:
         from .speed_guard import OriginalTimer
@@ -155,21 +184,21 @@ def optimise_saved_model(
         while True:
             _write_and_compare(
                 report, timings, optimised, frozen, temporary, in_dir, sample_inputs, compare, allow_ops,
-                dequantize_once, warmup_batch_sizes, compare_timeout_s,
+                dequantize_once, warmup_batch_sizes, compare_timeout_s, output_kinds, tolerances,
             )
-            lowest = report.get("min_class_agreement")
-            if min_agreement is not None and lowest is not None and lowest < min_agreement:
+            failing = report.get("failing_outputs")
+            if min_agreement is not None and failing:
                 layer = steps.next_fallback()
                 if layer is None:
                     report["timings"] = timings
                     report["calibration"] = steps.report()
                     raise AgreementError(
-                        f"class agreement {lowest:.4f} is under the minimum {min_agreement:.4f}"
+                        "; ".join(failing)
                         + ("" if not steps.calibrated else " with every calibrated layer back to float")
                         + f"; {Path(out_dir)} not written",
                         report,
                     )
-                log.info("class agreement %.4f is under %.4f: %s goes back to float", lowest, min_agreement, layer)
+                log.info("%s: %s goes back to float", failing[0], layer)
             elif speed is not None:
                 start = time.perf_counter()
                 ratio = speed.ratio(temporary)
@@ -208,7 +237,7 @@ def optimise_saved_model(
 
 def _write_and_compare(
     report, timings, optimised, frozen, temporary, in_dir, sample_inputs, compare, allow_ops,
-    dequantize_once, warmup_batch_sizes, compare_timeout_s,
+    dequantize_once, warmup_batch_sizes, compare_timeout_s, output_kinds, tolerances,
 ) -> None:
     start = time.perf_counter()
     converted = write_saved_model(
@@ -227,11 +256,17 @@ def _write_and_compare(
         log.info("comparing with the original")
         comparison = compare_saved_models(
             in_dir, temporary, sample_inputs, sorted(frozen.signatures), frozen.tags, allow_ops,
-            timeout_s=compare_timeout_s,
+            timeout_s=compare_timeout_s, output_kind_overrides=output_kinds, tolerances=tolerances[0],
+            generated_tolerances=tolerances[1],
         )
         timings["compare_s"] = timings.get("compare_s", 0.0) + time.perf_counter() - start
         report["comparison"] = comparison
         report["min_class_agreement"] = min_class_agreement(comparison)
+        report["generated_inputs"] = sorted(
+            key for key, outputs in comparison.items() if any(o["inputs"] == "generated" for o in outputs.values())
+        )
+        report["failing_outputs"] = failing_outputs(comparison)
+        report["verdict"] = "fail" if report["failing_outputs"] else "pass"
 
 
 class _TransformSteps:
