@@ -8,7 +8,7 @@ export DVC_NO_ANALYTICS := 1
 
 .DEFAULT_GOAL := help
 .PHONY: help setup all repro test lint bench bench-transforms bench-saved-model bench-int8 push pull metrics metrics-diff plots plots-diff clean
-.PHONY: test-zoo bench-zoo
+.PHONY: test-zoo bench-zoo test-fast
 
 help: ## Show this menu
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -39,8 +39,15 @@ test: setup ## Lint and run the test suite (tiny params; end-to-end dvc repro in
 	@# The in-process int8 tests need oneDNN, which TensorFlow turns on by default only on CPUs with
 	@# AVX512_VNNI/BF16, AVX_VNNI or AMX: they get a pass of their own with it forced on; the rest
 	@# runs with the caller's setting (TF_ENABLE_ONEDNN_OPTS=0 make test emulates an AVX2-only CPU).
-	TF_ENABLE_ONEDNN_OPTS=1 python -m pytest -q -n 2 -m onednn tests
-	python -m pytest -q -n 2 --dist loadgroup -m "not onednn" tests
+	TF_ENABLE_ONEDNN_OPTS=1 python -m pytest -q -n 2 --durations=15 -m onednn tests
+	python -m pytest -q -n 2 --dist loadgroup --durations=15 -m "not onednn" tests
+
+# The same two passes without the end-to-end groups (marked slow: dvc repro, the CLIs in
+# subprocesses, the browser), the model zoo and the published models: the lane for every edit.
+test-fast: setup ## Lint and the in-process tests only (no DVC end-to-end, zoo, published models, browser)
+	ruff check --no-cache src tests scripts
+	TF_ENABLE_ONEDNN_OPTS=1 python -m pytest -q -n 2 --durations=15 -m "onednn and not slow and not real" --ignore=tests/zoo tests
+	python -m pytest -q -n 2 --dist loadgroup --durations=15 -m "not onednn and not slow and not real" --ignore=tests/zoo tests
 
 lint: setup ## Lint only
 	ruff check --no-cache src tests scripts

@@ -19,6 +19,15 @@ from .errors import UserError
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+DEFAULT_MEMORY_HINT = "use fewer or smaller input rows"
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Python's MemoryError, or TensorFlow's ResourceExhaustedError (matched by name, so that an
+    error raised before TensorFlow loads does not import it)."""
+    return isinstance(error, MemoryError) or any(
+        cls.__name__ == "ResourceExhaustedError" for cls in type(error).__mro__
+    )
 
 
 def is_user_error(error: BaseException) -> bool:
@@ -38,15 +47,20 @@ def configure_logging(prog: str) -> None:
     package_logger.handlers[:] = [handler]
     package_logger.setLevel(logging.INFO)
     package_logger.propagate = False
-    for noisy in ("tensorflow", "absl", "h5py", "dvclive", "dvc"):
+    for noisy in ("dvclive", "dvc"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # TensorFlow's own Python warnings follow TF_CPP_MIN_LOG_LEVEL (runtime.quiet_tensorflow).
+    for noisy in ("tensorflow", "absl", "h5py"):
+        logging.getLogger(noisy).setLevel(runtime.tensorflow_python_log_level())
 
 
-def run(prog: str, main: Callable[[], int | None], *, pinned: bool = False) -> int:
+def run(prog: str, main: Callable[[], int | None], *, pinned: bool = False,
+        memory_hint: str = DEFAULT_MEMORY_HINT) -> int:
     """Run ``main`` and return the process's exit code.
 
     ``pinned`` pins oneDNN's kernels and the thread counts (see :mod:`serving_optimiser.runtime`)
-    for stages whose outputs must be the same bit for bit on any machine.
+    for stages whose outputs must be the same bit for bit on any machine. Running out of memory
+    is one line too, ending with ``memory_hint``: what to lower.
     """
     runtime.quiet_tensorflow()
     if pinned:
@@ -58,6 +72,10 @@ def run(prog: str, main: Callable[[], int | None], *, pinned: bool = False) -> i
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as error:
+        if is_out_of_memory(error):
+            detail = _flattened(error).split(" [[")[0][:200]
+            print(f"{prog}: error: out of memory ({type(error).__name__}: {detail}); {memory_hint}", file=sys.stderr)
+            return EXIT_ERROR
         if not is_user_error(error):
             raise
         print(f"{prog}: error: {_flattened(error)}", file=sys.stderr)

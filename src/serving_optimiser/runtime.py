@@ -133,15 +133,21 @@ def quiet_tensorflow() -> None:
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", _QUIET_LEVEL)
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-    level = os.environ["TF_CPP_MIN_LOG_LEVEL"].strip()
-    if level == "0":
+    if os.environ["TF_CPP_MIN_LOG_LEVEL"].strip() == "0":
         return
-    python_level = logging.WARNING if level == "1" else logging.ERROR
+    python_level = tensorflow_python_log_level()
     for noisy in ("tensorflow", "absl", "h5py"):
         logging.getLogger(noisy).setLevel(python_level)
     _hook_state["python_log_level"] = python_level
     _hook_state["quiet"] = True
     _install_hook()
+
+
+def tensorflow_python_log_level() -> int:
+    """The level of Python's ``tensorflow`` and ``absl`` loggers that ``TF_CPP_MIN_LOG_LEVEL``
+    asks for: everything at 0, warnings at 1, errors at 2 and 3 (and when unset)."""
+    level = os.environ.get("TF_CPP_MIN_LOG_LEVEL", _QUIET_LEVEL).strip()
+    return {"0": logging.INFO, "1": logging.WARNING}.get(level, logging.ERROR)
 
 
 def pin_kernels(onednn: bool = False) -> None:

@@ -1,8 +1,10 @@
 """Evaluate, latency and report: sizes, counts, accuracy and fidelity of one model against the
 exported one; the gate; paired latency; the gathered report."""
 
+import dataclasses
 import json
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -162,9 +164,13 @@ def test_latency_pairs_each_round_against_the_first_model_at_every_batch_size():
 
 def test_latency_params_read_the_curve_and_name_a_bad_key():
     section = {"batch_sizes": [512, 1, 8], "repeats": 5, "calls_per_round": 100, "rows_per_round": 2048,
-               "load_repeats": 1, "seed": 0}
+               "load_repeats": 1, "seed": 0, "max_call_bytes": 2**20}
     params = latency.LatencyParams.from_section(section)
     assert params.batch_sizes == (1, 8, 512)
+    # Iris rows (16 bytes) are timed at every size; 48 x 48 x 3 images (27,648 bytes) not at 512.
+    assert params.sizes_that_fit(16) == (1, 8, 512)
+    assert params.sizes_that_fit(48 * 48 * 3 * 4) == (1, 8)
+    assert params.sizes_that_fit(2**21) == (1,)
     assert [params.calls(size) for size in (1, 8, 64, 512, 100_000)] == [100, 100, 32, 4, 1]
     assert [latency.batch_label(size) for size in (1, 512, 100_000, 2500)] == ["1", "512", "100k", "2.5k"]
 
@@ -182,7 +188,7 @@ def test_latency_params_read_the_curve_and_name_a_bad_key():
 )
 def test_bad_latency_params_fail_in_one_line(change, expected):
     section = {"batch_sizes": [1, 8], "repeats": 5, "calls_per_round": 10, "rows_per_round": 100,
-               "load_repeats": 1, "seed": 0, **change}
+               "load_repeats": 1, "seed": 0, "max_call_bytes": 2**20, **change}
     with pytest.raises(UserError) as info:
         latency.LatencyParams.from_section(section)
     assert "\n" not in str(info.value) and expected in str(info.value), str(info.value)
@@ -331,3 +337,15 @@ def test_signature_dump_is_the_same_text_in_every_process(tiny_export):
     assert len(texts) == 1
     text = texts.pop()
     assert "signature_def['predict']" in text and "contains the following ops: {'ArgMax', " in text
+
+
+@pytest.mark.parametrize(("row_shape", "expected_rows"), [((4,), 100_000), ((48, 48, 3), 9709)],
+                         ids=["iris-100k-rows", "48x48x3-images-256MiB"])
+def test_the_batch_holds_at_most_max_batch_bytes(row_shape, expected_rows):
+    samples = types.SimpleNamespace(
+        evaluation={"x": np.random.default_rng(0).standard_normal((30, *row_shape)).astype(np.float32)}
+    )
+    params = dataclasses.replace(PARAMS, batch_rows=100_000, max_batch_bytes=256 * 2**20)
+    data = evaluate.evaluation_data(samples, params)
+    assert data["eval"]["x"].shape == (30, *row_shape)
+    assert data["batch"]["x"].shape == (expected_rows, *row_shape)

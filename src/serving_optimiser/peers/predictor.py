@@ -67,9 +67,14 @@ class Predictor(abc.ABC):
         inputs: Mapping[str, np.ndarray],
         label_vocabulary: Sequence[str] | None = None,
         expected: Mapping[str, tuple[str, list[int | None] | None]] | None = None,
+        chunk_bytes: int | None = None,
     ) -> dict[str, np.ndarray]:
-        """``self(inputs)``, validated by :func:`validate_outputs`."""
-        outputs = self(inputs)
+        """``self(inputs)``, validated by :func:`validate_outputs`; with ``chunk_bytes``, called on
+        at most that many bytes of input rows at a time (:mod:`serving_optimiser.chunks`)."""
+        from ..chunks import call_in_chunks
+
+        input_rows(self.artefact, inputs, self.input_keys)
+        outputs = call_in_chunks(self, inputs, chunk_bytes, self.artefact)
         validate_outputs(self.artefact, outputs, input_rows(self.artefact, inputs, self.input_keys),
                          label_vocabulary, expected)
         return outputs

@@ -188,12 +188,14 @@ def gate_failures(figures: dict, params: EvaluateParams) -> list[str]:
     failures = []
     if "agreement" in figures and figures["agreement"] < params.min_class_agreement:
         failures.append(
-            f"class agreement {figures['agreement']:.4%} on the {params.batch_rows}-row batch "
+            f"class agreement {figures['agreement']:.4%} on the "
+            f"{figures.get('batch_rows', params.batch_rows)}-row batch "
             f"is under evaluate.min_class_agreement={params.min_class_agreement}"
         )
     if "max_rel_diff" in figures and figures["max_rel_diff"] > params.max_relative_diff:
         failures.append(
-            f"max |Δ| {figures['max_rel_diff']:.4%} of the output's range on the {params.batch_rows}-row batch "
+            f"max |Δ| {figures['max_rel_diff']:.4%} of the output's range on the "
+            f"{figures.get('batch_rows', params.batch_rows)}-row batch "
             f"is over evaluate.max_relative_diff={params.max_relative_diff}"
         )
     if "eval_rows_lost" in figures and figures["eval_rows_lost"] > params.max_eval_rows_lost:
@@ -258,9 +260,14 @@ def evaluate_model(
     expected = spec.expected()
     if predictor.format != "tf":  # a peer keeps the numeric outputs only
         expected = {k: v for k, v in expected.items() if v[0] != "string" or k == "classes"}
-    outputs = {data_set: predictor.checked(rows, spec.label_vocabulary, expected) for data_set, rows in data.items()}
+    outputs = {data_set: predictor.checked(rows, spec.label_vocabulary, expected, params.chunk_bytes)
+               for data_set, rows in data.items()}
     size = model_size(path)
     figures = {"size_bytes": size["size_bytes"], "gzip_bytes": size["size_gzip_bytes"]}
+    if "batch" in data:
+        batch_rows = len(next(iter(data["batch"].values())))
+        if batch_rows < params.batch_rows:  # capped by evaluate.max_batch_bytes: the report says so
+            figures["batch_rows"] = batch_rows
     if labels is not None:
         figures.update(accuracy_figures(outputs["eval"], labels, spec))
     if (path / "saved_model.pb").is_file():
@@ -314,8 +321,17 @@ def headline(figures: dict) -> dict:
 
 
 def evaluation_data(samples: Samples, params: EvaluateParams) -> dict[str, dict[str, np.ndarray]]:
-    """The eval rows, and the batch drawn around them (seeded) that the gate and headline use."""
-    return {"eval": samples.evaluation, "batch": rows_around(samples.evaluation, params.batch_rows, params.seed)}
+    """The eval rows, and the batch drawn around them (seeded) that the gate and headline use:
+    ``evaluate.batch_rows`` rows, fewer where they would hold more than
+    ``evaluate.max_batch_bytes`` of input (100,000 Iris rows are 1.6 MB; 100,000 48 x 48 x 3
+    images would be 2.8 GB)."""
+    from ..chunks import row_bytes
+
+    rows = params.batch_rows_for(row_bytes(samples.evaluation))
+    if rows < params.batch_rows:
+        log.info("evaluate: the batch has %d rows, not evaluate.batch_rows=%d: "
+                 "evaluate.max_batch_bytes=%d holds no more", rows, params.batch_rows, params.max_batch_bytes)
+    return {"eval": samples.evaluation, "batch": rows_around(samples.evaluation, rows, params.seed)}
 
 
 def evaluate_stage(

@@ -12,6 +12,7 @@ still interleave it with the others one call block at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..chunks import row_bytes
 from ..errors import UserError
 from ..timing import TimedModel, local_timer, measure_side_by_side, timed_load
 from .params import LatencyParams
@@ -122,6 +124,12 @@ def latency_stage(entry, exported: Path, model_path: Path, samples_dir: Path, ma
         os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
 
     samples = Samples.load(samples_dir)
+    fitting = timing.sizes_that_fit(row_bytes(samples.evaluation))
+    dropped = [size for size in timing.batch_sizes if size not in fitting]
+    if dropped:
+        log.info("latency: batch sizes %s not timed: their input is over latency.max_call_bytes=%d",
+                 dropped, timing.max_call_bytes)
+        timing = dataclasses.replace(timing, batch_sizes=fitting)
     largest_size = max(timing.batch_sizes)
     inputs = batch_inputs(rows_around(samples.evaluation, largest_size, timing.seed), timing.batch_sizes)
     predictors = {}
@@ -157,7 +165,10 @@ def latency_stage(entry, exported: Path, model_path: Path, samples_dir: Path, ma
     figures = {name: rounded(values) for name, values in measured.items()}
     fidelity = {f"{key}_this_machine": round(value, 6) for key, value in here.items()}
     process = process_settings() | {"peer_runtime_threads": entry.threads}
-    write_json(out_details, {"machine": machine, "process": process, "measured": figures, "fidelity": fidelity})
+    details = {"machine": machine, "process": process, "measured": figures, "fidelity": fidelity}
+    if dropped:
+        details["batch_sizes_not_timed"] = {"sizes": dropped, "max_call_bytes": timing.max_call_bytes}
+    write_json(out_details, details)
     mine = figures[entry.name]["batches"]
     smallest = min(timing.batch_sizes)
     # Short names and 3 decimals keep `dvc metrics show` within 120 columns (README has the legend);

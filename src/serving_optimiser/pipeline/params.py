@@ -67,6 +67,8 @@ class EvaluateParams:
     min_class_agreement: float
     max_eval_rows_lost: int
     max_relative_diff: float
+    chunk_bytes: int = 16 * 2**20  # input bytes per model call (serving_optimiser.chunks)
+    max_batch_bytes: int = 256 * 2**20  # the batch holds at most batch_rows rows and this many input bytes
 
     @classmethod
     def from_section(cls, section: dict, path: str | Path = DEFAULT_PARAMS_FILE) -> EvaluateParams:
@@ -77,7 +79,8 @@ class EvaluateParams:
         if rows_lost < 0:
             raise UserError(f"{path}: 'evaluate.max_eval_rows_lost' must be >= 0, got {rows_lost}")
         relative = float(require_positive(section, "max_relative_diff", float, "evaluate", path))
-        known = {"batch_rows", "seed", "sample_rows", "min_class_agreement", "max_eval_rows_lost", "max_relative_diff"}
+        known = {"batch_rows", "seed", "sample_rows", "min_class_agreement", "max_eval_rows_lost", "max_relative_diff",
+                 "chunk_bytes", "max_batch_bytes"}
         unknown = sorted(set(section) - known)
         if unknown:
             keys = ", ".join(f"evaluate.{key}" for key in unknown)
@@ -89,7 +92,16 @@ class EvaluateParams:
             min_class_agreement=agreement,
             max_eval_rows_lost=rows_lost,
             max_relative_diff=relative,
+            chunk_bytes=require_positive(section, "chunk_bytes", int, "evaluate", path),
+            max_batch_bytes=require_positive(section, "max_batch_bytes", int, "evaluate", path),
         )
+
+    def batch_rows_for(self, bytes_per_row: int) -> int:
+        """The rows of the batch drawn around the eval data for inputs of ``bytes_per_row``:
+        ``batch_rows``, fewer where they would hold more than ``max_batch_bytes``."""
+        from ..chunks import capped_rows
+
+        return capped_rows(self.batch_rows, bytes_per_row, self.max_batch_bytes)
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,7 @@ class LatencyParams:
     rows_per_round: int
     load_repeats: int
     seed: int
+    max_call_bytes: int = 256 * 2**20  # batch sizes whose input holds more are not timed
 
     @classmethod
     def from_section(cls, section: dict, path: str | Path = DEFAULT_PARAMS_FILE) -> LatencyParams:
@@ -112,7 +125,9 @@ class LatencyParams:
             raise UserError(f"{path}: 'latency.batch_sizes' must be positive row counts, got {bad[0]}")
         if len(set(sizes)) != len(sizes):
             raise UserError(f"{path}: 'latency.batch_sizes' lists a size twice: {sizes}")
-        known = {"batch_sizes", "repeats", "calls_per_round", "rows_per_round", "load_repeats", "seed"}
+        known = {
+            "batch_sizes", "repeats", "calls_per_round", "rows_per_round", "load_repeats", "seed", "max_call_bytes",
+        }
         unknown = sorted(set(section) - known)
         if unknown:
             keys = ", ".join(f"latency.{key}" for key in unknown)
@@ -124,7 +139,13 @@ class LatencyParams:
             rows_per_round=require_positive(section, "rows_per_round", int, "latency", path),
             load_repeats=require_positive(section, "load_repeats", int, "latency", path),
             seed=require(section, "seed", int, "latency", path),
+            max_call_bytes=require_positive(section, "max_call_bytes", int, "latency", path),
         )
+
+    def sizes_that_fit(self, bytes_per_row: int) -> tuple[int, ...]:
+        """The batch sizes whose input holds at most ``max_call_bytes`` (the smallest at least)."""
+        kept = tuple(size for size in self.batch_sizes if size * bytes_per_row <= self.max_call_bytes)
+        return kept or self.batch_sizes[:1]
 
     def calls(self, batch: int) -> int:
         """Calls per model per round at ``batch`` rows: ``calls_per_round``, fewer where that would

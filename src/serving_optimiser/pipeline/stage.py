@@ -7,6 +7,11 @@ from collections.abc import Callable
 
 from ..runner import run
 
+MEMORY_HINT = (
+    "lower evaluate.chunk_bytes (input bytes per model call) or evaluate.max_batch_bytes / latency.max_call_bytes "
+    "in params.yaml"
+)
+
 
 def run_stage(
     name: str, main: Callable[[list[str]], None], argv: list[str] | None = None, *, pinned: bool = True
@@ -16,6 +21,6 @@ def run_stage(
     Stages are ``pinned`` (same kernels and threads on every machine, so their outputs are the
     same bit for bit) unless they measure time, which must be measured as TensorFlow serves.
     """
-    code = run(name, lambda: main(sys.argv[1:] if argv is None else argv), pinned=pinned)
+    code = run(name, lambda: main(sys.argv[1:] if argv is None else argv), pinned=pinned, memory_hint=MEMORY_HINT)
     if code:
         sys.exit(code)
