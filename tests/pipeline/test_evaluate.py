@@ -288,7 +288,11 @@ def test_report_gathers_every_model_and_the_export_timed_both_ways(tmp_path, rep
     assert "| small | 0.100 | 2.00 | 0.450 | 0.900 | 4 × |" in summary.splitlines()
     table = report.results_table(records).splitlines()
     assert len(table) == 7 and len({line.count(" | ") for line in table[2:]}) == 1
-    assert "| 5k-row call ms |" in table[0] and "| batch-1 p50 ms |" in table[0]
+    assert "| 5k-row call ms: model / export |" in table[0] and "| batch-1 p50 ms: model / export |" in table[0]
+    # Each row divides its own figures: the model's time over the export's from the same process.
+    int8_row = next(line for line in table if line.startswith("| int8 |")).split(" | ")
+    own, export = (float(value) for value in int8_row[-4].split(" / "))
+    assert float(int8_row[-3]) == pytest.approx(own / export, abs=0.01)
     plots = json.loads(outputs[0].read_text())
     assert [row["model"] for row in plots] == list(records) and plots[2]["batch_ratio"] == 0.3
     curve = json.loads(outputs[1].read_text())

@@ -69,6 +69,11 @@ def gather(models: list[str], details_dir: Path, latency_details_dir: Path) -> d
             continue
         latency = _read(latency_details_dir / f"{name}.json")
         timed[name] = _timed_record(details, latency["measured"][name], latency)
+        # The export's own times from the same process and rounds as this model's: the yardstick
+        # of its ratios, shown beside its times so that each row adds up on its own.
+        yardstick = headline_figures(latency["measured"][REFERENCE])
+        timed[name]["export_batch_ms"] = yardstick["batch_ms"]
+        timed[name]["export_batch1_p50_ms"] = yardstick["batch1_p50_ms"]
         for yardstick in YARDSTICKS:
             if yardstick in latency["measured"]:
                 yardsticks[yardstick].append(latency["measured"][yardstick])
@@ -212,10 +217,12 @@ def results_table(records: dict[str, dict]) -> str:
     big = batch_label(int(sizes[-1])) if sizes else "100k"
     small = batch_label(int(sizes[0])) if sizes else "1"
     relative = any("max_rel_diff" in r for r in records.values())
+    capped = [r["batch_rows"] for r in records.values() if "batch_rows" in r]
+    rows = batch_label(capped[0]) if capped else "100k"
     header = (
-        "| model | size KB | size ratio | gzip KB | eval accuracy | agreement (100k) | max \\|Δp\\| (100k) "
+        f"| model | size KB | size ratio | gzip KB | eval accuracy | agreement ({rows}) | max \\|Δp\\| ({rows}) "
         + ("| max \\|Δ\\| / range " if relative else "")
-        + f"| {big}-row call ms | ratio | batch-{small} p50 ms | ratio |"
+        + f"| {big}-row call ms: model / export | ratio | batch-{small} p50 ms: model / export | ratio |"
     )
     lines = [header, "|" + "---|" * (12 if relative else 11)]
     for name, r in records.items():
@@ -225,10 +232,18 @@ def results_table(records: dict[str, dict]) -> str:
             f"| {name} | {r['size_bytes'] / 1024:.1f} | {r['size_ratio']:.3f} | {r['gzip_bytes'] / 1024:.1f} "
             f"| {accuracy} | {agreement} | {r['max_dp']:.4f} "
             + (f"| {r['max_rel_diff']:.4%} " if relative else "")
-            + f"| {r.get('batch_ms', float('nan')):.0f} | {r.get('batch_ratio', float('nan')):.3f} "
-            f"| {r.get('batch1_p50_ms', float('nan')):.3f} | {r.get('batch1_p50_ratio', float('nan')):.3f} |"
+            + f"| {_pair(r, 'batch_ms', '.0f')} | {r.get('batch_ratio', float('nan')):.3f} "
+            f"| {_pair(r, 'batch1_p50_ms', '.3f')} | {r.get('batch1_p50_ratio', float('nan')):.3f} |"
         )
     return "\n".join(lines)
+
+
+def _pair(record: dict, key: str, spec: str) -> str:
+    """A model's time and, where it was timed beside the export, the export's time in the same
+    process (``233 / 789``): the two the ratio divides."""
+    own = format(record.get(key, float("nan")), spec)
+    export = record.get(f"export_{key}")
+    return own if export is None else f"{own} / {format(export, spec)}"
 
 
 def cold_start_table(records: dict[str, dict]) -> str:
