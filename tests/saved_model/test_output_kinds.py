@@ -76,6 +76,8 @@ node { name: "as_int_then_float" op: "Cast" input: "as_int"
 node { name: "as_int" op: "Cast" input: "probability"
        attr { key: "SrcT" value { type: DT_FLOAT } } attr { key: "DstT" value { type: DT_INT32 } } }
 node { name: "unread_argmax_input" op: "Relu" input: "x" }
+node { name: "call_of_nothing" op: "PartitionedCall" input: "probability"
+       attr { key: "f" value { func { name: "not_in_the_library" } } } }
 """
 
 
@@ -89,8 +91,10 @@ node { name: "unread_argmax_input" op: "Relu" input: "x" }
         ("x:0", "float32", ("regression", "Placeholder")),
         ("unread_argmax_input:0", "float32", ("regression", "Relu")),  # no ArgMax in the graph
         ("missing:0", "float32", ("regression", "producer not found")),
+        ("call_of_nothing:0", "float32", ("regression", "PartitionedCall")),  # no function to look into
     ],
-    ids=["float_cast_looked_through", "int_dtype", "int_cast_stops", "placeholder", "no_argmax", "missing_node"],
+    ids=["float_cast_looked_through", "int_dtype", "int_cast_stops", "placeholder", "no_argmax", "missing_node",
+         "call_without_function"],
 )
 def test_casts_and_plain_graphs(tensor, dtype, expected):
     assert infer_output_kinds(_graph(CAST_GRAPH), {"out": (tensor, dtype)}) == {"out": expected}
@@ -139,8 +143,8 @@ def test_multi_label_without_positives_is_judged_on_all_elements():
 
 
 def test_regression_errors_are_over_the_originals_range():
-    original = np.array([[0.0, 2.0], [4.0, 10.0]])  # range 10
-    converted = np.array([[0.0, 2.0], [4.5, 10.0]])  # one |diff| of 0.5
+    original = np.array([[2.0, 4.0], [6.0, 12.0]])  # range 10, not its max of 12
+    converted = np.array([[2.0, 4.0], [6.5, 12.0]])  # one |diff| of 0.5
     rms, largest = regression_errors(original, converted)
     assert rms == pytest.approx(0.25 / 10, rel=1e-12)  # sqrt(0.5**2 / 4) = 0.25
     assert largest == pytest.approx(0.05, rel=1e-12)
@@ -181,7 +185,7 @@ def _tags_with_flips(rows: int, positives: int, flips: int) -> tuple[np.ndarray,
 
 
 def _regression_with_max(diff: float) -> tuple[np.ndarray, np.ndarray]:
-    original = np.linspace(0.0, 100.0, 10_001)  # range 100
+    original = np.linspace(-50.0, 50.0, 10_001)  # range 100
     converted = original.copy()
     converted[0] += diff  # one element off: RMS = diff / 100, far under its bound
     return original, converted
