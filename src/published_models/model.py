@@ -79,7 +79,11 @@ def cached_saved_model(name: str, package: str, export: Callable[[Path], None]) 
     partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.parent.mkdir(parents=True, exist_ok=True)
-    export(partial)
+    try:
+        export(partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     try:
         os.rename(partial, target)
     except OSError:

@@ -22,7 +22,7 @@ from published_models.sources import CACHE_ENV, wheel_path
 pytestmark = pytest.mark.real
 
 
-def by_model(names=MODEL_NAMES) -> list:
+def by_model(names: tuple[str, ...] = MODEL_NAMES) -> list:
     """One param per model, in the model's xdist group, so one worker exports and runs it."""
     return [pytest.param(name, marks=pytest.mark.xdist_group(f"published_{name}"), id=name) for name in names]
 
@@ -82,6 +82,18 @@ def test_export_is_reused(tmp_path, monkeypatch):
 
     assert cached_saved_model("tiny", "mtcnn", must_not_run) == written
     assert sorted(p.name for p in written.parent.iterdir()) == [written.name]  # no partial directory left
+
+
+def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+
+    def broken(directory):
+        directory.mkdir()
+        raise RuntimeError("export broke")
+
+    with pytest.raises(RuntimeError, match="export broke"):
+        cached_saved_model("tiny", "mtcnn", broken)
+    assert list((tmp_path / "saved_models").iterdir()) == []
 
 
 @pytest.mark.parametrize("name", by_model())
