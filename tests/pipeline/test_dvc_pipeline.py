@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dvc")]
 
 TINY_PARAMS = {
     "train": {"hidden_units": [64, 64], "epochs": 40},
-    "evaluate": {"batch_rows": 5000, "min_class_agreement": 0.95},
+    "evaluate": {"batch_rows": 5000, "tolerances": {"agreement": 0.95}},
     "latency": {"batch_sizes": [1, 8, 64, 5000], "repeats": 5, "calls_per_round": 5, "rows_per_round": 128,
                 "load_repeats": 1},
 }

@@ -14,9 +14,7 @@ from serving_optimiser.pipeline import evaluate, latency, report
 from serving_optimiser.pipeline.data import FEATURE_NAMES, features_and_labels, sample_around
 from serving_optimiser.pipeline.model import ModelSpec
 
-PARAMS = evaluate.EvaluateParams(
-    batch_rows=2000, seed=7, sample_rows=3, min_class_agreement=0.99, max_eval_rows_lost=1, max_relative_diff=0.05
-)
+PARAMS = evaluate.EvaluateParams(batch_rows=2000, seed=7, sample_rows=3, max_eval_rows_lost=1)
 VOCABULARY = ["setosa", "virginica", "versicolor"]
 # What the model stage records for the Iris export's predict signature.
 SPEC = ModelSpec(
@@ -55,10 +53,38 @@ def test_without_a_class_output_fidelity_is_relative_to_the_outputs_range():
     reference = {"y": np.array([[0.0, 10.0], [5.0, -10.0]], np.float32)}
     candidate = {"y": np.array([[0.5, 10.0], [5.0, -9.0]], np.float32)}
     assert evaluate.fidelity(reference, candidate, REGRESSION) == {"max_dp": 1.0, "max_rel_diff": 0.05}
-    failures = evaluate.gate_failures({"max_rel_diff": 0.06}, PARAMS)
-    assert failures == ["max |Δ| 6.0000% of the output's range on the 2000-row batch is over "
-                        "evaluate.max_relative_diff=0.05"]
-    assert evaluate.gate_failures({"max_rel_diff": 0.05}, PARAMS) == []
+
+
+def test_each_output_is_judged_by_its_kind_and_the_gate_names_the_failures():
+    """Iris: class ids are labels, probabilities a class output (argmax); the default tolerances
+    (agreement >= 0.99) with evaluate.tolerances' overrides."""
+    assert SPEC.kinds() == {"class_ids": "label", "probabilities": "class"}
+    rows = 200
+    reference = {"class_ids": np.zeros((rows, 1), np.int64),
+                 "probabilities": np.tile(np.array([[0.6, 0.3, 0.1]], np.float32), (rows, 1))}
+    candidate = {"class_ids": reference["class_ids"].copy(), "probabilities": reference["probabilities"].copy()}
+    candidate["class_ids"][:3] = 1  # 98.5 % agreement: under 0.99
+    candidate["probabilities"][:3] = [0.2, 0.7, 0.1]
+    judged = evaluate.judged_outputs(reference, candidate, SPEC, PARAMS)
+    assert judged["class_ids"]["kind"] == "label" and judged["class_ids"]["metric"] == "label_agreement"
+    assert judged["probabilities"]["metric"] == "class_agreement"
+    assert judged["probabilities"]["value"] == pytest.approx(0.985) and judged["probabilities"]["verdict"] == "fail"
+    failures = evaluate.gate_failures({"outputs": judged}, PARAMS)
+    assert failures == [
+        "output 'class_ids' (label): label agreement 0.9850 is under the minimum 0.9900 on the 2000-row batch",
+        "output 'probabilities' (class): class agreement 0.9850 is under the minimum 0.9900 on the 2000-row batch",
+    ]
+    looser = dataclasses.replace(PARAMS, tolerances={"agreement": 0.98})
+    judged = evaluate.judged_outputs(reference, candidate, SPEC, looser)
+    assert evaluate.gate_failures({"outputs": judged}, looser) == []
+
+
+def test_a_regression_output_is_judged_on_its_range():
+    reference = {"y": np.linspace(0, 10, 100, dtype=np.float32).reshape(50, 2)}
+    candidate = {"y": reference["y"] + np.float32(0.6)}  # 6 % of the range everywhere
+    judged = evaluate.judged_outputs(reference, candidate, REGRESSION, PARAMS)["y"]
+    assert judged["kind"] == "regression" and judged["verdict"] == "fail"
+    assert [c["passed"] for c in judged["checks"]] == [False, False]
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +124,11 @@ def test_outputs_round_trip_through_the_reference_file(tmp_path, reference):
             np.testing.assert_array_equal(loaded[data_set][key], reference.outputs[data_set][key])
 
 
-def test_gate_names_what_fails():
-    figures = {"agreement": 0.95, "eval_rows_lost": 2}
-    failures = evaluate.gate_failures(figures, PARAMS)
-    assert failures[0].startswith("class agreement 95.0000% on the 2000-row batch is under")
-    assert failures[1] == "2 eval rows lost against the exported model (evaluate.max_eval_rows_lost=1)"
-    assert evaluate.gate_failures({"agreement": 0.995, "eval_rows_lost": 1}, PARAMS) == []
+def test_gate_names_eval_rows_lost():
+    assert evaluate.gate_failures({"outputs": {}, "eval_rows_lost": 2}, PARAMS) == [
+        "2 eval rows lost against the exported model (evaluate.max_eval_rows_lost=1)"
+    ]
+    assert evaluate.gate_failures({"outputs": {}, "eval_rows_lost": 1}, PARAMS) == []
 
 
 def test_a_model_answering_nan_fails_naming_it(tmp_path, data):

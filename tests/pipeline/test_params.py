@@ -86,7 +86,12 @@ def broken(name, key=None, value=None):
     ("reader", "change", "expected"),
     [
         ("train", broken("train", "epochs", 0), "'train.epochs' must be positive"),
-        ("evaluate", broken("evaluate", "max_relative_diff", "5%"), "'evaluate.max_relative_diff' must be float"),
+        ("evaluate", broken("evaluate", "tolerances", {"agreement": 1.5}),
+         "'evaluate.tolerances.agreement' = 1.5 must be a fraction in [0, 1]"),
+        ("evaluate", broken("evaluate", "tolerances", {"accuracy": 0.9}), "'evaluate.tolerances.accuracy' is unknown"),
+        ("evaluate", broken("evaluate", "stop_on_gate_failure", "sometimes"),
+         "'evaluate.stop_on_gate_failure' = 'sometimes' must be one of auto, true, false"),
+        ("evaluate", broken("evaluate", "min_class_agreement", 0.99), "unknown key(s) evaluate.min_class_agreement"),
         ("evaluate", broken("evaluate", "signature", "predict"), "unknown key(s) evaluate.signature"),
         ("latency", broken("latency", "repeats", 2), "'latency.repeats' must be at least 5"),
         ("label_vocabulary", broken("data", "label_vocabulary", ["a", "a"]), "lists a label twice"),
@@ -94,8 +99,8 @@ def broken(name, key=None, value=None):
         ("model", broken("model", "eval_fraction", 1.5), "'model.eval_fraction' = 1.5 must be between 0 and 1"),
         ("variants", broken("optimise", "my variant", ["fold_constants"]), "is not a valid variant name"),
     ],
-    ids=["train", "evaluate", "evaluate-old-key", "latency", "vocabulary", "model-missing", "model-fraction",
-         "variants"],
+    ids=["train", "evaluate-tolerance-range", "evaluate-tolerance-name", "evaluate-stop", "evaluate-removed-key",
+         "evaluate-old-key", "latency", "vocabulary", "model-missing", "model-fraction", "variants"],
 )
 def test_every_reader_names_the_file_it_read(tmp_path, reader, change, expected):
     """--params may point anywhere: the error names that file, not a hard-coded params.yaml."""

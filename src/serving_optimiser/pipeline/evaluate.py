@@ -183,21 +183,39 @@ def sample_predictions(outputs: dict[str, np.ndarray], spec: ModelSpec, rows: in
     return predictions
 
 
+def tolerances(params: EvaluateParams):
+    """The one set of default tolerances (``saved_model.output_kinds``), with ``evaluate.tolerances``'
+    overrides."""
+    import dataclasses
+
+    from ..saved_model.output_kinds import DEFAULT_TOLERANCES
+
+    return dataclasses.replace(DEFAULT_TOLERANCES, **params.tolerances)
+
+
+def judged_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], spec: ModelSpec,
+                   params: EvaluateParams) -> dict[str, dict]:
+    """Each compared output judged by its kind (``ModelSpec.kinds``): ``{output: {kind, metric,
+    value, tolerance, verdict, checks}}``, as ``optimise_saved_model --report`` gives them."""
+    from ..saved_model.output_kinds import judge
+
+    bounds = tolerances(params)
+    return {key: judge(kind, reference[key], candidate[key], bounds).to_json() for key, kind in spec.kinds().items()}
+
+
 def gate_failures(figures: dict, params: EvaluateParams) -> list[str]:
-    """Why a model fails the gate, if it does (an empty list when it passes)."""
+    """Why a model fails the gate, if it does (an empty list when it passes): each output whose
+    verdict fails on the batch, with the figures over their bounds, and eval rows lost."""
+    from ..saved_model.output_kinds import Check
+
     failures = []
-    if "agreement" in figures and figures["agreement"] < params.min_class_agreement:
-        failures.append(
-            f"class agreement {figures['agreement']:.4%} on the "
-            f"{figures.get('batch_rows', params.batch_rows)}-row batch "
-            f"is under evaluate.min_class_agreement={params.min_class_agreement}"
-        )
-    if "max_rel_diff" in figures and figures["max_rel_diff"] > params.max_relative_diff:
-        failures.append(
-            f"max |Δ| {figures['max_rel_diff']:.4%} of the output's range on the "
-            f"{figures.get('batch_rows', params.batch_rows)}-row batch "
-            f"is over evaluate.max_relative_diff={params.max_relative_diff}"
-        )
+    rows = figures.get("batch_rows", params.batch_rows)
+    for name, judged in sorted(figures.get("outputs", {}).items()):
+        if judged["verdict"] != "fail":
+            continue
+        missed = [Check(c["metric"], c["value"], c["tolerance"], c["op"] == ">=").describe()
+                  for c in judged["checks"] if not c["passed"]]
+        failures.append(f"output '{name}' ({judged['kind']}): {', '.join(missed)} on the {rows}-row batch")
     if "eval_rows_lost" in figures and figures["eval_rows_lost"] > params.max_eval_rows_lost:
         failures.append(
             f"{figures['eval_rows_lost']} eval rows lost against the exported model "
@@ -288,11 +306,14 @@ def evaluate_model(
 
 
 def compare(evaluation: Evaluation, reference_outputs: dict[str, dict[str, np.ndarray]], reference: dict,
-            spec: ModelSpec) -> None:
+            spec: ModelSpec, params: EvaluateParams | None = None) -> None:
     """Add fidelity against the exported model (its outputs and figures): on the batch drawn
-    around the eval rows, which the gate and the headline use, and on the eval rows."""
+    around the eval rows, which the gate and the headline use, and on the eval rows; with
+    ``params``, each output's verdict by its kind on the batch (``outputs``)."""
     figures = evaluation.figures
     figures.update(fidelity(reference_outputs["batch"], evaluation.outputs["batch"], spec))
+    if params is not None:
+        figures["outputs"] = judged_outputs(reference_outputs["batch"], evaluation.outputs["batch"], spec, params)
     figures.update({f"eval_{key}": value
                     for key, value in fidelity(reference_outputs["eval"], evaluation.outputs["eval"], spec).items()})
     figures["size_ratio"] = figures["size_bytes"] / reference["size_bytes"]
@@ -317,6 +338,8 @@ def headline(figures: dict) -> dict:
         result["max_dp"] = round(figures["max_dp"], 4)
         if "max_rel_diff" in figures:
             result["rel_dp"] = round(figures["max_rel_diff"], 4)
+    if "gate" in figures:
+        result["gate"] = figures["gate"]["verdict"]
     return result
 
 
@@ -368,10 +391,13 @@ def evaluate_stage(
         save_outputs(out_reference, result.outputs, spec)
     else:
         exported = json.loads(reference_details.read_text())
-        compare(result, load_outputs(reference), exported, spec)
+        compare(result, load_outputs(reference), exported, spec, params)
         failures = gate_failures(result.figures, params)
-        if failures:
+        if failures and params.stops_on_gate_failure(spec.source):
             raise UserError(f"{name}: fails the gate: {'; '.join(failures)}")
+        # A failure that does not stop the run is a result: the figures say what failed, and the
+        # report shows the model with its failing verdict beside the others.
+        result.figures["gate"] = {"verdict": "fail" if failures else "pass", "failures": failures}
     write_json(out_details, rounded(result.figures))
     if out_signatures is not None:
         with atomic_file(out_signatures) as stream:

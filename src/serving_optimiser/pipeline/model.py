@@ -43,11 +43,23 @@ class ModelSpec:
     compared: list[str]  # the outputs the reference keeps and every model is compared on
     label_vocabulary: list[str] | None
     has_labels: bool
+    # compared output -> kind (saved_model.output_kinds): inferred from the op that produces it,
+    # or as model.outputs / model.class_output say. None for Iris, whose kinds are fixed below
+    # (and whose model.json predates kinds: its bytes stay the same).
+    output_kinds: dict[str, str] | None = None
 
     @property
     def gate(self) -> str:
         """``class_agreement`` or, without a class output, ``relative_diff``."""
         return "class_agreement" if self.class_output else "relative_diff"
+
+    def kinds(self) -> dict[str, str]:
+        """Each compared output's kind: how the evaluation judges it."""
+        if self.output_kinds is not None:
+            return {key: self.output_kinds[key] for key in self.compared}
+        # Iris: class ids are labels; the probabilities come out of a Softmax.
+        fixed = {IRIS_CLASS_OUTPUT: "label", IRIS_DIFF_OUTPUT: "class"}
+        return {key: fixed.get(key, "regression") for key in self.compared}
 
     def expected(self, keys=None) -> dict[str, tuple[str, list[int | None] | None]]:
         """Output key -> (dtype, shape) for :func:`~serving_optimiser.peers.predictor.validate_outputs`:
@@ -56,7 +68,10 @@ class ModelSpec:
         return {key: (self.outputs[key]["dtype"], self.outputs[key]["shape"]) for key in keys}
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        data = asdict(self)
+        if data["output_kinds"] is None:
+            del data["output_kinds"]
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, samples_dir: str | Path) -> ModelSpec:
@@ -103,6 +118,11 @@ def write_rows(path: Path, rows: dict[str, np.ndarray]) -> None:
 
 def _signature(model: ModelSection):
     """The SavedModel's signature ``model.signature`` (its protobuf read, nothing run)."""
+    return _meta_graph_and_signature(model)[1]
+
+
+def _meta_graph_and_signature(model: ModelSection):
+    """The SavedModel's MetaGraphDef and its signature ``model.signature``."""
     from ..saved_model.errors import SavedModelError
     from ..saved_model.reader import read_meta_graph, serving_signature_keys, signature_info_from_proto
 
@@ -114,7 +134,7 @@ def _signature(model: ModelSection):
         keys = ", ".join(serving_signature_keys(meta_graph)) or "none"
         raise UserError(f"{model.where('signature')}: no such signature in {model.path} (has {keys})")
     try:
-        return signature_info_from_proto(model.signature, meta_graph.signature_def[model.signature])
+        return meta_graph, signature_info_from_proto(model.signature, meta_graph.signature_def[model.signature])
     except SavedModelError as error:
         raise UserError(f"{model.where('signature')}: {error}") from None
 
@@ -155,7 +175,7 @@ def check_rows(model: ModelSection, arrays: dict[str, np.ndarray], signature) ->
 
 def user_samples(model: ModelSection) -> tuple[ModelSpec, dict, dict, np.ndarray | None]:
     """Spec, calibration rows, evaluation rows and labels of a user's SavedModel."""
-    signature = _signature(model)
+    meta_graph, signature = _meta_graph_and_signature(model)
     with np.load(model.samples, allow_pickle=False) as data:
         arrays = {name: data[name] for name in data.files}
     labels = arrays.pop(model.labels) if model.labels is not None else None
@@ -178,21 +198,27 @@ def user_samples(model: ModelSection) -> tuple[ModelSpec, dict, dict, np.ndarray
     order_rows = np.random.default_rng(model.seed).permutation(rows)
     count = min(rows - 1, max(1, round(rows * model.eval_fraction)))
     evaluation_rows, calibration_rows = np.sort(order_rows[:count]), np.sort(order_rows[count:])
+    for name in model.outputs:
+        if name not in signature.outputs:
+            raise UserError(f"{model.params_file}: 'model.outputs.{name}': no such output of signature "
+                            f"'{signature.key}' (has {', '.join(signature.outputs)})")
     class_output = model.class_output
     diff_output = None
     if class_output is not None and signature.outputs[class_output].dtype.startswith(("float", "bfloat")):
         diff_output = class_output
-    compared = [class_output] if class_output else [k for k, v in signature.outputs.items()
-                                                    if v.dtype.startswith(("float", "bfloat"))]
+    # Every numeric output is judged by its kind (a peer returns no strings); the class output too.
+    compared = [k for k, v in signature.outputs.items() if v.dtype != "string" or k == class_output]
     if not compared:
-        raise UserError(f"{model.where('class_output')}: signature '{signature.key}' has no float output to compare "
-                        f"without a class output (name one)")
+        raise UserError(f"{model.where('signature')}: signature '{signature.key}' has no numeric output to compare")
+    from ..saved_model.compare import signature_output_kinds
+
+    kinds = signature_output_kinds(meta_graph, signature, model.output_kinds())
     spec = ModelSpec(
         source=model.source, signature=signature.key, input_order=order,
         inputs={k: tensor_dict(v) for k, v in signature.inputs.items()},
         outputs={k: tensor_dict(v) for k, v in signature.outputs.items()},
         class_output=class_output, diff_output=diff_output, compared=compared, label_vocabulary=None,
-        has_labels=labels is not None,
+        has_labels=labels is not None, output_kinds={key: kinds[key][0] for key in compared},
     )
     calibration = {key: arrays[key][calibration_rows] for key in order}
     evaluation = {key: arrays[key][evaluation_rows] for key in order}

@@ -8,7 +8,7 @@ catalogue, which the data stages should not depend on).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,8 @@ IRIS_PATH = "models/exported"
 IRIS_SAMPLES = "data/prepared"
 IRIS_SIGNATURE = "predict"
 DEFAULT_SIGNATURE = "serving_default"
-MODEL_KEYS = ("source", "path", "signature", "samples", "labels", "class_output", "eval_fraction", "seed")
+MODEL_KEYS = ("source", "path", "signature", "samples", "labels", "class_output", "outputs", "eval_fraction", "seed")
+OUTPUT_KINDS = ("class", "label", "multi_label", "regression")  # saved_model.output_kinds.KINDS, TF-free here
 
 
 @dataclass(frozen=True)
@@ -59,42 +60,62 @@ class TrainParams:
         )
 
 
+TOLERANCE_KEYS = ("agreement", "flips_of_positives", "flips_of_all", "rms_diff_of_range", "max_diff_of_range")
+STOP_ON_FAILURE = ("auto", "true", "false")
+
+
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_rows: int
     seed: int
     sample_rows: int
-    min_class_agreement: float
     max_eval_rows_lost: int
-    max_relative_diff: float
     chunk_bytes: int = 16 * 2**20  # input bytes per model call (serving_optimiser.chunks)
     max_batch_bytes: int = 256 * 2**20  # the batch holds at most batch_rows rows and this many input bytes
+    # Overrides of saved_model.output_kinds.DEFAULT_TOLERANCES (the one set the CLI uses too).
+    tolerances: dict[str, float] = field(default_factory=dict)
+    stop_on_gate_failure: str = "auto"  # auto: stop dvc repro for Iris, record the failure for a user's model
 
     @classmethod
     def from_section(cls, section: dict, path: str | Path = DEFAULT_PARAMS_FILE) -> EvaluateParams:
-        agreement = float(require(section, "min_class_agreement", float, "evaluate", path))
-        if not 0 <= agreement <= 1:
-            raise UserError(f"{path}: 'evaluate.min_class_agreement' must be in [0, 1], got {agreement}")
         rows_lost = require(section, "max_eval_rows_lost", int, "evaluate", path)
         if rows_lost < 0:
             raise UserError(f"{path}: 'evaluate.max_eval_rows_lost' must be >= 0, got {rows_lost}")
-        relative = float(require_positive(section, "max_relative_diff", float, "evaluate", path))
-        known = {"batch_rows", "seed", "sample_rows", "min_class_agreement", "max_eval_rows_lost", "max_relative_diff",
-                 "chunk_bytes", "max_batch_bytes"}
+        known = {"batch_rows", "seed", "sample_rows", "max_eval_rows_lost", "chunk_bytes", "max_batch_bytes",
+                 "tolerances", "stop_on_gate_failure"}
         unknown = sorted(set(section) - known)
         if unknown:
             keys = ", ".join(f"evaluate.{key}" for key in unknown)
             raise UserError(f"{path}: unknown key(s) {keys} (expected {', '.join(sorted(known))})")
+        tolerances = section.get("tolerances") or {}
+        if not isinstance(tolerances, dict):
+            raise UserError(f"{path}: 'evaluate.tolerances' = {tolerances!r} must map tolerance names to fractions")
+        for name, value in tolerances.items():
+            if name not in TOLERANCE_KEYS:
+                raise UserError(
+                    f"{path}: 'evaluate.tolerances.{name}' is unknown (expected {', '.join(TOLERANCE_KEYS)})"
+                )
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+                raise UserError(f"{path}: 'evaluate.tolerances.{name}' = {value!r} must be a fraction in [0, 1]")
+        stop = str(section.get("stop_on_gate_failure", "auto")).lower()
+        if stop not in STOP_ON_FAILURE:
+            raise UserError(f"{path}: 'evaluate.stop_on_gate_failure' = {section.get('stop_on_gate_failure')!r} "
+                            f"must be one of {', '.join(STOP_ON_FAILURE)}")
         return cls(
             batch_rows=require_positive(section, "batch_rows", int, "evaluate", path),
             seed=require(section, "seed", int, "evaluate", path),
             sample_rows=require_positive(section, "sample_rows", int, "evaluate", path),
-            min_class_agreement=agreement,
             max_eval_rows_lost=rows_lost,
-            max_relative_diff=relative,
             chunk_bytes=require_positive(section, "chunk_bytes", int, "evaluate", path),
             max_batch_bytes=require_positive(section, "max_batch_bytes", int, "evaluate", path),
+            tolerances={name: float(value) for name, value in tolerances.items()},
+            stop_on_gate_failure=stop,
         )
+
+    def stops_on_gate_failure(self, source: str) -> bool:
+        """Whether a model that fails the gate stops ``dvc repro``: ``auto`` stops for Iris (the
+        committed behaviour) and records the failure as a result for a user's model."""
+        return self.stop_on_gate_failure == "true" or (self.stop_on_gate_failure == "auto" and source == "iris")
 
     def batch_rows_for(self, bytes_per_row: int) -> int:
         """The rows of the batch drawn around the eval data for inputs of ``bytes_per_row``:
@@ -172,6 +193,16 @@ class ModelSection:
     eval_fraction: float
     seed: int
     params_file: Path
+    # saved_model only: output -> kind where the graph's own op would judge it wrongly;
+    # ``class_output: X`` is shorthand for ``X: class``.
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    def output_kinds(self) -> dict[str, str]:
+        """The kinds the user gave: ``model.outputs``, and ``model.class_output`` as ``class``."""
+        given = dict(self.outputs)
+        if self.class_output is not None:
+            given.setdefault(self.class_output, "class")
+        return given
 
     def where(self, key: str) -> str:
         """``FILE: 'model.KEY' = VALUE`` for an error's start."""
@@ -192,6 +223,12 @@ class ModelSection:
         for key in ("signature", "labels", "class_output"):
             if values.get(key) is not None and not isinstance(values[key], str):
                 raise UserError(f"{path}: 'model.{key}' = {values[key]!r} must be a string or null")
+        outputs = values.get("outputs") or {}
+        if not isinstance(outputs, dict) or not all(isinstance(k, str) for k in outputs):
+            raise UserError(f"{path}: 'model.outputs' = {outputs!r} must map output names to kinds")
+        for name, kind in outputs.items():
+            if kind not in OUTPUT_KINDS:
+                raise UserError(f"{path}: 'model.outputs.{name}' = {kind!r} is not one of {', '.join(OUTPUT_KINDS)}")
         fraction = float(require(values, "eval_fraction", float, "model", path))
         if not 0 < fraction < 1:
             raise UserError(f"{path}: 'model.eval_fraction' = {fraction} must be between 0 and 1")
@@ -206,6 +243,7 @@ class ModelSection:
             eval_fraction=fraction,
             seed=require(values, "seed", int, "model", path),
             params_file=path,
+            outputs=dict(outputs),
         )
         model._check_paths(values)
         return model
@@ -215,9 +253,9 @@ class ModelSection:
         if self.source == "iris":
             # The Iris pipeline's own outputs: anything else means source was left at iris by mistake.
             expected = {"path": IRIS_PATH, "samples": IRIS_SAMPLES, "signature": None, "labels": None,
-                        "class_output": None}
+                        "class_output": None, "outputs": None}
             for key, value in expected.items():
-                if values.get(key) != value:
+                if (values.get(key) or None) != value:
                     raise UserError(
                         f"{path}: 'model.{key}' = {values.get(key)} needs model.source=saved_model "
                         f"(with source iris it is {value})"

@@ -141,13 +141,18 @@ def winners(records: dict[str, dict]) -> list[tuple[str, str, str, float]]:
     for objective, key, smaller in OBJECTIVES:
         # The export is the yardstick of speed and fidelity, not a contender.
         contenders = {name: r for name, r in records.items()
-                      if (name not in YARDSTICKS or key.endswith("_bytes")) and key in r}
+                      if (name not in YARDSTICKS or key.endswith("_bytes")) and key in r and passes_gate(r)}
         if not contenders:
             continue
         candidates = {name: r[key] for name, r in contenders.items() if name != ONEDNN_REFERENCE}
         best = (min if smaller else max)(candidates, key=candidates.get)
         result.append((_objective(records, objective), key, best, candidates[best]))
     return result
+
+
+def passes_gate(record: dict) -> bool:
+    """A model that failed the gate is reported, never recommended."""
+    return record.get("gate", {}).get("verdict") != "fail"
 
 
 def is_saved_model(record: dict) -> bool:
@@ -166,7 +171,7 @@ def batch_winners(records: dict[str, dict], keep=lambda name, record: True) -> l
     groups: list[tuple[list[str], str, list[float]]] = []
     for size in _sizes(records):
         contenders = {name: r["curve"][size]["ratio"] for name, r in records.items()
-                      if name not in YARDSTICKS and "curve" in r and keep(name, r)}
+                      if name not in YARDSTICKS and "curve" in r and keep(name, r) and passes_gate(r)}
         if not contenders:
             continue
         best = min(contenders, key=contenders.get)
@@ -246,6 +251,30 @@ def _pair(record: dict, key: str, spec: str) -> str:
     return own if export is None else f"{own} / {format(export, spec)}"
 
 
+def _judged(judged: dict) -> str:
+    value = judged["value"]
+    figure = "—" if value is None else (f"{value:.3%}" if judged["metric"].endswith("agreement") else f"{value:.4f}")
+    op = next((c["op"] for c in judged["checks"] if c["metric"] == judged["metric"]), "")
+    return f"{judged['kind']}: {judged['metric'].replace('_', ' ')} {figure} ({op} {judged['tolerance']:g})"
+
+
+def verdicts_table(records: dict[str, dict]) -> str:
+    """The gate per model and output: each output's kind, headline metric against its tolerance,
+    and the verdict; the failures named (a failing model is a result, not a stopped run)."""
+    outputs = sorted({name for r in records.values() for name in r.get("outputs", {})})
+    if not outputs:
+        return ""
+    lines = ["| model | gate | " + " | ".join(outputs) + " |", "|" + "---|" * (len(outputs) + 2)]
+    for name, r in records.items():
+        if "outputs" not in r:
+            continue
+        cells = [f"{_judged(r['outputs'][key])} **{r['outputs'][key]['verdict']}**" if key in r["outputs"] else "—"
+                 for key in outputs]
+        verdict = r.get("gate", {}).get("verdict", "pass")
+        lines.append(f"| {name} | {'**fail**' if verdict == 'fail' else 'pass'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def cold_start_table(records: dict[str, dict]) -> str:
     """Load and first call (cold, right after the load) apart from the warm batch-1 figures."""
     lines = [
@@ -310,6 +339,13 @@ def summary_markdown(records: dict[str, dict]) -> str:
     machine = records[REFERENCE].get("machine")
     if machine:
         parts += [f"Timings measured on: {machine_line(machine)}.", ""]
+    verdicts = verdicts_table(records)
+    if verdicts:
+        failing = [name for name, r in records.items() if not passes_gate(r)]
+        parts += ["## The gate, by output kind", "",
+                  "Each compared output judged by what it means (class, label, multi-label, regression) "
+                  "against the export on the batch; a model that fails is listed, never recommended"
+                  + (f" (failing: {', '.join(failing)})" if failing else "") + ".", "", verdicts, ""]
     parts += [
         "## Cold start and warm calls",
         "",
