@@ -413,3 +413,51 @@ def build_output_kinds_module(directory: str) -> None:
 
 def output_kinds_inputs(rows: int = 200, seed: int = 0) -> dict[str, np.ndarray]:
     return {"x": np.random.default_rng(seed).normal(0, 1, (rows, 8)).astype(np.float32)}
+
+
+class EmbeddingWideDeep(tf.Module):
+    """Issue 27's wide & deep: two 5,000 x 32 id embeddings (Keras' uniform(-0.05, 0.05) init
+    scale) beside 13 N(0, 1) numeric features -> Dense 512 -> Dense 256 (ReLU) -> one sigmoid
+    click probability. The first Dense reads inputs of two scales 20x apart, so one 8-bit range
+    resolves the embeddings coarsely; seeded weights, the last layer scaled so the logits spread
+    (sd ~2) and the labels at 0.5 mean something."""
+
+    IDS, WIDTH, NUMERIC = 5000, 32, 13
+
+    def __init__(self) -> None:
+        rng = np.random.default_rng(27)
+        self.user_table = tf.Variable(rng.uniform(-0.05, 0.05, (self.IDS, self.WIDTH)).astype(np.float32))
+        self.item_table = tf.Variable(rng.uniform(-0.05, 0.05, (self.IDS, self.WIDTH)).astype(np.float32))
+        features = 2 * self.WIDTH + self.NUMERIC
+        first = rng.normal(0, np.sqrt(2 / features), (features, 512))
+        self.layers = [
+            (tf.Variable(first.astype(np.float32)), tf.Variable(rng.normal(0, 0.1, 512).astype(np.float32))),
+            (tf.Variable(rng.normal(0, np.sqrt(2 / 512), (512, 256)).astype(np.float32)),
+             tf.Variable(rng.normal(0, 0.1, 256).astype(np.float32))),
+        ]
+        self.head = tf.Variable(rng.normal(0, 2.0 / np.sqrt(256), (256, 1)).astype(np.float32))
+        self.head_bias = tf.Variable(np.asarray([-1.0], np.float32))
+
+    @tf.function(input_signature=[
+        tf.TensorSpec([None], tf.int64, name="user"), tf.TensorSpec([None], tf.int64, name="item"),
+        tf.TensorSpec([None, NUMERIC], tf.float32, name="numeric"),
+    ])
+    def click(self, user, item, numeric):
+        x = tf.concat([tf.gather(self.user_table, user), tf.gather(self.item_table, item), numeric], axis=1)
+        for weights, bias in self.layers:
+            x = tf.nn.relu(tf.nn.bias_add(tf.matmul(x, weights), bias))
+        return {"probability": tf.sigmoid(tf.matmul(x, self.head) + self.head_bias)}
+
+
+def build_embedding_wide_deep(directory: str) -> None:
+    module = EmbeddingWideDeep()
+    tf.saved_model.save(module, directory, signatures={"serving_default": module.click})
+
+
+def embedding_wide_deep_inputs(rows: int = 2048, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "user": rng.integers(0, EmbeddingWideDeep.IDS, rows).astype(np.int64),
+        "item": rng.integers(0, EmbeddingWideDeep.IDS, rows).astype(np.int64),
+        "numeric": rng.normal(0, 1, (rows, EmbeddingWideDeep.NUMERIC)).astype(np.float32),
+    }

@@ -1,8 +1,11 @@
 """The registry mapping the old tool's transform names to Python functions.
 
 A transform joins with ``@register("name", params={"param": "default", ...})``; nothing else
-holds the list. The defaults are text for people (``transform_graph --list``); the transform
-itself applies them through its context's typed getters.
+holds the list. ``lossy=True`` marks a transform that changes the values a model computes
+(weight rounding and quantisation, int8 ops): :mod:`serving_optimiser.saved_model.guard` gates
+those, while ``TransformGraph`` runs every transform as the old tool did. The defaults are text
+for people (``transform_graph --list``); the transform itself applies them through its context's
+typed getters.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ class RegisteredTransform:
     on_functions: bool
     # (param, its default as the user would write it, or how it behaves when absent).
     defaults: tuple[tuple[str, str], ...] = ()
+    # Whether the transform changes the model's answers (the guard's business, not the engine's).
+    lossy: bool = False
 
     def usage(self) -> str:
         """``name(param=default, ...)``, or the bare name for a transform without params."""
@@ -44,9 +49,11 @@ _loaded = False
 
 
 def register(
-    name: str, *aliases: str, params: Mapping[str, str] | None = None, on_functions: bool = False
+    name: str, *aliases: str, params: Mapping[str, str] | None = None, on_functions: bool = False,
+    lossy: bool = False,
 ) -> Callable[[TransformFunction], TransformFunction]:
-    """Register ``function`` under ``name`` (and ``aliases``), taking ``params``: param -> default."""
+    """Register ``function`` under ``name`` (and ``aliases``), taking ``params``: param -> default;
+    ``lossy`` when it changes the values the model computes."""
     defaults = tuple((params or {}).items())
 
     def decorate(function: TransformFunction) -> TransformFunction:
@@ -54,7 +61,7 @@ def register(
             if key in _REGISTRY:
                 raise RuntimeError(f"transform '{key}' registered twice")
             _REGISTRY[key] = RegisteredTransform(
-                key, function, tuple(param for param, _ in defaults), on_functions, defaults
+                key, function, tuple(param for param, _ in defaults), on_functions, defaults, lossy
             )
         return function
 
@@ -75,6 +82,12 @@ def _load_all() -> None:
 def registered_names() -> list[str]:
     _load_all()
     return sorted(_REGISTRY)
+
+
+def lossy_names() -> list[str]:
+    """The transforms registered with ``lossy=True``."""
+    _load_all()
+    return sorted(name for name, registered in _REGISTRY.items() if registered.lossy)
 
 
 def get_transform(name: str) -> RegisteredTransform:

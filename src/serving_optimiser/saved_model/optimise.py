@@ -15,12 +15,9 @@ from tensorflow.core.framework import graph_pb2
 
 from ..atomic import atomic_directory
 from ..graph_transforms import TransformError, parse_and_check
-from ..graph_transforms.calibration import DEFAULT_MAX_LAYER_ERROR, Calibration
-from ..graph_transforms.engine import apply_transform
-from ..graph_transforms.parser import ParsedTransform
 from ..graph_transforms.transforms._int8 import int8_kernels_available
 from ._files import check_output_directory, clear_directory, directory_size
-from .calibration import CALIBRATED_TRANSFORMS, calibrate_frozen_model, load_calibration_inputs
+from .calibration import load_calibration_inputs
 from .compare import (
     DEFAULT_TIMEOUT_S,
     check_output_kinds,
@@ -32,6 +29,7 @@ from .compare import (
 from .convert import write_saved_model
 from .errors import SavedModelError
 from .freeze import freeze_saved_model
+from .guard import Guarded, Verdict, guard_transforms
 from .onednn import missing_kernels_message, onednn_only_ops
 from .output_kinds import DEFAULT_TOLERANCES, GROSS_TOLERANCES, KINDS
 from .safety import check_allow_ops
@@ -75,6 +73,7 @@ def optimise_saved_model(
     calibration_inputs: SampleInputs | str | os.PathLike | None = None,
     serving_batch_size: int | None = None,
     output_kinds: Mapping[str, str] | None = None,
+    gate: bool = True,
 ) -> dict:
     """Freeze ``in_dir``, apply ``transforms`` (old-tool syntax), write the SavedModel ``out_dir``.
 
@@ -148,19 +147,10 @@ def optimise_saved_model(
     if sample_inputs is None and calibration_inputs is not None and compare:
         sample_inputs = calibration_inputs
         log.info("comparing on the calibration inputs (pass sample inputs to compare on other rows)")
-    start = time.perf_counter()
-    log.info("transforming: %s", transform_string)
-    steps = _TransformSteps(frozen, parse_and_check(transform_string), calibration_inputs, compare_timeout_s,
-                            serving_batch_size)
-    graph_def = steps.run()
-    timings["transform_s"] = time.perf_counter() - start
-    optimised = frozen.with_graph_def(graph_def)
-    int8_ops = onednn_only_ops(graph_def)
-    if int8_ops and not int8_kernels_available():
-        if compare:
-            raise SavedModelError(f"{missing_kernels_message(int8_ops)}; {Path(out_dir)} not written")
-        log.warning("not compared, and it will not load here: %s", missing_kernels_message(int8_ops))
-
+    parsed = parse_and_check(transform_string)
+    gated = compare and gate
+    if not compare:
+        log.warning("not compared, so not gated: the lossy transforms' results are written unchecked")
     report = {
         "input_dir": str(in_dir),
         "output_dir": str(out_dir),
@@ -176,63 +166,88 @@ def optimise_saved_model(
         report["tolerances"] = {"sample": dataclasses.asdict(tolerances[0]),
                                 "generated": dataclasses.asdict(tolerances[1])}
     speed = None
-    if serving_batch_size is not None and steps.calibrated:
+    if serving_batch_size is not None and calibration_inputs is not None:
         from .speed_guard import OriginalTimer
 
         speed = OriginalTimer(in_dir, calibration_inputs, frozen.tags, serving_batch_size)
     with atomic_directory(check_output_directory(out_dir, overwrite)) as temporary:
-        while True:
+        state = {"graph": None}
+
+        def judge(graph_def: graph_pb2.GraphDef) -> Verdict:
+            """Write the candidate where the result goes and compare it with the original."""
+            timings["transform_s"] = timings.get("transform_s", 0.0) + time.perf_counter() - state.pop("since", 0.0)
+            optimised = frozen.with_graph_def(graph_def)
+            _check_int8_kernels(graph_def, compare, out_dir)
+            clear_directory(temporary)
             _write_and_compare(
                 report, timings, optimised, frozen, temporary, in_dir, sample_inputs, compare, allow_ops,
                 dequantize_once, warmup_batch_sizes, compare_timeout_s, output_kinds, tolerances,
             )
-            failing = report.get("failing_outputs")
-            if min_agreement is not None and failing:
-                layer = steps.next_fallback()
-                if layer is None:
-                    report["timings"] = timings
-                    report["calibration"] = steps.report()
-                    raise AgreementError(
-                        "; ".join(failing)
-                        + ("" if not steps.calibrated else " with every calibrated layer back to float")
-                        + f"; {Path(out_dir)} not written",
-                        report,
-                    )
-                log.info("%s: %s goes back to float", failing[0], layer)
-            elif speed is not None:
+            state["graph"] = graph_def
+            failing = report.get("failing_outputs") or []
+            ratio = None
+            if gated and not failing and speed is not None:
                 start = time.perf_counter()
                 ratio = speed.ratio(temporary)
                 timings["speed_s"] = timings.get("speed_s", 0.0) + time.perf_counter() - start
-                steps.speed_ratios.append(ratio)
-                layer = steps.next_fallback(for_speed=True) if ratio >= 1.0 else None
-                if layer is None:
-                    if ratio >= 1.0:
-                        # Every int8 layer is float again: what is left costs the list's float rewrites.
-                        log.warning("at batch %d the optimised model still takes %.2f x the original's time with "
-                                    "no int8 layer left to send back: the list's other transforms cost that here",
-                                    serving_batch_size, ratio)
-                    else:
-                        log.info("at batch %d the optimised model takes %.2f x the original's time",
-                                 serving_batch_size, ratio)
-                    break
-                log.info("at batch %d the optimised model takes %.2f x the original's time: %s goes back to float",
-                         serving_batch_size, ratio, layer)
-            else:
-                break
-            start = time.perf_counter()
-            optimised = frozen.with_graph_def(steps.run())
-            timings["transform_s"] += time.perf_counter() - start
-            clear_directory(temporary)
+            state["since"] = time.perf_counter()
+            return Verdict(failing if gated else [], ratio)
+
+        log.info("transforming: %s", transform_string)
+        state["since"] = time.perf_counter()
+        decision_inputs = calibration_inputs if calibration_inputs is not None else sample_inputs
+        guarded = guard_transforms(
+            frozen, parsed, decision_inputs, sample_inputs, tolerances[0], generated_tolerances=tolerances[1],
+            output_kinds=output_kinds, calibration_inputs=calibration_inputs, judge=judge,
+            serving_batch_size=serving_batch_size if gated else None, timeout_s=compare_timeout_s,
+        )
+        if gated:
+            report["gate"] = {key: value for key, value in guarded.report.items() if key not in ("calibration",
+                                                                                                 "serving_batch")}
+            report["gate"]["decided_on"] = _which_inputs(decision_inputs, calibration_inputs)
+            report["gate"]["judged_on"] = _which_inputs(sample_inputs, None)
+        if "calibration" in guarded.report:
+            report["calibration"] = guarded.report["calibration"]
+        if "serving_batch" in guarded.report:
+            # One figure per model tried, the last the one written.
+            report["serving_batch"] = guarded.report["serving_batch"]
+        if not guarded.passed:
+            report["timings"] = timings
+            raise AgreementError(_gate_failure(guarded, report, out_dir), report)
+        optimised = frozen.with_graph_def(guarded.graph_def)
     report["nodes"] = {"frozen": len(frozen.graph_def.node), "optimised": len(optimised.graph_def.node)}
     report["graph_bytes"] = {"frozen": frozen.graph_def.ByteSize(), "optimised": optimised.graph_def.ByteSize()}
-    if steps.calibrated:
-        report["calibration"] = steps.report()
-    if speed is not None:
-        # One figure per model tried, the last the one written.
-        report["serving_batch"] = {"batch_size": serving_batch_size, "time_ratios": list(steps.speed_ratios)}
     report["timings"] = timings
     log.info("wrote %s", out_dir)
     return report
+
+
+def _which_inputs(inputs, calibration_inputs) -> str:
+    if inputs is None:
+        return "generated inputs"
+    return "calibration inputs" if inputs is calibration_inputs else "sample inputs"
+
+
+def _check_int8_kernels(graph_def: graph_pb2.GraphDef, compare: bool, out_dir) -> None:
+    int8_ops = onednn_only_ops(graph_def)
+    if int8_ops and not int8_kernels_available():
+        if compare:
+            raise SavedModelError(f"{missing_kernels_message(int8_ops)}; {Path(out_dir)} not written")
+        log.warning("not compared, and it will not load here: %s", missing_kernels_message(int8_ops))
+
+
+def _gate_failure(guarded: Guarded, report: dict, out_dir) -> str:
+    """One line: the failing outputs, and what the gate sent back (or that nothing could go)."""
+    gate = guarded.report
+    ranked = gate["ranked"]
+    if not ranked:
+        tried = " (no lossy tensor or layer to send back)"
+    else:
+        worst = ", ".join(f"'{unit['name']}'" for unit in ranked[:5]) + (", ..." if len(ranked) > 5 else "")
+        tried = f" with every lossy tensor or layer back to float ({len(ranked)}, the most harmful {worst})"
+    if report.get("calibration"):
+        tried += " and every calibrated layer back to float"
+    return "; ".join(guarded.failing) + tried + f"; {Path(out_dir)} not written"
 
 
 def _write_and_compare(
@@ -267,99 +282,3 @@ def _write_and_compare(
         )
         report["failing_outputs"] = failing_outputs(comparison)
         report["verdict"] = "fail" if report["failing_outputs"] else "pass"
-
-
-class _TransformSteps:
-    """The transform list on the frozen graph, calibrating each int8 step that has no ranges_file
-    (once: a rerun for the agreement fallback reuses it, with more layers kept float)."""
-
-    def __init__(self, frozen, parsed: list[ParsedTransform], calibration_inputs, timeout_s: float,
-                 serving_batch_size: int | None = None) -> None:
-        self.frozen, self.parsed = frozen, parsed
-        self.calibration_inputs, self.timeout_s = calibration_inputs, timeout_s
-        self.serving_batch_size = serving_batch_size
-        self.calibrations: dict[int, Calibration] = {}
-        self.fallback: list[tuple[int, str]] = []  # (step, layer) back to float, in order
-        self.for_speed: set[tuple[int, str]] = set()  # of those, the ones the speed guard sent back
-        self.speed_ratios: list[float] = []  # the whole model's time over the original's, per try
-
-    @property
-    def calibrated(self) -> bool:
-        return bool(self.calibrations)
-
-    def run(self) -> graph_pb2.GraphDef:
-        graph_def = self.frozen.graph_def
-        inputs, outputs = self.frozen.input_node_names(), self.frozen.output_node_names()
-        try:
-            for index, step in enumerate(self.parsed):
-                calibration = self._calibration(index, step, graph_def)
-                graph_def = apply_transform(graph_def, step, inputs, outputs, calibration)
-        except TransformError as error:
-            raise SavedModelError(str(error)) from None
-        return graph_def
-
-    def _calibration(self, index: int, step: ParsedTransform, graph_def) -> Calibration | None:
-        if step.name not in CALIBRATED_TRANSFORMS or "ranges_file" in step.params or self.calibration_inputs is None:
-            return None
-        if index not in self.calibrations:
-            minimum_dim = step.params.get("minimum_dim")
-            try:
-                minimum_dim = int(minimum_dim[0]) if minimum_dim else None
-            except ValueError:
-                minimum_dim = None  # the transform itself reports the bad value
-            self.calibrations[index] = calibrate_frozen_model(
-                self.frozen.with_graph_def(graph_def), self.calibration_inputs, step.name, minimum_dim,
-                timeout_s=self.timeout_s, serving_batch_size=self.serving_batch_size,
-            )
-        kept = [layer for step_index, layer in self.fallback if step_index == index]
-        return self.calibrations[index].with_keep_float(kept)
-
-    def _bound(self, index: int) -> float:
-        values = self.parsed[index].params.get("max_layer_error")
-        try:
-            return float(values[0]) if values else DEFAULT_MAX_LAYER_ERROR
-        except ValueError:
-            return DEFAULT_MAX_LAYER_ERROR
-
-    def next_fallback(self, for_speed: bool = False) -> str | None:
-        """The next int8 layer back to float ("step: layer"), or None when none is left: the one
-        with the largest int8 error, or, ``for_speed``, the slowest in int8 alone (the largest
-        time ratio; untimed layers after the timed ones)."""
-        done = set(self.fallback)
-        keep = {index: set(self.parsed[index].params.get("keep_float", [])) for index in self.calibrations}
-        candidates = [
-            ((calibration.layer_time_ratios.get(layer, 0.0), error) if for_speed else (error,), index, layer)
-            for index, calibration in self.calibrations.items()
-            for layer, error in calibration.layer_errors.items()
-            if error <= self._bound(index) and (index, layer) not in done and layer not in keep[index]
-        ]
-        if not candidates:
-            return None
-        order, index, layer = max(candidates)
-        self.fallback.append((index, layer))
-        if for_speed:
-            self.for_speed.add((index, layer))
-            return f"{self.parsed[index].name} layer '{layer}' (int8 alone {order[0]:.2f} x float)"
-        return f"{self.parsed[index].name} layer '{layer}' (int8 output error {order[0]:.4f})"
-
-    def report(self) -> list[dict]:
-        result = []
-        for index, calibration in sorted(self.calibrations.items()):
-            bound = self._bound(index)
-            fallback = [layer for step_index, layer in self.fallback
-                        if step_index == index and (step_index, layer) not in self.for_speed]
-            for_speed = [layer for step_index, layer in self.fallback
-                         if step_index == index and (step_index, layer) in self.for_speed]
-            result.append({
-                "step": index,
-                "transform": self.parsed[index].name,
-                "rows": calibration.rows,
-                "max_layer_error": bound,
-                "layer_errors": dict(sorted(calibration.layer_errors.items())),
-                "float_by_guard": sorted(k for k, v in calibration.layer_errors.items() if v > bound),
-                "float_by_speed": for_speed,
-                "timed_batch_size": calibration.timed_batch_size,
-                "layer_time_ratios": dict(sorted(calibration.layer_time_ratios.items())),
-                "float_by_agreement": fallback,
-            })
-        return result

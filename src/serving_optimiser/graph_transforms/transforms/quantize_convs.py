@@ -643,6 +643,7 @@ def layer_probes(graph_def: graph_pb2.GraphDef, ranges: dict, minimum_dim: int =
         "max_layer_error": f"{DEFAULT_MAX_LAYER_ERROR:g} (with calibration: a layer over it stays float)",
         "keep_float": "(none; repeatable: conv names that stay float)",
     },
+    lossy=True,
 )
 def quantize_convs(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Run float conv layers in int8 with calibrated ranges, float in and float out, 8-bit codes

@@ -633,6 +633,7 @@ def _share_quantize(layers: Iterable[_Layer]) -> None:
         "keep_float": "(none; repeatable: MatMul, BatchMatMul or Einsum names that stay float)",
         "quantize_kernel": "onednn (or tensorflow: TensorFlow's QuantizeV2, far faster on small tensors)",
     },
+    lossy=True,
 )
 def quantize_matmuls(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Run float MatMul, BatchMatMul and Einsum (+ constant bias) layers as int8 MatMuls, float in and out.

@@ -118,7 +118,9 @@ def _check_valid(graph_def: graph_pb2.GraphDef, stage: str) -> graph_pb2.GraphDe
     params={
         "input_min": "(none; with input_max)", "input_max": "(none)", "fallback_min": "(none; with fallback_max)",
         "fallback_max": "(none)", "ignore_op": "(repeatable)",
+        "keep_float": "(none; repeatable: node names left float)",
     },
+    lossy=True,
 )
 def quantize_nodes(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Replace float ops by their eight-bit Quantized* versions, in the C++ tool's seven stages.
@@ -148,11 +150,12 @@ def quantize_nodes(graph_def: graph_pb2.GraphDef, context: TransformContext) -> 
        inputs, so adjacent eight-bit ops talk in eight bits. Dead helpers stay: follow with
        strip_unused_nodes.
     Params: ``input_min``/``input_max``, ``fallback_min``/``fallback_max`` (floats, both or
-    neither), ``ignore_op`` (repeatable op type to leave float; ``Add`` also covers AddV2).
+    neither), ``ignore_op`` (repeatable op type to leave float; ``Add`` also covers AddV2),
+    ``keep_float`` (repeatable node names left float: how the guard sends a node back).
     Differs from the C++ tool: AddV2 is quantised like Add; nodes with control inputs (which
     upstream mistook for data inputs), Conv2DBackpropInput, Conv2D with dilations, NCHW or
     explicit padding, and NCHW BiasAdd/pools stay float; only float Placeholders are
-    quantised; FakeQuants are hoisted only through range-preserving ops; ResizeBilinear keeps
+    quantised; FakeQuants are hoisted only through range-preserving ops; ``keep_float`` is new; ResizeBilinear keeps
     half_pixel_centers and Reshape its Tshape; stage 7 leaves a Dequantize with a per-channel
     ``axis`` or another T than the QuantizeV2's in place; an op read twice (``Mul(x, x)``)
     gets one quantised input chain.
@@ -168,7 +171,8 @@ def quantize_nodes(graph_def: graph_pb2.GraphDef, context: TransformContext) -> 
     current = _check_valid(hoist_fake_quants(current), "FakeQuant hoisting")
     current = _check_valid(fake_quants_to_requantize(current), "FakeQuant conversion")
     if op_infos:
-        current = _check_valid(quantize_ops(current, op_infos, fallback_range), "op quantisation")
+        keep_float = frozenset(context.get_list("keep_float"))
+        current = _check_valid(quantize_ops(current, op_infos, fallback_range, keep_float), "op quantisation")
     current = _check_valid(merge_adjacent_requantizes(current), "Requantize merging")
     merge = get_transform("merge_duplicate_nodes").function
     current = _check_valid(
@@ -240,13 +244,15 @@ def _quantize_input_nodes(prefix: str, input_string: str) -> list[node_def_pb2.N
     return [reshape_dims, reduction_dims, reshape, *reducers, quantize]
 
 
-def quantize_ops(graph_def, op_infos: dict[str, QuantizedOpInfo], fallback_range) -> graph_pb2.GraphDef:
-    """Stage 4: each listed float op becomes QuantizeV2s -> Quantized<Op> [-> Requantize] -> Dequantize."""
+def quantize_ops(graph_def, op_infos: dict[str, QuantizedOpInfo], fallback_range,
+                 keep_float: frozenset[str] = frozenset()) -> graph_pb2.GraphDef:
+    """Stage 4: each listed float op becomes QuantizeV2s -> Quantized<Op> [-> Requantize] -> Dequantize
+    (nodes named in ``keep_float`` stay float)."""
 
     def quantize(match: NodeMatch, _inputs: set[str], _outputs: set[str]) -> list:
         float_node = match.node
         info = op_infos[float_node.op]
-        if _stays_float(float_node, info):
+        if float_node.name in keep_float or _stays_float(float_node, info):
             return [float_node]
         prefix = f"{float_node.name}_eightbit"
         new_nodes: list[node_def_pb2.NodeDef] = []

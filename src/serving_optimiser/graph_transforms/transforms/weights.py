@@ -104,7 +104,12 @@ def _weight_values(node, minimum_size: int, transform: str):
     return values
 
 
-@register("round_weights", params={"num_steps": "256"}, on_functions=True)
+@register(
+    "round_weights",
+    params={"num_steps": "256", "keep_float": "(none; repeatable: Const names left as they are)"},
+    on_functions=True,
+    lossy=True,
+)
 def round_weights(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Round every large float Const to ``num_steps`` evenly spaced levels, keeping it float.
 
@@ -114,17 +119,20 @@ def round_weights(graph_def: graph_pb2.GraphDef, context: TransformContext) -> g
     low + width * (floor((v - low) / width) + 0.5), all in float32 (so the maximum lands in
     bucket num_steps, just above the original max, as upstream). All-equal values get
     high = 2 * low (or low + 1 near zero). The file compresses well; its size does not change.
-    Params: ``num_steps`` (256).
+    Params: ``num_steps`` (256), ``keep_float`` (repeatable: Consts of these names are left as
+    they are; names that match no Const are ignored).
     Differs from the C++ tool: the Const keeps its device and control inputs (upstream keeps
     only dtype and value); a Const holding inf or NaN is left unchanged with a warning
-    (upstream casts NaN to an integer, which is undefined).
+    (upstream casts NaN to an integer, which is undefined); ``keep_float`` is new (the guard of
+    :mod:`serving_optimiser.saved_model.guard` sends tensors back with it).
     """
     num_steps = context.get_int("num_steps", 256)
+    keep_float = frozenset(context.get_list("keep_float"))
     if num_steps <= 0:
         raise TransformError(f"round_weights: num_steps={num_steps} must be a positive integer")
     nodes = []
     for node in graph_def.node:
-        values = _weight_values(node, ROUND_WEIGHTS_MIN_ELEMENTS, "round_weights")
+        values = None if node.name in keep_float else _weight_values(node, ROUND_WEIGHTS_MIN_ELEMENTS, "round_weights")
         if values is None:
             nodes.append(node)
             continue
@@ -215,7 +223,17 @@ def _check_no_variables(graph_def: graph_pb2.GraphDef) -> None:
             )
 
 
-@register("quantize_weights", params={"minimum_size": "1024", "per_channel": "false"}, on_functions=True)
+@register(
+    "quantize_weights",
+    params={
+        "minimum_size": "1024",
+        "per_channel": "false",
+        "per_channel_for": "(none; repeatable: Const names quantised per channel whatever per_channel says)",
+        "keep_float": "(none; repeatable: Const names left float)",
+    },
+    on_functions=True,
+    lossy=True,
+)
 def quantize_weights(graph_def: graph_pb2.GraphDef, context: TransformContext) -> graph_pb2.GraphDef:
     """Store every large float Const as eight-bit codes plus a range, decoded at run time.
 
@@ -232,25 +250,31 @@ def quantize_weights(graph_def: graph_pb2.GraphDef, context: TransformContext) -
     ``axis`` only with MIN_COMBINED or SCALED (MIN_FIRST fails at run time), and MIN_COMBINED
     with quint8 keeps an asymmetric range (SCALED quint8 ignores min, so it cannot hold
     negative weights). Consts of rank < 2 stay per tensor.
-    Params: ``minimum_size`` (1024), ``per_channel`` (false).
+    Params: ``minimum_size`` (1024), ``per_channel`` (false), ``per_channel_for`` and
+    ``keep_float`` (repeatable Const names: quantised per channel, or left float, whatever the
+    other params say; names that match no Const are ignored).
     Errors: a graph that still holds variables (Variable, VariableV2, VarHandleOp...) must
     be frozen first.
     Differs from the C++ tool: new Consts keep the old Const's device and control inputs;
-    a Const holding inf or NaN is left float with a warning; ``per_channel`` is new.
+    a Const holding inf or NaN is left float with a warning; ``per_channel``, ``per_channel_for``
+    and ``keep_float`` are new (the last two are how :mod:`serving_optimiser.saved_model.guard`
+    sends a tensor back).
     """
     minimum_size = context.get_int("minimum_size", 1024)
     per_channel = context.get_bool("per_channel", False)
+    per_channel_for = frozenset(context.get_list("per_channel_for"))
+    keep_float = frozenset(context.get_list("keep_float"))
     _check_no_variables(graph_def)
     nodes, small_sizes, quantized = [], [], 0
     for node in graph_def.node:
-        values = _weight_values(node, minimum_size, "quantize_weights")
+        values = None if node.name in keep_float else _weight_values(node, minimum_size, "quantize_weights")
         if values is None:
             nodes.append(node)
             size = _float_const_size(node)
             if size is not None and size < minimum_size:
                 small_sizes.append(size)
             continue
-        nodes.extend(_quantized_nodes(node, values, per_channel))
+        nodes.extend(_quantized_nodes(node, values, per_channel or node.name in per_channel_for))
         quantized += 1
     if not quantized and small_sizes:
         # Otherwise the engine's "no change" would not say why (tiny models, function bodies).

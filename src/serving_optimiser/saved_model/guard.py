@@ -1,0 +1,672 @@
+"""The gate on lossy transforms: apply a transform list to a frozen model and, while the result
+misses the output tolerances, send the tensors and layers that hurt most back to per-channel
+ranges and then to float, so what comes out passes or the run fails naming why.
+
+One entry point, :func:`guard_transforms`::
+
+    guarded = guard_transforms(frozen, parse_and_check(transforms), decision_inputs, judging_inputs)
+    guarded.passed, guarded.graph_def, guarded.report
+
+How it decides:
+
+1. The whole list runs as written and is judged (each output by its kind and tolerance,
+   :mod:`.output_kinds`, on the judging inputs). A list that passes comes back as it is: the same
+   graph, byte for byte, as without the gate.
+2. Otherwise one ranking pass measures, on the decision inputs (the calibration rows where
+   given), how much each lossy unit alone moves what reads it:
+
+   * a weight Const that ``round_weights`` / ``quantize_weights`` changed: its consumers run
+     twice in one probe graph, once on the float weight and once on the weight as the list
+     left it, both on the float activations; the figure is the relative RMS error
+     ``sqrt(sum (y' - y)^2 / sum y^2)`` summed over its consumers, computed inside the graph so
+     only scalars come back. A weight whose consumers sit inside a lowered loop or conditional
+     branch cannot be fetched: its own relative RMS quantisation error stands in (for a linear
+     consumer the output's relative error is of the same order);
+   * an int8 layer of a calibrated ``quantize_matmuls`` / ``quantize_convs``: its int8 output
+     error from the calibration (measured alone, on the calibration rows);
+   * a node that ``quantize_nodes`` made eight-bit: the relative error of its output in the
+     quantised graph minus the largest of its inputs' (what it adds), from one run of each graph.
+
+   int8 layers without calibration (dynamic ranges) and weights inside function bodies are not
+   ranked: the gate still judges them, but does not send them back one by one.
+3. Units go back most harmful first, doubling how many each round: 1, 2, 4, ... up to all.
+   Weights that a per-tensor ``quantize_weights`` step quantised first go to per-channel ranges
+   (``per_channel_for``; any ``round_weights`` step leaves them alone), rank >= 2 only; if
+   every such weight per channel still fails, units go to float (``keep_float``, or the
+   calibration's keep-float list for calibrated int8 steps), again 1, 2, 4, ... One log line per
+   unit sent back. The transforms take the names; the list itself is never edited.
+
+Bound on model runs: with N ranked units, P of them with a per-channel rung, the judge runs at
+most ``1 + (ceil(log2 P) + 1) + (ceil(log2 N) + 1)`` times (``max_judged_runs``), the ranking
+pass once (twice with ``quantize_nodes``), plus, with a serving batch size, one judged run per
+int8 layer sent back for speed. Doubling may send back up to twice the units strictly needed:
+the price of the bound.
+
+With ``serving_batch_size`` the judge also times each passing candidate against the original; while
+it is not faster, int8 layers go back to float one at a time, the slowest in int8 alone first
+(:mod:`.speed_guard`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from tensorflow.core.framework import graph_pb2, node_def_pb2, types_pb2
+
+from ..graph_transforms import TransformError
+from ..graph_transforms.calibration import DEFAULT_MAX_LAYER_ERROR, Calibration, ErrorMeter
+from ..graph_transforms.engine import apply_transform
+from ..graph_transforms.graph_utils import (
+    copy_graph,
+    lowered_control_flow_nodes,
+    make_node,
+    parse_input,
+)
+from ..graph_transforms.parser import ParsedTransform
+from ..graph_transforms.registry import get_transform
+from .calibration import CALIBRATED_TRANSFORMS, _Runner, calibrate_frozen_model
+from .compare import DEFAULT_TIMEOUT_S, failing_outputs
+from .errors import SavedModelError
+from .model import FrozenModel
+from .output_kinds import DEFAULT_TOLERANCES, GROSS_TOLERANCES, Tolerances
+
+log = logging.getLogger(__name__)
+
+Inputs = Mapping[str, Mapping[str, np.ndarray]]
+WEIGHT_TRANSFORMS = ("round_weights", "quantize_weights")
+_PROBE = "guard_probe"
+_RANK_BATCH_ROWS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """What a judge says of one candidate graph: a phrase per output outside its tolerance (none:
+    it passes) and, where timed, its time over the original's at the serving batch."""
+
+    failing: list[str]
+    time_ratio: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        return not self.failing
+
+
+Judge = Callable[[graph_pb2.GraphDef], Verdict]
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One thing the gate can send back: a weight Const (``kind="weight"``), an int8 layer
+    (``"layer"``) or an eight-bit node (``"node"``), with the steps that made it lossy, its
+    measured error and how it was measured, whether it has a per-channel rung, and its float
+    weight bytes."""
+
+    name: str
+    kind: str
+    steps: tuple[int, ...]
+    error: float
+    measured: str
+    per_channel: bool = False
+    weight_bytes: int = 0
+
+    def describe(self, parsed: Sequence[ParsedTransform]) -> str:
+        transforms = "+".join(dict.fromkeys(parsed[index].name for index in self.steps))
+        what = {"weight": "tensor", "layer": "layer", "node": "node"}[self.kind]
+        return f"{transforms} {what} '{self.name}' ({self.measured} {self.error:.4f})"
+
+
+@dataclasses.dataclass
+class Guarded:
+    """The graph to write (the last judged), whether it passed, its failing outputs and the report."""
+
+    graph_def: graph_pb2.GraphDef
+    passed: bool
+    failing: list[str]
+    report: dict
+    verdict: Verdict | None = None
+
+
+def max_judged_runs(units: int, per_channel_units: int) -> int:
+    """The most judged runs for the accuracy fallback (see the module docstring)."""
+    def rounds(count: int) -> int:
+        return 0 if count == 0 else math.ceil(math.log2(count)) + 1
+
+    return 1 + rounds(per_channel_units) + rounds(units)
+
+
+def doubling(count: int) -> list[int]:
+    """How many units go back each round: 1, 2, 4, ... and finally ``count``."""
+    sizes, size = [], 1
+    while size < count:
+        sizes.append(size)
+        size *= 2
+    return sizes + ([count] if count else [])
+
+
+# --------------------------------------------------------------------------------------------
+# The list, run with units sent back
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SendBack:
+    """Units sent back: weights per channel, and units (weights, int8 layers, nodes) in float."""
+
+    per_channel: frozenset[str] = frozenset()
+    to_float: frozenset[str] = frozenset()
+
+
+class TransformSteps:
+    """The transform list on the frozen graph, calibrating each int8 step that has no ranges_file
+    once (a rerun with units sent back reuses it), with names added to the lossy steps'
+    ``keep_float`` / ``per_channel_for`` params."""
+
+    def __init__(self, frozen: FrozenModel, parsed: Sequence[ParsedTransform], calibration_inputs: Inputs | None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, serving_batch_size: int | None = None) -> None:
+        self.frozen, self.parsed = frozen, list(parsed)
+        self.calibration_inputs, self.timeout_s = calibration_inputs, timeout_s
+        self.serving_batch_size = serving_batch_size
+        self.calibrations: dict[int, Calibration] = {}
+        self.before_lossy: graph_pb2.GraphDef | None = None  # the graph the first lossy step reads
+
+    @property
+    def lossy_steps(self) -> list[int]:
+        return [index for index, step in enumerate(self.parsed) if get_transform(step.name).lossy]
+
+    def run(self, send_back: SendBack = SendBack()) -> graph_pb2.GraphDef:
+        graph_def = self.frozen.graph_def
+        inputs, outputs = self.frozen.input_node_names(), self.frozen.output_node_names()
+        lossy = set(self.lossy_steps)
+        try:
+            for index, step in enumerate(self.parsed):
+                if index == min(lossy, default=-1):
+                    self.before_lossy = graph_def
+                calibration = self._calibration(index, step, graph_def, send_back)
+                graph_def = apply_transform(graph_def, self._with_names(step, send_back, calibration is not None),
+                                            inputs, outputs, calibration)
+        except TransformError as error:
+            raise SavedModelError(str(error)) from None
+        return graph_def
+
+    @staticmethod
+    def _with_names(step: ParsedTransform, send_back: SendBack, calibrated: bool) -> ParsedTransform:
+        """``step`` with the sent-back names in its params (none: the step itself, unchanged)."""
+        params = {key: list(values) for key, values in step.params.items()}
+        if step.name == "round_weights":
+            # Rounding costs a per-channel weight its precision too: it stays exact there.
+            names = send_back.per_channel | send_back.to_float
+        elif step.name == "quantize_weights":
+            names = send_back.to_float
+            if send_back.per_channel - send_back.to_float:
+                params.setdefault("per_channel_for", []).extend(sorted(send_back.per_channel - send_back.to_float))
+        elif calibrated:
+            names = frozenset()  # through the calibration's keep_float, which names the fallback in its log
+        else:
+            names = send_back.to_float
+        if names:
+            params.setdefault("keep_float", []).extend(sorted(names))
+        if params == step.params:
+            return step
+        return dataclasses.replace(step, params=params)
+
+    def _calibration(self, index: int, step: ParsedTransform, graph_def, send_back: SendBack) -> Calibration | None:
+        if step.name not in CALIBRATED_TRANSFORMS or "ranges_file" in step.params or self.calibration_inputs is None:
+            return None
+        if index not in self.calibrations:
+            minimum_dim = step.params.get("minimum_dim")
+            try:
+                minimum_dim = int(minimum_dim[0]) if minimum_dim else None
+            except ValueError:
+                minimum_dim = None  # the transform itself reports the bad value
+            self.calibrations[index] = calibrate_frozen_model(
+                self.frozen.with_graph_def(graph_def), self.calibration_inputs, step.name, minimum_dim,
+                timeout_s=self.timeout_s, serving_batch_size=self.serving_batch_size,
+            )
+        return self.calibrations[index].with_keep_float(send_back.to_float & set(self.calibrations[index].layer_errors))
+
+    def bound(self, index: int) -> float:
+        values = self.parsed[index].params.get("max_layer_error")
+        try:
+            return float(values[0]) if values else DEFAULT_MAX_LAYER_ERROR
+        except ValueError:
+            return DEFAULT_MAX_LAYER_ERROR
+
+    def int8_layers(self) -> list[tuple[int, str, float]]:
+        """``(step, layer, int8 error)`` of every calibrated layer the list runs in int8."""
+        return [
+            (index, layer, error)
+            for index, calibration in sorted(self.calibrations.items())
+            for layer, error in sorted(calibration.layer_errors.items())
+            if error <= self.bound(index) and layer not in set(self.parsed[index].params.get("keep_float", []))
+        ]
+
+
+# --------------------------------------------------------------------------------------------
+# Ranking: one pass
+# --------------------------------------------------------------------------------------------
+
+
+def _float_consts(graph_def: graph_pb2.GraphDef) -> dict[str, node_def_pb2.NodeDef]:
+    return {node.name: node for node in graph_def.node
+            if node.op == "Const" and node.attr["dtype"].type == types_pb2.DT_FLOAT}
+
+
+def _bytes(node: node_def_pb2.NodeDef) -> int:
+    shape = node.attr["value"].tensor.tensor_shape.dim
+    return 4 * int(np.prod([dim.size for dim in shape]))
+
+
+def _constant_values(graph_def: graph_pb2.GraphDef, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The values of nodes ``names`` of ``graph_def`` that only Consts feed (a Dequantize of its
+    codes, a rounded Const), by running just their constant subgraphs: no model input is read."""
+    import tensorflow as tf
+
+    nodes = {node.name: node for node in graph_def.node}
+    keep, stack = set(), [name for name in names if name in nodes]
+    while stack:
+        name = stack.pop()
+        if name in keep:
+            continue
+        keep.add(name)
+        stack.extend(parse_input(i)[1] for i in nodes[name].input if parse_input(i)[1] in nodes)
+    if any(nodes[name].op == "Placeholder" for name in keep):
+        raise SavedModelError("guard: a lossy weight depends on a model input")
+    sub = graph_pb2.GraphDef()
+    sub.versions.CopyFrom(graph_def.versions)
+    sub.node.extend(node for node in graph_def.node if node.name in keep)
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.graph_util.import_graph_def(sub, name="")
+    with tf.compat.v1.Session(graph=graph) as session:
+        values = session.run([f"{name}:0" for name in names if name in nodes])
+    return dict(zip([name for name in names if name in nodes], (np.asarray(v, np.float32) for v in values)))
+
+
+def _relative_error(original: np.ndarray, changed: np.ndarray) -> float:
+    original, changed = np.asarray(original, np.float64), np.asarray(changed, np.float64)
+    reference = float(np.sum(original ** 2))
+    error = float(np.sum((changed - original) ** 2))
+    return math.sqrt(error / reference) if reference > 0 else (0.0 if error == 0 else math.inf)
+
+
+def _float_output(node: node_def_pb2.NodeDef) -> bool:
+    from ..graph_transforms.graph_utils import lookup_op_def, output_types
+
+    try:
+        types = output_types(node, lookup_op_def(node.op))
+    except (TransformError, KeyError, ValueError):
+        return False
+    return bool(types) and types[0] == types_pb2.DT_FLOAT
+
+
+def _scalar_sum_of_squares(name: str, tensor: str, nodes: list) -> str:
+    """Append nodes computing ``sum(tensor^2)`` as a scalar named ``name``; return its tensor."""
+    from ..graph_transforms.graph_utils import make_const_node
+
+    nodes.append(make_const_node(f"{name}/shape", np.asarray([-1], np.int32)))
+    nodes.append(make_const_node(f"{name}/axis", np.asarray(0, np.int32)))
+    nodes.append(make_node("Reshape", f"{name}/flat", [tensor, f"{name}/shape"],
+                           {"T": types_pb2.DT_FLOAT, "Tshape": types_pb2.DT_INT32}))
+    nodes.append(make_node("Square", f"{name}/square", [f"{name}/flat"], {"T": types_pb2.DT_FLOAT}))
+    nodes.append(make_node("Sum", name, [f"{name}/square", f"{name}/axis"],
+                           {"T": types_pb2.DT_FLOAT, "Tidx": types_pb2.DT_INT32, "keep_dims": False}))
+    return f"{name}:0"
+
+
+def weight_probe_graph(
+    graph_def: graph_pb2.GraphDef, changed: Mapping[str, np.ndarray]
+) -> tuple[graph_pb2.GraphDef, dict[str, list[tuple[str, str]]]]:
+    """``graph_def`` plus, for each weight in ``changed`` (name -> the values the list gives it),
+    a copy of each of its fetchable consumers reading those values instead, and scalars
+    ``sum (copy - consumer)^2`` and ``sum consumer^2``. Returns the graph and, per weight, its
+    ``(error tensor, reference tensor)`` pairs (none: no consumer can be fetched)."""
+    from ..graph_transforms.graph_utils import make_const_node
+
+    inside = lowered_control_flow_nodes(graph_def)
+    consumers: dict[str, list[node_def_pb2.NodeDef]] = {}
+    for node in graph_def.node:
+        for input_string in node.input:
+            control, name, _ = parse_input(input_string)
+            if not control and name in changed:
+                consumers.setdefault(name, []).append(node)
+    result = copy_graph(graph_def)
+    extra: list = []
+    pairs: dict[str, list[tuple[str, str]]] = {}
+    for index, (weight, values) in enumerate(sorted(changed.items())):
+        pairs[weight] = []
+        readers = [n for n in dict.fromkeys(n.name for n in consumers.get(weight, []))]
+        by_name = {n.name: n for n in consumers.get(weight, [])}
+        if not readers or any(name in inside for name in readers):
+            continue  # one reader that cannot be fetched makes the figure partial: the weight's own error instead
+        readers_nodes = [by_name[name] for name in readers]
+        if not all(_float_output(reader) for reader in readers_nodes):
+            continue
+        prefix = f"{_PROBE}/{index}"
+        extra.append(make_const_node(f"{prefix}/weight", np.asarray(values, np.float32)))
+        for position, reader in enumerate(readers_nodes):
+            copy = node_def_pb2.NodeDef()
+            copy.CopyFrom(reader)
+            copy.name = f"{prefix}/{position}/reader"
+            del copy.input[:]
+            for input_string in reader.input:
+                control, name, _ = parse_input(input_string)
+                if control:
+                    continue
+                copy.input.append(f"{prefix}/weight" if name == weight else input_string)
+            if "_class" in copy.attr:
+                del copy.attr["_class"]
+            extra.append(copy)
+            extra.append(make_node("Sub", f"{prefix}/{position}/diff", [f"{copy.name}:0", f"{reader.name}:0"],
+                                   {"T": types_pb2.DT_FLOAT}))
+            error = _scalar_sum_of_squares(f"{prefix}/{position}/error", f"{prefix}/{position}/diff:0", extra)
+            reference = _scalar_sum_of_squares(f"{prefix}/{position}/reference", f"{reader.name}:0", extra)
+            pairs[weight].append((error, reference))
+    result.node.extend(extra)
+    return result, pairs
+
+
+def _decision_inputs(frozen: FrozenModel, inputs: Inputs | None) -> dict:
+    from .compare import generate_inputs
+
+    if inputs:
+        return {key: dict(feeds) for key, feeds in inputs.items() if key in frozen.signatures}
+    return {key: generate_inputs(signature) for key, signature in sorted(frozen.signatures.items())}
+
+
+def rank_units(frozen: FrozenModel, steps: TransformSteps, unguarded: graph_pb2.GraphDef,
+               decision_inputs: Inputs | None, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[list[Unit], int]:
+    """Every lossy unit of the list with its measured error, most harmful first, and how many
+    model runs that took (see the module docstring)."""
+    before = steps.before_lossy if steps.before_lossy is not None else frozen.graph_def
+    inputs = _decision_inputs(frozen, decision_inputs)
+    parsed = steps.parsed
+    weight_steps = tuple(i for i in steps.lossy_steps if parsed[i].name in WEIGHT_TRANSFORMS)
+    per_tensor_steps = [i for i in weight_steps if parsed[i].name == "quantize_weights"
+                        and str(parsed[i].params.get("per_channel", ["false"])[0]).lower() not in ("true", "1")]
+    units: list[Unit] = []
+    runs = 0
+    floats = _float_consts(before)
+    after = {node.name: node for node in unguarded.node}
+    if weight_steps:
+        changed_names = [name for name, node in floats.items()
+                         if name in after and after[name] != node and after[name].op in ("Const", "Dequantize")]
+        changed = _constant_values(unguarded, changed_names)
+        from tensorflow.python.framework import tensor_util
+
+        originals = {name: np.asarray(tensor_util.MakeNdarray(floats[name].attr["value"].tensor), np.float32)
+                     for name in changed}
+        probe, pairs = weight_probe_graph(before, changed)
+        fetched = sorted({t for tensors in pairs.values() for pair in tensors for t in pair})
+        sums: dict[str, float] = {}
+        if fetched:
+            runner = _Runner(frozen.with_graph_def(probe), inputs, _RANK_BATCH_ROWS, timeout_s)
+            for _, values in runner.batches(fetched):
+                for tensor, value in values.items():
+                    sums[tensor] = sums.get(tensor, 0.0) + float(np.asarray(value, np.float64).sum())
+            runs += 1
+        for name in changed:
+            measured = [(sums[e], sums[r]) for e, r in pairs.get(name, []) if e in sums and r in sums]
+            if measured:
+                error = sum(math.sqrt(e / r) if r > 0 else (0.0 if e == 0 else math.inf) for e, r in measured)
+                how = "consumer output error"
+            else:
+                error, how = _relative_error(originals[name], changed[name]), "weight error"
+            units.append(Unit(name, "weight", weight_steps, error, how,
+                              bool(per_tensor_steps) and originals[name].ndim >= 2, _bytes(floats[name])))
+    for index, layer, error in steps.int8_layers():
+        layer_node = next((n for n in before.node if n.name == layer), None)
+        weight_bytes = 0 if layer_node is None else sum(
+            _bytes(floats[parse_input(i)[1]]) for i in layer_node.input if parse_input(i)[1] in floats)
+        units.append(Unit(layer, "layer", (index,), error, "int8 output error", False, weight_bytes))
+    node_steps = tuple(i for i in steps.lossy_steps if parsed[i].name == "quantize_nodes")
+    if node_steps:
+        node_units = _rank_nodes(frozen, before, unguarded, inputs, node_steps, timeout_s)
+        units.extend(node_units)
+        runs += 2
+    units.sort(key=lambda unit: (-unit.error, unit.name))
+    return units, runs
+
+
+def _rank_nodes(frozen: FrozenModel, before: graph_pb2.GraphDef, unguarded: graph_pb2.GraphDef, inputs,
+                node_steps: tuple[int, ...], timeout_s: float) -> list[Unit]:
+    """quantize_nodes' nodes: each output's relative error in the quantised graph minus the
+    largest of its inputs' (one run of each graph, the tensors compared by name)."""
+    from ..graph_transforms.transforms.quantize_nodes import QUANTIZED_OPS
+
+    after = {node.name: node for node in unguarded.node}
+    inside = lowered_control_flow_nodes(before) | lowered_control_flow_nodes(unguarded)
+    quantised = [node for node in before.node
+                 if node.op in QUANTIZED_OPS and after.get(node.name) is not None
+                 and after[node.name].op == "Dequantize" and node.name not in inside]
+    tensors = {f"{node.name}:0" for node in quantised}
+    for node in quantised:
+        for input_string in node.input:
+            control, name, port = parse_input(input_string)
+            if not control and name in after and name not in inside:
+                tensors.add(f"{name}:{port}")
+    fetched = sorted(tensors)
+    meter = ErrorMeter()
+    float_runner = _Runner(frozen.with_graph_def(before), inputs, _RANK_BATCH_ROWS, timeout_s)
+    quantised_runner = _Runner(frozen.with_graph_def(unguarded), inputs, _RANK_BATCH_ROWS, timeout_s)
+    for (_, expected), (_, actual) in zip(float_runner.batches(fetched), quantised_runner.batches(fetched)):
+        for tensor in fetched:
+            if tensor in expected and tensor in actual:
+                meter.add(tensor, expected[tensor], actual[tensor])
+    errors = meter.errors()
+    units = []
+    for node in quantised:
+        own = errors.get(f"{node.name}:0")
+        if own is None:
+            continue
+        upstream = [errors.get(f"{name}:{port}", 0.0) for control, name, port in map(parse_input, node.input)
+                    if not control]
+        units.append(Unit(node.name, "node", node_steps, max(0.0, own - max(upstream, default=0.0)),
+                          "added output error"))
+    return units
+
+
+# --------------------------------------------------------------------------------------------
+# The gate
+# --------------------------------------------------------------------------------------------
+
+
+def _rounds(units: list[Unit]) -> Iterator[tuple[SendBack, list[tuple[Unit, str]]]]:
+    """Each round's units sent back, and the units newly sent with where they go."""
+    channel = [unit for unit in units if unit.per_channel]
+    sent: dict[str, str] = {}
+    for size in doubling(len(channel)):
+        new = [(unit, "per-channel ranges") for unit in channel[:size] if unit.name not in sent]
+        sent.update((unit.name, "per_channel") for unit, _ in new)
+        yield SendBack(per_channel=frozenset(u.name for u in channel[:size])), new
+    per_channel = frozenset(u.name for u in channel)
+    floated: set[str] = set()
+    for size in doubling(len(units)):
+        new = [(unit, "float") for unit in units[:size] if unit.name not in floated]
+        floated.update(unit.name for unit, _ in new)
+        yield SendBack(per_channel=per_channel, to_float=frozenset(floated)), new
+
+
+def _reference_judge(frozen: FrozenModel, judging_inputs: Inputs | None, tolerances: Tolerances,
+                     generated_tolerances: Tolerances, output_kinds: Mapping[str, str] | None,
+                     timeout_s: float, scratch: Path) -> Judge:
+    """A judge that compares each candidate with ``frozen`` itself, both written as SavedModels
+    under ``scratch``."""
+    from .compare import compare_saved_models
+    from .convert import write_saved_model
+
+    reference = scratch / "reference"
+    write_saved_model(frozen, reference, dequantize_once=False, warmup_batch_sizes=())
+    count = [0]
+
+    def judge(graph_def: graph_pb2.GraphDef) -> Verdict:
+        count[0] += 1
+        candidate = scratch / f"candidate-{count[0]}"
+        write_saved_model(frozen.with_graph_def(graph_def), candidate, warmup_batch_sizes=())
+        comparison = compare_saved_models(
+            reference, candidate, judging_inputs, sorted(frozen.signatures), frozen.tags, timeout_s=timeout_s,
+            output_kind_overrides=output_kinds, tolerances=tolerances, generated_tolerances=generated_tolerances,
+        )
+        return Verdict(failing_outputs(comparison))
+
+    return judge
+
+
+def guard_transforms(
+    frozen: FrozenModel,
+    transforms: Sequence[ParsedTransform],
+    decision_inputs: Inputs | None,
+    judging_inputs: Inputs | None,
+    tolerances: Tolerances = DEFAULT_TOLERANCES,
+    *,
+    generated_tolerances: Tolerances = GROSS_TOLERANCES,
+    output_kinds: Mapping[str, str] | None = None,
+    calibration_inputs: Inputs | None = None,
+    judge: Judge | None = None,
+    serving_batch_size: int | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> Guarded:
+    """Apply ``transforms`` (parsed, checked) to ``frozen`` and send lossy units back until every
+    output is within its tolerance (see the module docstring for how, and the bound on runs).
+
+    ``decision_inputs`` (signature -> input -> rows; None: generated rows) rank the units;
+    ``judging_inputs`` give the verdicts, under ``tolerances`` (``generated_tolerances`` for
+    signatures they omit), each output's kind inferred or from ``output_kinds``. ``judge``
+    replaces that comparison (``optimise_saved_model`` writes and compares the real output with
+    the original SavedModel). ``calibration_inputs`` calibrate int8 steps without a ranges_file;
+    with ``serving_batch_size`` the judge's time ratios drive the speed fallback.
+
+    Returns the last graph judged, ``passed``, the failing outputs and a report: ``verdict``,
+    ``model_runs`` (``judged``, ``ranking``, ``max_judged``), ``ranked`` (every unit with its
+    error), ``sent_back`` (name, transforms, where it went, its error and bytes), ``weights``
+    (float weight bytes before the lossy steps, how many the result keeps exact, the share) and,
+    for calibrated int8 steps, ``calibration``.
+    """
+    steps = TransformSteps(frozen, transforms, calibration_inputs, timeout_s, serving_batch_size)
+    with tempfile.TemporaryDirectory(prefix="guard-") as scratch:
+        if judge is None:
+            judge = _reference_judge(frozen, judging_inputs, tolerances, generated_tolerances, output_kinds,
+                                     timeout_s, Path(scratch))
+        return _gate(frozen, steps, judge, decision_inputs, timeout_s, serving_batch_size)
+
+
+def _gate(frozen: FrozenModel, steps: TransformSteps, judge: Judge, decision_inputs, timeout_s: float,
+          serving_batch_size: int | None) -> Guarded:
+    parsed = steps.parsed
+    graph_def = steps.run()
+    unguarded = graph_def
+    verdict = judge(graph_def)
+    judged, ranking_runs = 1, 0
+    units: list[Unit] | None = None
+    rounds: Iterator | None = None
+    send_back = SendBack()
+    sent: list[dict] = []
+    for_speed: list[tuple[int, str]] = []
+    time_ratios: list[float] = []
+    while True:
+        if verdict.passed:
+            if verdict.time_ratio is None:
+                break
+            time_ratios.append(verdict.time_ratio)
+            layer = _slowest(steps, send_back, for_speed) if verdict.time_ratio >= 1.0 else None
+            if layer is None:
+                if verdict.time_ratio >= 1.0:
+                    # Every int8 layer is float again: what is left costs the list's float rewrites.
+                    log.warning("at batch %d the optimised model still takes %.2f x the original's time with no "
+                                "int8 layer left to send back: the list's other transforms cost that here",
+                                serving_batch_size, verdict.time_ratio)
+                else:
+                    log.info("at batch %d the optimised model takes %.2f x the original's time",
+                             serving_batch_size, verdict.time_ratio)
+                break
+            index, name, ratio = layer
+            for_speed.append((index, name))
+            send_back = dataclasses.replace(send_back, to_float=send_back.to_float | {name})
+            log.info("at batch %d the optimised model takes %.2f x the original's time: %s layer '%s' (int8 alone "
+                     "%.2f x float) goes back to float", serving_batch_size, verdict.time_ratio, parsed[index].name,
+                     name, ratio)
+        else:
+            if units is None:
+                units, ranking_runs = rank_units(frozen, steps, unguarded, decision_inputs, timeout_s)
+                rounds = _rounds(units)
+                log.info("guard: %s; %d lossy unit(s) ranked by their measured error", verdict.failing[0], len(units))
+            next_round = next(rounds, None)
+            if next_round is None:
+                break
+            accuracy, new = next_round
+            speed_names = frozenset(name for _, name in for_speed)
+            send_back = SendBack(accuracy.per_channel, accuracy.to_float | speed_names)
+            for unit, where in new:
+                log.info("guard: %s goes back to %s", unit.describe(parsed), where)
+                sent.append({"name": unit.name, "kind": unit.kind,
+                             "transforms": sorted({parsed[i].name for i in unit.steps}),
+                             "to": "per_channel" if where != "float" else "float",
+                             "error": unit.error, "measured": unit.measured, "weight_bytes": unit.weight_bytes})
+        graph_def = steps.run(send_back)
+        verdict = judge(graph_def)
+        judged += 1
+    report = _report(frozen, steps, graph_def, verdict, units or [], sent, send_back, for_speed, time_ratios,
+                     judged, ranking_runs, serving_batch_size)
+    return Guarded(graph_def, verdict.passed, list(verdict.failing), report, verdict)
+
+
+def _slowest(steps: TransformSteps, send_back: SendBack, for_speed) -> tuple[int, str, float] | None:
+    """The int8 layer still int8 that is slowest in int8 alone (untimed layers after the timed)."""
+    candidates = [
+        ((steps.calibrations[index].layer_time_ratios.get(layer, 0.0), error), index, layer)
+        for index, layer, error in steps.int8_layers() if layer not in send_back.to_float
+    ]
+    if not candidates:
+        return None
+    (ratio, _), index, layer = max(candidates)
+    return index, layer, ratio
+
+
+def _report(frozen, steps: TransformSteps, graph_def, verdict: Verdict, units: list[Unit], sent: list[dict],
+            send_back: SendBack, for_speed, time_ratios, judged: int, ranking_runs: int,
+            serving_batch_size: int | None) -> dict:
+    before = steps.before_lossy if steps.before_lossy is not None else frozen.graph_def
+    floats = _float_consts(before)
+    after = {node.name: node for node in graph_def.node}
+    total = sum(_bytes(node) for node in floats.values())
+    exact = sum(_bytes(node) for name, node in floats.items() if after.get(name) == node)
+    speed_names = {name for _, name in for_speed}
+    report = {
+        "verdict": "pass" if verdict.passed else "fail",
+        "failing_outputs": list(verdict.failing),
+        "lossy_steps": [steps.parsed[i].name for i in steps.lossy_steps],
+        "model_runs": {"judged": judged, "ranking": ranking_runs,
+                       "max_judged": max_judged_runs(len(units), sum(u.per_channel for u in units))
+                       + len(for_speed)},
+        "ranked": [{"name": u.name, "kind": u.kind, "error": u.error, "measured": u.measured} for u in units],
+        "sent_back": sent,
+        "weights": {"float_bytes_before": total, "exact_float_bytes": exact,
+                    "kept_float_share": exact / total if total else None,
+                    "sent_back_float_bytes": sum(s["weight_bytes"] for s in sent if s["to"] == "float")},
+    }
+    if steps.calibrations:
+        report["calibration"] = []
+        for index, calibration in sorted(steps.calibrations.items()):
+            bound = steps.bound(index)
+            layers = set(calibration.layer_errors)
+            report["calibration"].append({
+                "step": index,
+                "transform": steps.parsed[index].name,
+                "rows": calibration.rows,
+                "max_layer_error": bound,
+                "layer_errors": dict(sorted(calibration.layer_errors.items())),
+                "float_by_guard": sorted(k for k, v in calibration.layer_errors.items() if v > bound),
+                "float_by_speed": [name for step, name in for_speed if step == index],
+                "timed_batch_size": calibration.timed_batch_size,
+                "layer_time_ratios": dict(sorted(calibration.layer_time_ratios.items())),
+                "float_by_agreement": [s["name"] for s in sent if s["kind"] == "layer" and s["to"] == "float"
+                                       and s["name"] in layers and s["name"] not in speed_names],
+            })
+    if serving_batch_size is not None and time_ratios:
+        report["serving_batch"] = {"batch_size": serving_batch_size, "time_ratios": time_ratios}
+    return report
