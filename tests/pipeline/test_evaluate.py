@@ -8,6 +8,7 @@ import types
 
 import numpy as np
 import pytest
+from pipeline_helpers import ROOT
 
 from serving_optimiser.errors import UserError
 from serving_optimiser.pipeline import evaluate, latency, report
@@ -378,3 +379,31 @@ def test_the_batch_holds_at_most_max_batch_bytes(row_shape, expected_rows):
     data = evaluate.evaluation_data(samples, params)
     assert data["eval"]["x"].shape == (30, *row_shape)
     assert data["batch"]["x"].shape == (expected_rows, *row_shape)
+
+
+def test_the_lossy_transforms_are_read_without_tensorflow_and_named_per_variant():
+    from serving_optimiser.graph_transforms.catalogue import lossy_transforms
+    from serving_optimiser.graph_transforms.registry import lossy_names
+    from serving_optimiser.pipeline.entries import ModelEntry
+    from serving_optimiser.pipeline.params import PipelineParams
+
+    assert lossy_transforms() >= {"quantize_weights", "round_weights", "quantize_nodes", "quantize_matmuls",
+                                  "quantize_convs"}
+    assert lossy_transforms() == set(lossy_names())  # the ast reading agrees with the live registry
+    params = PipelineParams.load(ROOT / "params.yaml")
+    assert ModelEntry.find(params, "int8").lossy == ("quantize_matmuls", "quantize_convs")
+    assert ModelEntry.find(params, "lossless").lossy == ()
+
+
+def test_a_variant_whose_lossy_steps_changed_nothing_is_labelled_and_never_recommended():
+    same = {"probabilities": np.array([[0.2, 0.8]], np.float32), "class_ids": np.array([[1]])}
+    moved = {"probabilities": np.array([[0.25, 0.75]], np.float32), "class_ids": np.array([[1]])}
+    assert evaluate.computes_the_same_function(same, {k: v.copy() for k, v in same.items()}, SPEC)
+    assert not evaluate.computes_the_same_function(same, moved, SPEC)
+    record = {"size_bytes": 1024, "size_ratio": 1.0, "gzip_bytes": 512, "max_dp": 0.0}
+    records = {"exported": dict(record), "int8_dynamic": {**record, "no_change": "no change on this model: ..."},
+               "broken": {**record, "gate": {"verdict": "fail", "failures": ["..."]}}}
+    table = report.results_table(records)
+    assert "| int8_dynamic (no change on this model) |" in table and "| broken (fails the gate) |" in table
+    assert not report.passes_gate(records["int8_dynamic"]) and not report.passes_gate(records["broken"])
+    assert report.passes_gate(records["exported"])

@@ -46,6 +46,23 @@ def declared_transforms() -> dict[str, tuple[str, ...]]:
     return declared
 
 
+@cache
+def lossy_transforms() -> frozenset[str]:
+    """The transforms whose ``@register`` says ``lossy=True`` (they change the values a model
+    computes), read with ``ast`` like :func:`declared_transforms`."""
+    lossy: set[str] = set()
+    for path in sorted(_TRANSFORMS_DIR.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            for decorator in node.decorator_list:
+                if not (isinstance(decorator, ast.Call) and getattr(decorator.func, "id", None) == "register"):
+                    continue
+                if any(k.arg == "lossy" and getattr(k.value, "value", False) is True for k in decorator.keywords):
+                    lossy.update(arg.value for arg in decorator.args if isinstance(arg, ast.Constant))
+    return frozenset(lossy)
+
+
 def unknown_transforms_message(names: Sequence[str], known: Sequence[str]) -> str:
     parts = []
     for name in names:

@@ -22,6 +22,7 @@ class ModelEntry:
     kind: str  # "exported", "variant" (an optimise list) or "peer" (a LiteRT / ONNX / OpenVINO artefact)
     needs_onednn: bool  # its ops run only on oneDNN's kernels (quantize_matmuls)
     threads: int  # the peer runtimes' threads (TensorFlow's are process-wide)
+    lossy: tuple[str, ...] = ()  # a variant's lossy transforms (quantize_weights, ...), in list order
 
     @property
     def is_reference(self) -> bool:
@@ -30,7 +31,8 @@ class ModelEntry:
     @classmethod
     def find(cls, params: PipelineParams, name: str) -> ModelEntry:
         """Read without importing TensorFlow, so a stage can pin its kernels before it loads."""
-        from ..graph_transforms.catalogue import needs_onednn
+        from ..graph_transforms.catalogue import lossy_transforms, needs_onednn
+        from ..graph_transforms.parser import parse_transforms
 
         peers = peers_section(params)
         threads = peers.threads if peers else 2
@@ -38,7 +40,9 @@ class ModelEntry:
             return cls(name, REFERENCE, False, threads)
         variants = params.variants()
         if name in variants:
-            return cls(name, "variant", needs_onednn(params.transforms(name)), threads)
+            steps = parse_transforms(" ".join(params.transforms(name)))
+            lossy = tuple(step.name for step in steps if step.name in lossy_transforms())
+            return cls(name, "variant", needs_onednn(params.transforms(name)), threads, lossy)
         if peers and name in peers.variants:
             return cls(name, "peer", False, threads)
         known = sorted([*variants, *(peers.variants if peers else ())])

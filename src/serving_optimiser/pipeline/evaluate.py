@@ -203,6 +203,14 @@ def judged_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.nda
     return {key: judge(kind, reference[key], candidate[key], bounds).to_json() for key, kind in spec.kinds().items()}
 
 
+def computes_the_same_function(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
+                                spec: ModelSpec) -> bool:
+    """Every compared output within float rounding of the reference's (saved_model.compare)."""
+    from ..saved_model.compare import within_rounding
+
+    return all(within_rounding(reference[key], candidate[key]) for key in spec.compared)
+
+
 def gate_failures(figures: dict, params: EvaluateParams) -> list[str]:
     """Why a model fails the gate, if it does (an empty list when it passes): each output whose
     verdict fails on the batch, with the figures over their bounds, and eval rows lost."""
@@ -398,6 +406,11 @@ def evaluate_stage(
         # A failure that does not stop the run is a result: the figures say what failed, and the
         # report shows the model with its failing verdict beside the others.
         result.figures["gate"] = {"verdict": "fail" if failures else "pass", "failures": failures}
+        if entry.lossy and computes_the_same_function(load_outputs(reference)["batch"], result.outputs["batch"], spec):
+            # Its lossy steps found nothing to change (int8 MatMuls on a model of convolutions):
+            # not a result about those steps, and the report says so.
+            result.figures["no_change"] = (f"no change on this model: {', '.join(dict.fromkeys(entry.lossy))} "
+                                           "left every output within float rounding of the export's")
     write_json(out_details, rounded(result.figures))
     if out_signatures is not None:
         with atomic_file(out_signatures) as stream:

@@ -151,8 +151,9 @@ def winners(records: dict[str, dict]) -> list[tuple[str, str, str, float]]:
 
 
 def passes_gate(record: dict) -> bool:
-    """A model that failed the gate is reported, never recommended."""
-    return record.get("gate", {}).get("verdict") != "fail"
+    """A model that failed the gate, or whose lossy transforms changed nothing on this model, is
+    reported, never recommended."""
+    return record.get("gate", {}).get("verdict") != "fail" and "no_change" not in record
 
 
 def is_saved_model(record: dict) -> bool:
@@ -230,7 +231,10 @@ def results_table(records: dict[str, dict]) -> str:
         + f"| {big}-row call ms: model / export | ratio | batch-{small} p50 ms: model / export | ratio |"
     )
     lines = [header, "|" + "---|" * (12 if relative else 11)]
-    for name, r in records.items():
+    for label, r in records.items():
+        name = f"{label} (no change on this model)" if "no_change" in r else label
+        if r.get("gate", {}).get("verdict") == "fail":
+            name += " (fails the gate)"
         accuracy = f"{r['eval_accuracy']:.3f}" if "eval_accuracy" in r else "—"
         agreement = f"{r['agreement']:.3%}" if "agreement" in r else "—"
         lines.append(
