@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -18,10 +18,11 @@ import numpy as np
 
 from ..errors import UserError, first_line
 from ..runtime import native_output_silenced
-from .params import LITERT_QUANTIZATIONS
-from .predictor import DEFAULT_SIGNATURE, DEFAULT_THREADS, Predictor, input_arrays, input_rows
+from .base import DEFAULT_SIGNATURE, LoadOptions, Predictor, input_arrays, input_rows
+from .formats import FORMATS
 
-QUANTIZATIONS = LITERT_QUANTIZATIONS
+QUANTIZATIONS = FORMATS["litert"].quantizations
+FILENAME = FORMATS["litert"].filename
 
 
 def litert_model_bytes(
@@ -101,22 +102,14 @@ class LiteRTPredictor(Predictor):
         self._dtypes: dict[str, object] = {}
 
     @classmethod
-    def load(
-        cls,
-        path: str | Path,
-        *,
-        threads: int = DEFAULT_THREADS,
-        label_vocabulary: Sequence[str] | None = None,
-        signature: str = DEFAULT_SIGNATURE,
-        name: str | None = None,
-    ) -> Self:
-        artefact = name or str(path)
+    def open(cls, path: str | Path, options: LoadOptions) -> Self:
+        artefact = options.artefact(path)
         start = time.perf_counter()
         try:
             content = Path(path).read_bytes()
         except OSError as error:
             raise UserError(f"{artefact}: cannot read ({error.strerror})") from None
-        predictor = cls(artefact, content, threads, signature)
+        predictor = cls(artefact, content, options.threads, options.signature)
         predictor._prepare({}, 1)
         predictor.load_seconds = time.perf_counter() - start
         return predictor
@@ -169,3 +162,13 @@ class LiteRTPredictor(Predictor):
         interpreter.invoke()
         # get_tensor copies: the next call reuses the interpreter's buffers.
         return {key: interpreter.get_tensor(index) for key, index in prepared.outputs}
+
+
+def convert(
+    exported: str | Path, quantization: str, calibration: Mapping[str, np.ndarray] | None, signature: str
+) -> dict[str, bytes]:
+    """The artefact's one file (the format table's runtime interface; see :func:`litert_model_bytes`)."""
+    return {FILENAME: litert_model_bytes(exported, quantization, calibration, signature)}
+
+
+PREDICTOR = LiteRTPredictor

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Self
 
@@ -21,19 +21,20 @@ import numpy as np
 
 from ..errors import UserError, first_line
 from ..runtime import native_output_silenced
-from .params import ONNX_QUANTIZATIONS
-from .predictor import (
+from .base import (
     DEFAULT_SIGNATURE,
-    DEFAULT_THREADS,
     NUMPY_DTYPES,
+    LoadOptions,
     Predictor,
     input_arrays,
     numeric_outputs,
     vocabulary_array,
     with_classes,
 )
+from .formats import FORMATS
 
-QUANTIZATIONS = ONNX_QUANTIZATIONS
+QUANTIZATIONS = FORMATS["onnx"].quantizations
+FILENAME = FORMATS["onnx"].filename
 # ONNX Runtime's input type names -> numpy dtypes
 ONNX_TYPES = {f"tensor({name.replace('float32', 'float').replace('float64', 'double')})": dtype
               for name, dtype in NUMPY_DTYPES.items()}
@@ -114,7 +115,7 @@ def _stable_initializer_names(model) -> None:
 class OnnxPredictor(Predictor):
     """A ``.onnx`` model through an ONNX Runtime CPU session: ``threads`` intra-op threads, one
     inter-op thread, sequential execution, all graph optimisations. Given ``label_vocabulary``,
-    ``classes`` comes from ``class_ids`` (see :func:`~serving_optimiser.peers.predictor.with_classes`)."""
+    ``classes`` comes from ``class_ids`` (see :func:`~serving_optimiser.peers.base.with_classes`)."""
 
     format = "onnx"
 
@@ -126,28 +127,20 @@ class OnnxPredictor(Predictor):
         self._vocabulary = vocabulary
 
     @classmethod
-    def load(
-        cls,
-        path: str | Path,
-        *,
-        threads: int = DEFAULT_THREADS,
-        label_vocabulary: Sequence[str] | None = None,
-        signature: str = DEFAULT_SIGNATURE,
-        name: str | None = None,
-    ) -> Self:
-        artefact = name or str(path)
+    def open(cls, path: str | Path, options: LoadOptions) -> Self:
+        artefact = options.artefact(path)
         with native_output_silenced():
             import onnxruntime as ort
             from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            options.log_severity_level = 3
+            session_options = ort.SessionOptions()
+            session_options.intra_op_num_threads = options.threads
+            session_options.inter_op_num_threads = 1
+            session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            session_options.log_severity_level = 3
             start = time.perf_counter()
             try:
-                session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                session = ort.InferenceSession(str(path), session_options, providers=["CPUExecutionProvider"])
             except (
                 ort_errors.InvalidProtobuf,
                 ort_errors.InvalidGraph,
@@ -158,9 +151,21 @@ class OnnxPredictor(Predictor):
             ) as error:
                 raise UserError(f"{artefact}: not a valid ONNX model ({first_line(error)})") from None
             seconds = time.perf_counter() - start
-        vocabulary = vocabulary_array(label_vocabulary) if label_vocabulary else None
+        vocabulary = vocabulary_array(options.label_vocabulary) if options.label_vocabulary else None
         return cls(artefact, session, vocabulary, seconds)
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = self._session.run(self._outputs, input_arrays(self.artefact, inputs, self._dtypes))
         return with_classes(dict(zip(self._outputs, values)), self._vocabulary)
+
+
+def convert(
+    exported: str | Path, quantization: str, calibration: Mapping[str, np.ndarray] | None, signature: str,
+    opset: int,
+) -> dict[str, bytes]:
+    """The artefact's one file (the format table's runtime interface; see :func:`onnx_model_bytes`;
+    nothing is calibrated)."""
+    return {FILENAME: onnx_model_bytes(exported, quantization, opset, signature)}
+
+
+PREDICTOR = OnnxPredictor

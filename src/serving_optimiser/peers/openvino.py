@@ -21,7 +21,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Self
 
@@ -29,10 +29,9 @@ import numpy as np
 
 from ..errors import UserError, first_line
 from ..runtime import native_output_silenced
-from .params import OPENVINO_QUANTIZATIONS
-from .predictor import (
+from .base import (
     DEFAULT_SIGNATURE,
-    DEFAULT_THREADS,
+    LoadOptions,
     Predictor,
     input_arrays,
     input_rows,
@@ -40,9 +39,10 @@ from .predictor import (
     vocabulary_array,
     with_classes,
 )
+from .formats import FORMATS
 
-QUANTIZATIONS = OPENVINO_QUANTIZATIONS
-FILES = ("model.xml", "model.bin")
+QUANTIZATIONS = FORMATS["openvino"].quantizations
+FILES = FORMATS["openvino"].files
 # What every OpenVINO peer is compiled with (serving.md's fair settings): latency over
 # throughput, a fixed thread count, and float32 for the layers that are float. Without the
 # precision hint OpenVINO runs float layers in bf16 wherever the CPU has AVX512_BF16 or AMX, so
@@ -213,7 +213,7 @@ def _tensor_key(names: set[str]) -> str:
 class OpenVINOPredictor(Predictor):
     """An OpenVINO IR (``model.xml`` with ``model.bin`` beside it) compiled for the CPU plugin with
     :func:`compile_config`, one infer request reused for every call. Given ``label_vocabulary``,
-    ``classes`` comes from ``class_ids`` (see :func:`~serving_optimiser.peers.predictor.with_classes`)."""
+    ``classes`` comes from ``class_ids`` (see :func:`~serving_optimiser.peers.base.with_classes`)."""
 
     format = "openvino"
 
@@ -226,16 +226,8 @@ class OpenVINOPredictor(Predictor):
         self._vocabulary = vocabulary
 
     @classmethod
-    def load(
-        cls,
-        path: str | Path,
-        *,
-        threads: int = DEFAULT_THREADS,
-        label_vocabulary: Sequence[str] | None = None,
-        signature: str = DEFAULT_SIGNATURE,
-        name: str | None = None,
-    ) -> Self:
-        artefact = name or str(path)
+    def open(cls, path: str | Path, options: LoadOptions) -> Self:
+        artefact = options.artefact(path)
         weights = Path(path).with_suffix(".bin")
         if not weights.is_file():
             raise UserError(f"{artefact}: no {weights.name} beside it (an OpenVINO IR is model.xml + model.bin)")
@@ -245,11 +237,12 @@ class OpenVINOPredictor(Predictor):
             start = time.perf_counter()
             try:
                 core = ov.Core()
-                compiled = core.compile_model(core.read_model(str(path), str(weights)), "CPU", compile_config(threads))
+                compiled = core.compile_model(core.read_model(str(path), str(weights)), "CPU",
+                                              compile_config(options.threads))
             except RuntimeError as error:
                 raise UserError(f"{artefact}: not a valid OpenVINO model ({first_line(error)})") from None
             seconds = time.perf_counter() - start
-        vocabulary = vocabulary_array(label_vocabulary) if label_vocabulary else None
+        vocabulary = vocabulary_array(options.label_vocabulary) if options.label_vocabulary else None
         return cls(artefact, compiled, vocabulary, seconds)
 
     def runtime_precisions(self) -> dict[str, set[str]]:
@@ -265,3 +258,14 @@ class OpenVINOPredictor(Predictor):
         # share_inputs: no copy of the rows; the outputs are copied, the next call reuses the buffers.
         results = self._request.infer(input_arrays(self.artefact, inputs, self._dtypes), share_inputs=True)
         return with_classes({key: results[output] for key, output in self._outputs}, self._vocabulary)
+
+
+def convert(
+    exported: str | Path, quantization: str, calibration: Mapping[str, np.ndarray] | None, signature: str,
+    minimum_dim: int | None = None,
+) -> dict[str, bytes]:
+    """The artefact's files (the format table's runtime interface; see :func:`openvino_model_files`)."""
+    return openvino_model_files(exported, quantization, calibration, minimum_dim, signature)
+
+
+PREDICTOR = OpenVINOPredictor

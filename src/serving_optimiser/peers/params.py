@@ -17,16 +17,11 @@ from typing import Any
 
 from ..errors import UserError
 from ..params_file import DEFAULT_PARAMS_FILE, require, require_positive
+from .formats import FORMATS, PEER_FORMATS
 
-# Each format's quantisations (its module documents them): listed here, not imported from the
-# runtime modules, so reading params needs none of them.
-LITERT_QUANTIZATIONS = ("none", "float16", "int8_dynamic", "int8_full")
-ONNX_QUANTIZATIONS = ("none", "int8_dynamic")
-OPENVINO_QUANTIZATIONS = ("none", "int8")
-QUANTIZATIONS = {"litert": LITERT_QUANTIZATIONS, "onnx": ONNX_QUANTIZATIONS, "openvino": OPENVINO_QUANTIZATIONS}
-# The file load_predictor opens (an OpenVINO IR also has model.bin beside its model.xml).
-EXTENSIONS = {"litert": "tflite", "onnx": "onnx", "openvino": "xml"}
-CALIBRATED = {("litert", "int8_full"), ("openvino", "int8")}
+# Each peer format's quantisations (its runtime module documents them), from the format table, which
+# names the runtime modules without importing them: reading params loads none of them.
+QUANTIZATIONS = {name: row.quantizations for name, row in PEER_FORMATS.items()}
 
 
 @dataclass(frozen=True)
@@ -34,13 +29,23 @@ class PeerSpec:
     name: str
     format: str
     quantization: str
+    # The calibrated quantisations' rows, then one field per Option of the format table.
     calibration_rows: int | None = None  # litert int8_full, openvino int8
     opset: int | None = None  # onnx only
     minimum_dim: int | None = None  # openvino int8: narrower MatMuls stay float
 
     @property
     def filename(self) -> str:
-        return f"model.{EXTENSIONS[self.format]}"
+        """The file a predictor opens (an OpenVINO IR also has model.bin beside its model.xml)."""
+        return FORMATS[self.format].filename
+
+    @property
+    def calibrated(self) -> bool:
+        return self.quantization in FORMATS[self.format].calibrated
+
+    def options(self) -> dict[str, int | None]:
+        """The values of the format's options that apply to this quantisation, by key."""
+        return {option.key: getattr(self, option.key) for option in FORMATS[self.format].options_for(self.quantization)}
 
     @classmethod
     def from_entry(cls, name: str, entry: Any, path: str | Path = DEFAULT_PARAMS_FILE) -> PeerSpec:
@@ -57,26 +62,29 @@ class PeerSpec:
                 f"{path}: '{where}.quantization' for {format_name} must be one of {choices}, got {quantization!r}"
             )
         allowed = {"format", "quantization"}
-        calibration_rows = opset = minimum_dim = None
-        if (format_name, quantization) in CALIBRATED:
+        values: dict[str, int] = {}
+        row = PEER_FORMATS[format_name]
+        if quantization in row.calibrated:
             allowed.add("calibration_rows")
-            calibration_rows = require_positive(entry, "calibration_rows", int, where, path)
-        if format_name == "openvino" and quantization == "int8":
-            allowed.add("minimum_dim")
-            minimum_dim = require_positive(entry, "minimum_dim", int, where, path)
-        if format_name == "onnx":
-            allowed.add("opset")
-            opset = require(entry, "opset", int, where, path)
-            if not 13 <= opset <= 18:
-                # The range tf2onnx 1.17 supports and tests; it refuses 19 and above outright.
-                raise UserError(f"{path}: '{where}.opset' must be between 13 and 18, got {opset}")
+            values["calibration_rows"] = require_positive(entry, "calibration_rows", int, where, path)
+        for option in row.options_for(quantization):
+            allowed.add(option.key)
+            if option.maximum is None and option.minimum == 1:
+                values[option.key] = require_positive(entry, option.key, int, where, path)
+                continue
+            value = require(entry, option.key, int, where, path)
+            if value < option.minimum or (option.maximum is not None and value > option.maximum):
+                bounds = f"between {option.minimum} and {option.maximum}" if option.maximum is not None else (
+                    f"at least {option.minimum}")
+                raise UserError(f"{path}: '{where}.{option.key}' must be {bounds}, got {value}")
+            values[option.key] = value
         unknown = sorted(set(entry) - allowed)
         if unknown:
             raise UserError(
                 f"{path}: unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)} "
                 f"({format_name} {quantization} peers take {', '.join(sorted(allowed))})"
             )
-        return cls(name, format_name, quantization, calibration_rows, opset, minimum_dim)
+        return cls(name, format_name, quantization, **values)
 
 
 @dataclass(frozen=True)
