@@ -108,3 +108,49 @@ def test_missing_exported_model_fails_with_one_line(tmp_path, peer_samples, caps
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"convert_peer: error: {tmp_path / 'none'}: "), lines
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def user_stage_inputs(tmp_path_factory):
+    """A tf.Module-saved Keras CNN (tests/user_model.py), its frozen model and the model stage's
+    directory for it, as the pipeline's model and freeze stages write them."""
+    from user_model import SIGNATURE, save_user_model
+
+    from serving_optimiser.pipeline.model import write_samples
+    from serving_optimiser.pipeline.params import ModelSection
+    from serving_optimiser.saved_model.freeze import freeze_saved_model
+
+    base = tmp_path_factory.mktemp("user-stage")
+    saved, samples = save_user_model(base)
+    freeze_saved_model(saved, [SIGNATURE]).save(base / "frozen")
+    model = ModelSection("saved_model", saved, SIGNATURE, samples, None, None, 0.5, 7, base / "params.yaml")
+    write_samples(model, [], base / "samples")
+    return saved, base / "frozen", base / "samples"
+
+
+@pytest.mark.parametrize(
+    ("name", "converts"), [("litert_fp32", True), ("openvino_fp32", False)], ids=["litert-via-frozen", "neither"]
+)
+def test_frozen_model_converts_where_the_saved_model_fails(name, converts, user_stage_inputs, tmp_path, capsys):
+    """LiteRT answers NaN from the tf.Module's SavedModel and converts from the frozen model;
+    OpenVINO (no serving_default) converts from neither and keeps its one line, naming both."""
+    from serving_optimiser.peers.convert import SOURCE_FILE
+    from serving_optimiser.pipeline.evaluate import UNSUPPORTED_FILE
+
+    saved, frozen, samples = user_stage_inputs
+    out = tmp_path / "peers" / name
+    argv = [name, "--exported", str(saved), "--frozen", str(frozen), "--samples", str(samples), "--out", str(out)]
+    run_stage("convert_peer", load_script().main, [*argv, "--params", str(write_params(tmp_path))])
+    line = capsys.readouterr().out.strip()
+    if converts:
+        assert sorted(path.name for path in out.iterdir()) == ["model.tflite", SOURCE_FILE]
+        assert line.startswith(f"convert_peer: {name} (litert, none) -> {out / 'model.tflite'} (")
+        assert line.endswith(f", from the frozen model {frozen}")
+        assert "NaN values" in (out / SOURCE_FILE).read_text()
+    else:
+        assert [path.name for path in out.iterdir()] == [UNSUPPORTED_FILE]
+        reason = (out / UNSUPPORTED_FILE).read_text()
+        assert reason.count("OpenVINO converts only the 'serving_default' signature") == 2, reason
+        assert f"; from the frozen model {frozen}: {frozen} (as a SavedModel): " in reason
+        assert "peer-frozen-" not in reason and line.endswith(reason.strip())
+    assert sorted(path.name for path in out.parent.iterdir()) == [name]

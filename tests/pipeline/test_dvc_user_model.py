@@ -30,10 +30,9 @@ PEERS = {
     "onnx_fp32": {"format": "onnx", "quantization": "none", "opset": 17},
     "openvino_fp32": {"format": "openvino", "quantization": "none"},
 }
-CONVERTIBLE = ("onnx_fp32",)
+CONVERTIBLE = ("onnx_fp32", "litert_fp32")
 UNSUPPORTED = {
     "openvino_fp32": "OpenVINO converts only the 'serving_default' signature",
-    "litert_fp32": "output 'probabilities' has 128 NaN values",
 }
 TINY = {
     "evaluate": {"batch_rows": 2000},
