@@ -1,11 +1,19 @@
 """The package files a stage script imports, directly or through other package modules, found by
 reading the source with ``ast`` (nothing is imported). Imports inside functions count: the
-scripts import lazily, after parsing their arguments; so do the modules a package's ``_EXPORTS``
-table imports on first use."""
+scripts import lazily, after parsing their arguments.
+
+A package that imports its names on first use (PEP 562) lists them in an ``_EXPORTS`` table
+(name -> relative module). Only the entries a module really imports are followed
+(``from serving_optimiser.saved_model import FrozenModel`` reaches ``saved_model/model.py``, not
+every module of the table); a module that takes the package object itself (``import
+serving_optimiser.saved_model``, ``from serving_optimiser import saved_model``) may reach any
+name, so every entry of the table is followed then.
+"""
 
 from __future__ import annotations
 
 import ast
+from functools import cache
 from pathlib import Path
 
 PACKAGE = "serving_optimiser"
@@ -19,20 +27,39 @@ def _module_file(src: Path, module: str) -> Path | None:
     return None
 
 
+@cache
+def _exports(init: Path) -> dict[str, str]:
+    """A package ``__init__.py``'s ``_EXPORTS`` table, name -> relative module ({} without one)."""
+    tree = ast.parse(init.read_text(), str(init))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_EXPORTS" for t in node.targets):
+            if isinstance(node.value, ast.Dict):
+                return {k.value: v.value for k, v in zip(node.value.keys, node.value.values)
+                        if isinstance(k, ast.Constant) and isinstance(v, ast.Constant)}
+    return {}
+
+
+def _package_exports(src: Path, package: str, names: list[str] | None) -> set[str]:
+    """The modules ``package``'s export table maps ``names`` to (every entry for None)."""
+    init = src / Path(*package.split(".")) / "__init__.py"
+    if not init.is_file():
+        return set()
+    table = _exports(init)
+    wanted = table if names is None else {name: table[name] for name in names if name in table}
+    return {f"{package}.{module.lstrip('.')}" for module in wanted.values()}
+
+
 def _imported_modules(path: Path, src: Path) -> set[str]:
     tree = ast.parse(path.read_text(), str(path))
     # A script outside the package has no package for relative imports to start from.
     package_parts = path.relative_to(src).parts[:-1] if path.is_relative_to(src) else ()
     modules: set[str] = set()
     for node in ast.walk(tree):
-        # A package that imports on first use (PEP 562) names its modules in _EXPORTS.
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_EXPORTS" for t in node.targets):
-            if isinstance(node.value, ast.Dict):
-                for value in node.value.values:
-                    if isinstance(value, ast.Constant) and value.value.startswith("."):
-                        modules.add(".".join((*package_parts, value.value.lstrip("."))))
         if isinstance(node, ast.Import):
-            modules.update(alias.name for alias in node.names)
+            for alias in node.names:
+                modules.add(alias.name)
+                # The package object itself: any of its lazy names may be used.
+                modules |= _package_exports(src, alias.name, None)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 parts = package_parts[: len(package_parts) - node.level + 1] if node.level > 1 else package_parts
@@ -40,7 +67,12 @@ def _imported_modules(path: Path, src: Path) -> set[str]:
             else:
                 base = node.module or ""
             modules.add(base)
-            modules.update(f"{base}.{alias.name}" for alias in node.names)
+            names = [alias.name for alias in node.names]
+            modules.update(f"{base}.{name}" for name in names)
+            modules |= _package_exports(src, base, names)
+            for name in names:  # `from pkg import subpackage`: the subpackage object itself
+                if (src / Path(*f"{base}.{name}".split(".")) / "__init__.py").is_file():
+                    modules |= _package_exports(src, f"{base}.{name}", None)
     return {m for m in modules if m == PACKAGE or m.startswith(PACKAGE + ".")}
 
 

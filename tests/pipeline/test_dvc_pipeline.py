@@ -60,7 +60,8 @@ def test_repro_runs_every_stage_and_writes_metrics(repo):
     repo, _, output = repo
     per_variant = {f"{stage}@{v}" for stage in ("optimise", "convert", "evaluate", "latency") for v in VARIANTS}
     per_peer = {f"{stage}@{p}" for stage in ("convert_peer", "evaluate_peer", "latency_peer") for p in PEERS}
-    shared = {"machine", "prepare", "train", "export", "model", "freeze", "calibrate", "reference", "report"}
+    shared = {"machine", "prepare", "train", "export", "import_model", "model", "freeze", "calibrate", "reference",
+              "report"}
     assert ran_stages(output) == shared | per_variant | per_peer
     for peer in PEERS:
         figures = json.loads((repo / "reports" / "models" / f"{peer}.json").read_text())

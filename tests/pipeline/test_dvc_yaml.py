@@ -8,14 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from import_closure import import_closure
+from dvc_deps import needed_files
 from pipeline_helpers import ROOT
 
 SRC = ROOT / "src"
-# The registry imports every module in transforms/ at run time (pkgutil), which ast can't see.
-DYNAMIC_IMPORTS = {
-    SRC / "serving_optimiser/graph_transforms/registry.py": SRC / "serving_optimiser/graph_transforms/transforms"
-}
 
 
 def stages() -> dict[str, dict]:
@@ -31,14 +27,6 @@ def declared_paths(entries: list) -> set[str]:
 def covered(path: Path, deps: set[str]) -> bool:
     relative = path.relative_to(ROOT)
     return any(relative == Path(dep) or Path(dep) in relative.parents for dep in deps)
-
-
-def needed_files(script: Path) -> set[Path]:
-    needed = import_closure(script, SRC)
-    for path in list(needed):
-        if path in DYNAMIC_IMPORTS:
-            needed |= set(DYNAMIC_IMPORTS[path].rglob("*.py"))
-    return needed
 
 
 def package_deps(deps: set[str]) -> set[str]:

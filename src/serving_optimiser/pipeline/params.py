@@ -36,6 +36,7 @@ IRIS_SIGNATURE = "predict"
 DEFAULT_SIGNATURE = "serving_default"
 MODEL_KEYS = ("source", "path", "signature", "samples", "labels", "class_output", "outputs", "eval_fraction", "seed")
 OUTPUT_KINDS = ("class", "label", "multi_label", "regression")  # saved_model.output_kinds.KINDS, TF-free here
+KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")  # saved_model.keras_file's, TF-free here
 
 
 @dataclass(frozen=True)
@@ -262,10 +263,12 @@ class ModelSection:
                     )
             return
         if not self.path.exists():
-            raise UserError(f"{self.where('path')}: no such directory")
-        if not self.path.is_dir() or not any((self.path / name).is_file() for name in ("saved_model.pb",
-                                                                                        "saved_model.pbtxt")):
-            raise UserError(f"{self.where('path')}: not a SavedModel directory (no saved_model.pb)")
+            raise UserError(f"{self.where('path')}: no such directory or Keras file")
+        keras_file = self.path.is_file() and self.path.suffix.lower() in KERAS_SUFFIXES
+        if not keras_file and (not self.path.is_dir() or not any(
+                (self.path / name).is_file() for name in ("saved_model.pb", "saved_model.pbtxt"))):
+            raise UserError(f"{self.where('path')}: not a SavedModel directory (no saved_model.pb) "
+                            f"nor a Keras file ({', '.join(KERAS_SUFFIXES)})")
         if self.samples.suffix != ".npz":
             raise UserError(f"{self.where('samples')}: must be an .npz file of input arrays by input key")
         if not self.samples.is_file():
