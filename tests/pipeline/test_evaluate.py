@@ -190,7 +190,7 @@ def test_latency_pairs_each_round_against_the_first_model_at_every_batch_size():
 
 def test_latency_params_read_the_curve_and_name_a_bad_key():
     section = {"batch_sizes": [512, 1, 8], "repeats": 5, "calls_per_round": 100, "rows_per_round": 2048,
-               "load_repeats": 1, "seed": 0, "max_call_bytes": 2**20}
+               "load_repeats": 1, "seed": 0, "max_call_bytes": 2**20, "max_stage_seconds": 90}
     params = latency.LatencyParams.from_section(section)
     assert params.batch_sizes == (1, 8, 512)
     # Iris rows (16 bytes) are timed at every size; 48 x 48 x 3 images (27,648 bytes) not at 512.
@@ -214,7 +214,7 @@ def test_latency_params_read_the_curve_and_name_a_bad_key():
 )
 def test_bad_latency_params_fail_in_one_line(change, expected):
     section = {"batch_sizes": [1, 8], "repeats": 5, "calls_per_round": 10, "rows_per_round": 100,
-               "load_repeats": 1, "seed": 0, "max_call_bytes": 2**20, **change}
+               "load_repeats": 1, "seed": 0, "max_call_bytes": 2**20, "max_stage_seconds": 90, **change}
     with pytest.raises(UserError) as info:
         latency.LatencyParams.from_section(section)
     assert "\n" not in str(info.value) and expected in str(info.value), str(info.value)
@@ -407,3 +407,18 @@ def test_a_variant_whose_lossy_steps_changed_nothing_is_labelled_and_never_recom
     assert "| int8_dynamic (no change on this model) |" in table and "| broken (fails the gate) |" in table
     assert not report.passes_gate(records["int8_dynamic"]) and not report.passes_gate(records["broken"])
     assert report.passes_gate(records["exported"])
+
+
+def test_latency_drops_the_largest_batch_sizes_whose_rounds_pass_the_stage_budget():
+    """Estimated from one call per model and size (fixed figures here, no clock)."""
+    def fixed(seconds_per_row):
+        return lambda batch, calls: [0.001 + seconds_per_row * batch] * calls
+
+    models = [latency.TimedModel("exported", fixed(0.001), 0.0), latency.TimedModel("int8", fixed(0.0005), 0.0)]
+    params = dataclasses.replace(TIMING, batch_sizes=(1, 10, 1000), repeats=5, calls_per_round=4, rows_per_round=20)
+    # 1 row: 4 calls a round, 0.0025 s a pair; 10 rows: 2 calls, 0.017 s; 1000 rows: 1 call, 1.502 s.
+    assert latency.sizes_within_budget(models, dataclasses.replace(params, max_stage_seconds=90)) == ((1, 10, 1000), [])
+    assert latency.sizes_within_budget(models, dataclasses.replace(params, max_stage_seconds=1.0)) == ((1, 10), [1000])
+    # The smallest size is always timed.
+    tiny = dataclasses.replace(params, max_stage_seconds=0.001)
+    assert latency.sizes_within_budget(models, tiny) == ((1,), [10, 1000])

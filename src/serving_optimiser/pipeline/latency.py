@@ -58,6 +58,23 @@ def measure_latency(models: list[TimedModel], params: LatencyParams) -> dict[str
     return measure_side_by_side(models, params.batch_sizes, params.repeats, params.calls, params.seed)
 
 
+def sizes_within_budget(models: list[TimedModel], params: LatencyParams) -> tuple[tuple[int, ...], list[int]]:
+    """The batch sizes whose rounds fit in ``latency.max_stage_seconds``, estimated from one call
+    of every model at each size (smallest first; the smallest is always kept), and the ones
+    dropped. A model that takes seconds per call (an audio model on 512 windows) would otherwise
+    hold a stage for many minutes; Iris's rounds take seconds and lose nothing."""
+    kept: list[int] = []
+    spent = 0.0
+    for size in sorted(params.batch_sizes):
+        per_call = sum(model.timer(size, 1)[0] for model in models)
+        cost = per_call * (params.repeats * params.calls(size) + 2)  # the rounds and two warm-up calls
+        if kept and spent + cost > params.max_stage_seconds:
+            break
+        kept.append(size)
+        spent += cost
+    return tuple(kept), [size for size in params.batch_sizes if size not in kept]
+
+
 def headline_figures(measured: Mapping) -> dict[str, float]:
     """The flat figures of one model's ``measure_latency`` entry that the summary table shows:
     the largest batch's call (``batch_ms``, ``batch_ratio``) and the smallest's (``batch1_*``)."""
@@ -148,14 +165,21 @@ def latency_stage(entry, exported: Path, model_path: Path, samples_dir: Path, ma
     models = [TimedModel(name, local_timer(call, inputs), seconds) for name, (call, seconds) in predictors.items()]
     models[0].how, models[1].how = (f"{forced_how})" if forced else tensorflow), how
     worker = None
+    dropped_for_time: list[int] = []
     try:
         if forced:
             worker = WorkerModel(exported, samples_dir, largest_size, timing.seed, caller)
             models[0].name = "exported_onednn"
             models.insert(0, TimedModel(evaluate.REFERENCE, worker.timer, worker.load_seconds, tensorflow))
+        fitting_in_time, over_time = sizes_within_budget(models, timing)
+        if over_time:
+            log.info("latency: batch sizes %s not timed: their rounds would pass latency.max_stage_seconds=%g",
+                     over_time, timing.max_stage_seconds)
+            timing = dataclasses.replace(timing, batch_sizes=fitting_in_time)
+            dropped_for_time = over_time
         # Fidelity as this machine's kernels compute it (the evaluate stage's is pinned, the same
         # everywhere); they differ where kernels round differently per ISA (int8, the peer runtimes).
-        largest = inputs[largest_size]
+        largest = inputs[max(timing.batch_sizes)]
         here = evaluate.fidelity(predictors[evaluate.REFERENCE][0](largest), predictors[entry.name][0](largest),
                                  samples.spec)
         measured = measure_latency(models, timing)
@@ -166,13 +190,16 @@ def latency_stage(entry, exported: Path, model_path: Path, samples_dir: Path, ma
     fidelity = {f"{key}_this_machine": round(value, 6) for key, value in here.items()}
     process = process_settings() | {"peer_runtime_threads": entry.threads}
     details = {"machine": machine, "process": process, "measured": figures, "fidelity": fidelity}
-    if dropped:
-        details["batch_sizes_not_timed"] = {"sizes": dropped, "max_call_bytes": timing.max_call_bytes}
+    if dropped or dropped_for_time:
+        details["batch_sizes_not_timed"] = {"over_max_call_bytes": dropped, "over_max_stage_seconds": dropped_for_time,
+                                            "max_call_bytes": timing.max_call_bytes,
+                                            "max_stage_seconds": timing.max_stage_seconds}
     write_json(out_details, details)
     mine = figures[entry.name]["batches"]
     smallest = min(timing.batch_sizes)
     # Short names and 3 decimals keep `dvc metrics show` within 120 columns (README has the legend);
     # the whole curve is in the details file and the report.
+    largest_size = max(timing.batch_sizes)
     write_json(out_metrics, {f"t{batch_label(size)}_x": round(mine[str(size)]["ratio"], 3)
                              for size in (smallest, largest_size)})
     curve = ", ".join(f"{batch_label(size)}: {mine[str(size)]['ratio']:.3f}x" for size in timing.batch_sizes)

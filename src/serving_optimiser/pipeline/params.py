@@ -135,6 +135,7 @@ class LatencyParams:
     load_repeats: int
     seed: int
     max_call_bytes: int = 256 * 2**20  # batch sizes whose input holds more are not timed
+    max_stage_seconds: float = 90.0  # the largest batch sizes are dropped until the rounds fit
 
     @classmethod
     def from_section(cls, section: dict, path: str | Path = DEFAULT_PARAMS_FILE) -> LatencyParams:
@@ -149,6 +150,7 @@ class LatencyParams:
             raise UserError(f"{path}: 'latency.batch_sizes' lists a size twice: {sizes}")
         known = {
             "batch_sizes", "repeats", "calls_per_round", "rows_per_round", "load_repeats", "seed", "max_call_bytes",
+            "max_stage_seconds",
         }
         unknown = sorted(set(section) - known)
         if unknown:
@@ -162,6 +164,7 @@ class LatencyParams:
             load_repeats=require_positive(section, "load_repeats", int, "latency", path),
             seed=require(section, "seed", int, "latency", path),
             max_call_bytes=require_positive(section, "max_call_bytes", int, "latency", path),
+            max_stage_seconds=float(require_positive(section, "max_stage_seconds", float, "latency", path)),
         )
 
     def sizes_that_fit(self, bytes_per_row: int) -> tuple[int, ...]:

@@ -90,6 +90,9 @@ def gather(models: list[str], details_dir: Path, latency_details_dir: Path) -> d
     if last_latency is None:
         exported.update(batch_ratio=1.0, batch1_p50_ratio=1.0)
         return records
+    not_timed = [latency.get("batch_sizes_not_timed") for latency in (last_latency,) if latency]
+    if not_timed and not_timed[0]:
+        exported["batch_sizes_not_timed"] = not_timed[0]
     # The machine line: the exported model's (every stage records the same machine file).
     records[REFERENCE] = _timed_record(exported, _median_timings(yardsticks[REFERENCE], ratio=False), last_latency)
     if yardsticks[ONEDNN_REFERENCE]:
@@ -343,6 +346,15 @@ def summary_markdown(records: dict[str, dict]) -> str:
     machine = records[REFERENCE].get("machine")
     if machine:
         parts += [f"Timings measured on: {machine_line(machine)}.", ""]
+    skipped = records[REFERENCE].get("batch_sizes_not_timed")
+    if skipped:
+        reasons = (
+            (skipped.get("over_max_call_bytes"), f"input over latency.max_call_bytes={skipped['max_call_bytes']}"),
+            (skipped.get("over_max_stage_seconds"),
+             f"rounds over latency.max_stage_seconds={skipped['max_stage_seconds']:g}"),
+        )
+        parts += ["Batch sizes not timed: "
+                  + "; ".join(f"{', '.join(map(str, sizes))} ({why})" for sizes, why in reasons if sizes) + ".", ""]
     verdicts = verdicts_table(records)
     if verdicts:
         failing = [name for name, r in records.items() if not passes_gate(r)]
