@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from saved_model.models import DESTRUCTIVE, LOSSLESS, QUANTISING, iris_inputs
+from saved_model.models import BEYOND_THE_GATE, LOSSLESS, QUANTISING, iris_inputs
 
 from serving_optimiser.cli.optimise_saved_model import main
 
@@ -77,7 +77,8 @@ def test_command_errors_are_short_and_leave_no_output(case, expected, tf1_iris, 
         "missing_directory": [tmp_path / "missing", out, "--transforms", LOSSLESS],
         "malformed_transforms": [tf1_iris, out, "--transforms", "remove_nodes(op=Identity"],
         "unknown_signature": [tf1_iris, out, "--transforms", LOSSLESS, "--signature", "classify"],
-        "agreement_gate": [multi_signature_module, out, "--transforms", DESTRUCTIVE, "--min-agreement", "0.99"],
+        "agreement_gate": [multi_signature_module, out, "--transforms", BEYOND_THE_GATE,
+                           "--min-agreement", "0.99"],
     }[case]
     code = main([str(a) for a in argv])
     captured = capsys.readouterr()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from graph_helpers import op_counts
-from saved_model.models import DESTRUCTIVE, LOSSLESS, QUANTISING, iris_inputs, module_inputs
+from saved_model.models import BEYOND_THE_GATE, LOSSLESS, QUANTISING, iris_inputs, module_inputs
 
 from serving_optimiser.saved_model import AgreementError, FrozenModel, SavedModelError, optimise_saved_model
 from serving_optimiser.saved_model.reader import read_saved_model
@@ -104,7 +104,7 @@ def test_two_runs_give_identical_graphs(fixture, request, tmp_path):
 
 def test_agreement_under_the_minimum_writes_nothing(multi_signature_module, tmp_path):
     with pytest.raises(AgreementError, match=r"class agreement 0\.\d+ is under the minimum 0\.9900") as raised:
-        optimise_saved_model(multi_signature_module, tmp_path / "out", DESTRUCTIVE, min_agreement=0.99)
+        optimise_saved_model(multi_signature_module, tmp_path / "out", BEYOND_THE_GATE, min_agreement=0.99)
     assert raised.value.report["min_class_agreement"] < 0.99
     assert list(tmp_path.iterdir()) == []
 

@@ -5,7 +5,7 @@ Example:
 
     optimise_saved_model export/1 optimised/1 \\
         --transforms 'remove_nodes(op=Identity) fold_constants(ignore_errors=true) quantize_weights' \\
-        --min-agreement 0.99
+        --sample-inputs rows.npz
 
 The comparison calls every kept signature of both models on the same inputs: the arrays of
 --sample-inputs, or else 64 seeded rows generated from each input's dtype and shape (unknown
@@ -24,10 +24,20 @@ dtype, or from --output-kind NAME=KIND:
 (range: the original output's max - min on the batch). On generated inputs, which are off the
 model's data, the report says so and only gross breakage fails: agreement >= 0.5, flips <= 0.5
 of the positives and 0.125 of all, RMS |diff| <= 0.1 and max |diff| <= 0.5 of the range.
-Each output's line gives its kind, figures, verdict and max |difference|. Without
---min-agreement nothing is checked: the verdicts are only reported. With it, X is the class and
-label agreement tolerance and any failing verdict stops the run. A signature call that does not
-return within --compare-timeout seconds stops the run with an error naming it.
+Each output's line gives its kind, figures, verdict and max |difference|. --min-agreement X
+replaces the class and label agreement tolerance. A signature call that does not return within
+--compare-timeout seconds stops the run with an error naming it.
+
+The gate is on by default. When an output misses its tolerance, the tensors and layers of the
+lossy transforms (round_weights, quantize_weights, quantize_nodes, quantize_matmuls,
+quantize_convs) that hurt most go back, first to per-channel ranges, then to float, one log
+line each, until every output passes. They are ranked by their measured error in one pass on
+--calibration-inputs where given (else on the comparison's inputs) and judged on the
+comparison's inputs; the number of model runs is bounded (about 3 log2 N + 3 for N units, see
+serving_optimiser.saved_model.guard). A list that already passes is written as it always was.
+The report gives the tensors sent back and the share of weight bytes kept float. When nothing
+left makes it pass, the run fails naming the outputs and the units (exit 3, OUT_DIR not
+created). --no-compare skips the comparison and the gate, and says so on stderr.
 
 OUT_DIR gets TF Serving's warm-up records (assets.extra/tf_serving_warmup_requests, batch 1
 per signature by default, from --sample-inputs where given), replayed by the model server at
@@ -38,8 +48,8 @@ TF_ENABLE_ONEDNN_OPTS=1. Such a model checks its kernels in its init op, so it f
 naming the fix, wherever they are missing.
 
 Progress goes to stderr, the per-output comparison to stdout. Exit codes: 0 done; 1 error
-(one or two lines on stderr, OUT_DIR not created); 2 bad usage; 3 with --min-agreement, an
-output failed its verdict (one line naming the outputs and figures, OUT_DIR not created);
+(one or two lines on stderr, OUT_DIR not created); 2 bad usage; 3 the gate could not make an
+output pass its verdict (one line naming the outputs, figures and units, OUT_DIR not created);
 130 interrupted.
 """
 
@@ -89,10 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "in int8 (each timed alone) first (int8 pays on large batches; at batch 1 it can cost "
                         "more than it saves)")
     parser.add_argument("--min-agreement", type=float, metavar="X",
-                        help="fail (exit 3, OUT_DIR not written) when an output fails its verdict, X (0..1) being "
-                        "the class and label agreement tolerance; with --calibration-inputs, int8 layers first go "
-                        "back to float one at a time, largest error first, until every output passes; default: no "
-                        "check, the verdicts are only reported")
+                        help="the class and label agreement tolerance (0..1) the gate holds the outputs to "
+                        "(default: 0.99 on sample inputs, 0.5 on generated ones)")
     parser.add_argument("--output-kind", action="append", type=_output_kind, metavar="NAME=KIND",
                         help="judge output NAME (or SIGNATURE/NAME) as KIND: class, label, multi_label or "
                         "regression, instead of the kind inferred from the graph (repeatable)")
@@ -100,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ops to accept although the safety scan refuses them (e.g. PrintV2)")
     parser.add_argument("--no-dequantize-once", dest="dequantize_once", action="store_false",
                         help="keep Dequantize ops on the call path instead of caching their float values at load")
-    parser.add_argument("--no-compare", dest="compare", action="store_false", help="skip the comparison")
+    parser.add_argument("--no-compare", dest="compare", action="store_false",
+                        help="skip the comparison, and so the gate on the lossy transforms")
     parser.add_argument("--compare-timeout", type=_positive_float, default=300.0, metavar="SECONDS",
                         help="stop with an error when a signature call takes longer (default: 300)")
     parser.add_argument("--warmup-batch-sizes", type=_batch_sizes, default=[1], metavar="N,M",
@@ -247,6 +256,21 @@ def format_report(report: dict) -> str:
     if serving:
         tries = " -> ".join(f"{ratio:.2f} x" for ratio in serving["time_ratios"])
         lines.append(f"at batch {serving['batch_size']}: the optimised model's time over the original's: {tries}")
+    gate = report.get("gate")
+    if gate:
+        weights = gate["weights"]
+        share = weights["kept_float_share"]
+        runs = gate["model_runs"]
+        lines.append(
+            f"gate: {len(gate['sent_back'])} tensor(s) or layer(s) sent back "
+            f"(decided on {gate['decided_on']}, judged on {gate['judged_on']}; {runs['judged']} judged run(s), "
+            f"at most {runs['max_judged']}, and {runs['ranking']} ranking run(s)); weights kept float: "
+            + ("-" if share is None else f"{100 * share:.1f}% of {weights['float_bytes_before'] / 1024:.1f} KB")
+        )
+        for unit in gate["sent_back"]:
+            where = "float" if unit["to"] == "float" else "per-channel ranges"
+            lines.append(f"  back to {where}: {'+'.join(unit['transforms'])} {unit['kind']} '{unit['name']}' "
+                         f"({unit['measured']} {unit['error']:.4f})")
     if "min_class_agreement" in report:
         lines.append(f"lowest class agreement: {_percent(report['min_class_agreement'])}")
     if "verdict" in report:
@@ -333,9 +357,6 @@ def main(argv: list[str] | None = None) -> int:
         print(format_report(report))
         if args.report:
             _write_report(args.report, report)
-        if args.min_agreement is None and report.get("failing_outputs"):
-            print(f"{PROG}: note: {len(report['failing_outputs'])} output(s) outside their tolerance, reported only "
-                  "(--min-agreement X makes it an error): " + "; ".join(report["failing_outputs"]), file=sys.stderr)
 
     code = runner.run(PROG, body)
     return code or exit_code

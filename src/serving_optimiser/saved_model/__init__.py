@@ -29,6 +29,7 @@ _EXPORTS = {
     "convert_to_saved_model": ".convert",
     "freeze_saved_model": ".freeze",
     "generate_inputs": ".compare",
+    "guard_transforms": ".guard",
     "load_calibration_inputs": ".calibration",
     "load_sample_inputs": ".compare",
     "min_class_agreement": ".compare",

@@ -410,6 +410,19 @@ def _decision_inputs(frozen: FrozenModel, inputs: Inputs | None) -> dict:
     return {key: generate_inputs(signature) for key, signature in sorted(frozen.signatures.items())}
 
 
+def _batched(inputs: Mapping[str, Mapping[str, np.ndarray]]) -> dict:
+    """The signatures whose inputs all have the same number of rows (the probe runs them in
+    batches of rows; a signature with a scalar input beside its rows is left out of the ranking)."""
+    result = {}
+    for key, feeds in inputs.items():
+        rows = {int(np.shape(array)[0]) if np.ndim(array) else -1 for array in feeds.values()}
+        if len(rows) == 1 and -1 not in rows:
+            result[key] = feeds
+        else:
+            log.info("guard: signature '%s' has inputs of different row counts: left out of the ranking", key)
+    return result
+
+
 def rank_units(frozen: FrozenModel, steps: TransformSteps, unguarded: graph_pb2.GraphDef,
                decision_inputs: Inputs | None, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[list[Unit], int]:
     """Every lossy unit of the list with its measured error, most harmful first, and how many
@@ -423,11 +436,17 @@ def rank_units(frozen: FrozenModel, steps: TransformSteps, unguarded: graph_pb2.
     units: list[Unit] = []
     runs = 0
     floats = _float_consts(before)
-    after = {node.name: node for node in unguarded.node}
     if weight_steps:
-        changed_names = [name for name, node in floats.items()
-                         if name in after and after[name] != node and after[name].op in ("Const", "Dequantize")]
-        changed = _constant_values(unguarded, changed_names)
+        # What the weight steps alone make of each weight, whatever later steps do with it (an int8
+        # layer absorbs its rounded weight, and sending the layer back brings the rounding back).
+        weighted = before
+        names_in, names_out = frozen.input_node_names(), frozen.output_node_names()
+        for index in weight_steps:
+            weighted = apply_transform(weighted, parsed[index], names_in, names_out)
+        weighted_nodes = {node.name: node for node in weighted.node}
+        changed_names = [name for name, node in floats.items() if weighted_nodes.get(name, node) != node
+                         and weighted_nodes[name].op in ("Const", "Dequantize")]
+        changed = _constant_values(weighted, changed_names)
         from tensorflow.python.framework import tensor_util
 
         originals = {name: np.asarray(tensor_util.MakeNdarray(floats[name].attr["value"].tensor), np.float32)
@@ -435,8 +454,9 @@ def rank_units(frozen: FrozenModel, steps: TransformSteps, unguarded: graph_pb2.
         probe, pairs = weight_probe_graph(before, changed)
         fetched = sorted({t for tensors in pairs.values() for pair in tensors for t in pair})
         sums: dict[str, np.ndarray] = {}
-        if fetched:
-            runner = _Runner(frozen.with_graph_def(probe), inputs, _RANK_BATCH_ROWS, timeout_s)
+        batched = _batched(inputs)
+        if fetched and batched:
+            runner = _Runner(frozen.with_graph_def(probe), batched, _RANK_BATCH_ROWS, timeout_s)
             for _, values in runner.batches(fetched):
                 for tensor, value in values.items():
                     sums[tensor] = sums.get(tensor, 0.0) + np.asarray(value, np.float64)
@@ -449,9 +469,9 @@ def rank_units(frozen: FrozenModel, steps: TransformSteps, unguarded: graph_pb2.
             else:
                 error, how = _relative_error(originals[name], changed[name]), "weight error"
             # A per-channel rung only for what a per-tensor quantize_weights quantised (rank >= 2).
-            channel = bool(per_tensor_steps) and originals[name].ndim >= 2 and after[name].op == "Dequantize"
-            units.append(Unit(name, "weight", weight_steps, error, how, channel, _bytes(floats[name]),
-                              after[name].op != "Const"))
+            quantised = weighted_nodes[name].op == "Dequantize"
+            channel = bool(per_tensor_steps) and originals[name].ndim >= 2 and quantised
+            units.append(Unit(name, "weight", weight_steps, error, how, channel, _bytes(floats[name]), quantised))
     for index, layer, error in steps.int8_layers():
         layer_node = next((n for n in before.node if n.name == layer), None)
         weight_bytes = 0 if layer_node is None else sum(
@@ -486,6 +506,7 @@ def _rank_nodes(frozen: FrozenModel, before: graph_pb2.GraphDef, unguarded: grap
                 tensors.add(f"{name}:{port}")
     fetched = sorted(tensors)
     meter = ErrorMeter()
+    inputs = _batched(inputs)
     float_runner = _Runner(frozen.with_graph_def(before), inputs, _RANK_BATCH_ROWS, timeout_s)
     quantised_runner = _Runner(frozen.with_graph_def(unguarded), inputs, _RANK_BATCH_ROWS, timeout_s)
     for (_, expected), (_, actual) in zip(float_runner.batches(fetched), quantised_runner.batches(fetched)):

@@ -17,7 +17,7 @@ from ..atomic import atomic_directory
 from ..graph_transforms import TransformError, parse_and_check
 from ..graph_transforms.transforms._int8 import int8_kernels_available
 from ._files import check_output_directory, clear_directory, directory_size
-from .calibration import load_calibration_inputs
+from .calibration import CALIBRATED_TRANSFORMS, load_calibration_inputs
 from .compare import (
     DEFAULT_TIMEOUT_S,
     check_output_kinds,
@@ -41,9 +41,9 @@ SampleInputs = Mapping[str, Mapping[str, np.ndarray]]
 
 
 class AgreementError(SavedModelError):
-    """With ``min_agreement``, an output of the converted model failed its verdict (its class
-    agreement under the minimum, or another kind's metric over its tolerance); ``report`` has the
-    details."""
+    """The gate could not make every output pass its verdict (a class agreement under the
+    minimum, or another kind's metric over its tolerance) with every lossy unit it could send
+    back sent back; ``report`` has the details."""
 
     def __init__(self, message: str, report: dict):
         super().__init__(message)
@@ -83,10 +83,18 @@ def optimise_saved_model(
     ``signature/output`` -> ``class``, ``label``, ``multi_label`` or ``regression``), its metric
     and a verdict under the default tolerances (:mod:`.output_kinds`). ``sample_inputs``
     (signature -> input -> array, or an ``.npz`` path) feed the comparison; signatures without
-    get generated inputs, on which only the gross-breakage tolerances apply. Without
-    ``min_agreement`` the verdicts are only reported; with it, ``min_agreement`` is the class
-    and label agreement tolerance and ``out_dir`` is renamed into place only when every output
-    passes (AgreementError otherwise, naming the outputs and figures, ``out_dir`` not created).
+    get generated inputs, on which only the gross-breakage tolerances apply. ``min_agreement``,
+    if given, replaces the class and label agreement tolerance.
+
+    The gate (:mod:`.guard`) is on by default: when an output misses its tolerance, the lossy
+    transforms' tensors and layers that hurt most go back to per-channel ranges, then to float,
+    ranked on the calibration inputs where given (else the sample inputs) and judged on the
+    sample inputs, until every output passes; a list that already passes is written exactly as
+    without the gate. When nothing left to send back makes it pass, AgreementError names the
+    outputs and the units, and ``out_dir`` is not created. ``gate=False`` only reports the
+    verdicts; ``compare=False`` skips the comparison and the gate. ``report["gate"]`` has what
+    the gate did: the ranking, the units sent back, the share of weight bytes kept float and the
+    number of model runs against their bound.
     ``frozen_dir``, if given, receives the frozen (untransformed) model. ``warmup_batch_sizes``
     (empty: none) are the batch sizes of the TF Serving warm-up records written for each kept
     signature, from the sample inputs where given. A signature call that takes longer than
@@ -98,11 +106,10 @@ def optimise_saved_model(
 
     ``calibration_inputs`` (like ``sample_inputs``) calibrate each quantize_matmuls or
     quantize_convs step without a ``ranges_file`` on the graph as it is at that step; a layer
-    whose int8 output error is over the step's ``max_layer_error`` stays float, and with
-    ``min_agreement`` the int8 layers go back to float one at a time, largest error first,
-    until every output passes. With ``serving_batch_size`` each calibrated layer is also timed
-    in int8 and float at that many rows on this machine, and stays float where int8 is not
-    faster.
+    whose int8 output error is over the step's ``max_layer_error`` stays float, and the gate
+    sends the others back by their calibrated error. With ``serving_batch_size`` each calibrated
+    layer is also timed in int8 and float at that many rows on this machine, and, while the
+    model is not faster than the original there, int8 layers go back to float, the slowest first.
     Returns a report: sizes, node counts, timings and the per-output comparison.
     """
     transform_string = _transform_string(transforms)
@@ -115,6 +122,8 @@ def optimise_saved_model(
         raise SavedModelError(f"min_agreement must be between 0 and 1, found {min_agreement}")
     if min_agreement is not None and not compare:
         raise SavedModelError("min_agreement needs the comparison (compare=True)")
+    if min_agreement is not None and not gate:
+        raise SavedModelError("min_agreement is the gate's tolerance: it needs gate=True")
     output_kinds = dict(output_kinds or {})
     for name, kind in sorted(output_kinds.items()):
         if kind not in KINDS:
@@ -166,7 +175,8 @@ def optimise_saved_model(
         report["tolerances"] = {"sample": dataclasses.asdict(tolerances[0]),
                                 "generated": dataclasses.asdict(tolerances[1])}
     speed = None
-    if serving_batch_size is not None and calibration_inputs is not None:
+    calibrated = any(step.name in CALIBRATED_TRANSFORMS and "ranges_file" not in step.params for step in parsed)
+    if serving_batch_size is not None and calibration_inputs is not None and calibrated:
         from .speed_guard import OriginalTimer
 
         speed = OriginalTimer(in_dir, calibration_inputs, frozen.tags, serving_batch_size)
@@ -186,7 +196,7 @@ def optimise_saved_model(
             state["graph"] = graph_def
             failing = report.get("failing_outputs") or []
             ratio = None
-            if gated and not failing and speed is not None:
+            if (not gated or not failing) and speed is not None:
                 start = time.perf_counter()
                 ratio = speed.ratio(temporary)
                 timings["speed_s"] = timings.get("speed_s", 0.0) + time.perf_counter() - start
@@ -199,7 +209,7 @@ def optimise_saved_model(
         guarded = guard_transforms(
             frozen, parsed, decision_inputs, sample_inputs, tolerances[0], generated_tolerances=tolerances[1],
             output_kinds=output_kinds, calibration_inputs=calibration_inputs, judge=judge,
-            serving_batch_size=serving_batch_size if gated else None, timeout_s=compare_timeout_s,
+            serving_batch_size=serving_batch_size, timeout_s=compare_timeout_s,
         )
         if gated:
             report["gate"] = {key: value for key, value in guarded.report.items() if key not in ("calibration",
