@@ -26,6 +26,7 @@ INT8_LAYER_OPS = frozenset({
     "QuantizedConv2DWithBiasAndReluAndRequantize",
     "QuantizedConv2DWithBiasAndRequantize",
     "QuantizedDepthwiseConv2DWithBiasAndReluAndRequantize",
+    "_QuantizedMatMul",  # quantize_matmuls with a fused activation (_activations.py)
 })
 
 

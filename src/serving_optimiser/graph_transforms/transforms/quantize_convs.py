@@ -37,6 +37,7 @@ from ..graph_utils import (
     parse_input,
 )
 from ..registry import register
+from ._activations import find_activation
 from ._int8 import (
     BIAS_OPS,
     CONV_OPS,
@@ -540,6 +541,15 @@ def _candidates(graph_def: graph_pb2.GraphDef, ranges: dict, minimum_dim: int) -
             log.info("quantize_convs: %s '%s' stays float: %s", nodes[name].op, name, layer)
     for name, lines in notes.items():
         if name in layers and not isinstance(layers[name], str):
+            layer = layers[name]
+            channels = layer.filter.shape[2 if layer.depthwise else 3]
+            found = None if layer.has_relu else find_activation(layer.end.name, nodes, consumers, channels)
+            if found is not None and found.kind != "Relu":
+                # Measured on TF 2.21 (docs/differences/int8_fusions.md): _FusedQuantizedConv2D and
+                # the depthwise one take Relu alone as an activation, and have no float output.
+                lines.append(f"ends in a Dequantize (int8 compute, float output): its {found.kind} "
+                             f"'{found.end.name}' stays float (the int8 conv kernels of this TensorFlow fuse "
+                             "only Relu)")
             for line in dict.fromkeys(lines):
                 log.info("quantize_convs: %s '%s' %s", nodes[name].op, name, line)
     return {name: layer for name, layer in layers.items() if not isinstance(layer, str)}
@@ -726,6 +736,11 @@ def quantize_convs(graph_def: graph_pb2.GraphDef, context: TransformContext) -> 
         float_readers = [reader for reader in consumers.get(name, []) if reader.name not in removed]
         if float_readers or name in outputs or name in read_as_float:
             new_nodes += _float_output(layer)
+        kernel = next(node.op for node in new_nodes if node.name == layer.fused_name)
+        fused = f"its {layer.end.op} fused" if layer.has_relu else "codes over the calibrated output range"
+        floats = "; a Dequantize for float readers" if new_nodes[-1].op == "Dequantize" else ""
+        log.info("quantize_convs: int8 layer '%s' (%s) becomes %s (%s%s)", layer.conv.name, layer.conv.op, kernel,
+                 fused, floats)
         replaced[name] = new_nodes
     if not int8_kernels_available():
         log.warning("quantize_convs: the int8 conv kernels do not run in this process (oneDNN off: set "

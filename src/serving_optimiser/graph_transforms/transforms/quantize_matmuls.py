@@ -35,6 +35,7 @@ from ..graph_utils import (
     parse_input,
 )
 from ..registry import register
+from ._activations import ACTIVATIONS, Activation, find_activation
 from ._int8 import (
     BIAS_OPS,
     FLOAT,
@@ -64,6 +65,10 @@ log = logging.getLogger(__name__)
 
 QUANTIZED_OP = "QuantizedMatMulWithBiasAndDequantize"
 CHAINED_OP = "QuantizedMatMulWithBiasAndReluAndRequantize"
+# The kernel that applies an activation other than Relu before its float output: fused_ops
+# [BiasAdd, <post-op>, Dequantize], the post-ops of _activations.ACTIVATIONS (measured on TF 2.21:
+# docs/differences/int8_fusions.md).
+ACTIVATION_OP = "_QuantizedMatMul"
 SUFFIX = "quantize_matmuls"
 # Above this many weights (K x N) a calibrated ReLU layer ends in ...AndDequantize + Relu instead
 # of chaining in quint8: TF 2.21's ...AndRequantize kernel costs an extra per call that grows
@@ -128,6 +133,8 @@ class _Layer:
     # layer reads (attention's query, key and value projections read one tensor).
     shared_quantize: str | None = None
     quantize_kernel: str = "onednn"  # one of QUANTIZE_KERNELS
+    # An activation the kernel applies (ACTIVATION_OP): the layer then ends in its last node.
+    activation: Activation | None = None
 
     def __post_init__(self) -> None:
         self.output_name = self.output_name or self.last.name
@@ -516,6 +523,14 @@ def _layer_nodes(layer: _Layer) -> list[node_def_pb2.NodeDef]:
         if not tensorflow_kernel:
             nodes.append(float_scalar(f"{prefix}/zero", 0.0))
             min_a, max_a = f"{prefix}/zero", f"{prefix}/input_span"
+    if layer.activation is not None:
+        bias_is_const = any(node.name == bias_input and node.op == "Const" for node in nodes)
+        nodes.append(_activation_op(layer, fused_name, [quantized, f"{prefix}/weights", bias_input],
+                                    [min_a, max_a, f"{prefix}/weights_min", f"{prefix}/weights_max"],
+                                    bias_is_const, device))
+        for node in nodes:
+            node.device = device
+        return nodes
     if layer.requantize_max is None:
         # min/max_freezed_output are required inputs that the float-output kernel ignores
         # (checked: any values give the same result); the weight range Consts fill them.
@@ -567,6 +582,55 @@ def _layer_nodes(layer: _Layer) -> list[node_def_pb2.NodeDef]:
     for node in nodes:
         node.device = device
     return nodes
+
+
+def _activation_op(layer: _Layer, name: str, device_inputs: list[str], host_inputs: list[str],
+                   bias_is_const: bool, device: str) -> node_def_pb2.NodeDef:
+    """The _QuantizedMatMul that applies ``layer.activation`` before its float output: the same
+    codes, weights, bias and ranges as QUANTIZED_OP, fused_ops [BiasAdd, <post-op>, Dequantize]."""
+    activation = layer.activation
+    fused = make_node(ACTIVATION_OP, name, [*device_inputs, *host_inputs],
+                      {"T1": QUINT8, "T2": QINT8, "input_quant_mode": "SCALED", "output_quant_mode": "SCALED"},
+                      device=device)
+    for key, dtype in (("Tbias", FLOAT), ("Tout", FLOAT), ("U", FLOAT)):
+        fused.attr[key].type = dtype
+    fused.attr["Tdevice_inputs"].list.type.extend([QUINT8, QINT8, FLOAT])
+    fused.attr["Thost_inputs"].list.type.extend([FLOAT] * len(host_inputs))
+    fused.attr["Tdevice_outputs"].list.type.append(FLOAT)
+    fused.attr["Thost_outputs"].list.SetInParent()
+    fused.attr["fused_ops"].list.s.extend(
+        [b"BiasAdd", ACTIVATIONS[activation.kind].matmul_post_op.encode(), b"Dequantize"])
+    # A bias computed per call (per-batch ranges) must not be cached by the kernel.
+    fused.attr["is_bias_const"].b = bias_is_const
+    if activation.kind == "LeakyRelu":
+        fused.attr["leakyrelu_alpha"].f = float(activation.alpha)
+    return fused
+
+
+def _fuse_activation(layer: _Layer, nodes: dict, consumers: dict, outputs: set[str]) -> str:
+    """Let the kernel apply the activation after ``layer`` where ACTIVATION_OP takes it; returns
+    what became of the activation, for the layer's log line. A Relu keeps its path (a float Relu,
+    or the chain), so the graphs of ReLU networks stay as they were."""
+    if layer.requantize_max is not None:
+        return "chained: its Relu runs in the kernel and the next layer reads its quint8 codes"
+    if layer.output_shape is not None:
+        return "its output reshaped after the kernel; nothing after it is fused"
+    found = find_activation(layer.last.name, nodes, consumers, int(layer.weights.shape[1]), outputs)
+    if found is None:
+        return "float output; no activation after it"
+    if found.kind == "Relu":
+        return f"float output; its Relu '{found.end.name}' stays a float op"
+    post_op = ACTIVATIONS[found.kind].matmul_post_op
+    if post_op is None:
+        return (f"int8 compute, float output; its {found.kind} '{found.end.name}' stays float: no int8 MatMul "
+                "kernel of this TensorFlow fuses it")
+    layer.activation = found
+    layer.absorbed += tuple(name for name in found.nodes if name != found.end.name)
+    if layer.output_name not in layer.absorbed:
+        layer.absorbed += (layer.output_name,)
+    layer.output_name = found.end.name
+    alpha = f", leakyrelu_alpha {found.alpha:g}" if found.kind == "LeakyRelu" else ""
+    return f"fused_ops [BiasAdd, {post_op}, Dequantize]{alpha}: the kernel applies its {found.kind} '{found.end.name}'"
 
 
 def _chain(layers: dict[str, _Layer], consumers: dict, output_names: Iterable[str], max_weights: int) -> None:
@@ -740,10 +804,15 @@ def quantize_matmuls(graph_def: graph_pb2.GraphDef, context: TransformContext) -
     if not layers:
         return graph_def
     _chain(layers, consumers, context.output_names, chain_max_weights)
+    nodes = node_map(graph_def)
+    outputs = {parse_input(name)[1] for name in context.output_names}
+    for layer in layers.values():
+        note = _fuse_activation(layer, nodes, consumers, outputs)
+        op = ACTIVATION_OP if layer.activation else CHAINED_OP if layer.requantize_max is not None else QUANTIZED_OP
+        log.info("quantize_matmuls: int8 layer '%s' (%s) becomes %s (%s)", layer.matmul.name, layer.matmul.op, op, note)
     _share_quantize(layers.values())
     # Each layer's nodes go where the node it ends in was; the nodes it absorbs go.
     replaced = {layer.output_name: _layer_nodes(layer) for layer in layers.values()}
-    nodes = node_map(graph_def)
     for name in (name for layer in layers.values() for name in layer.shape_readers):
         # The codes have the Relu's shape: its Shape readers need only their input type changed.
         reader = copy.deepcopy(nodes[name])
