@@ -58,12 +58,12 @@ def test_required_flags_are_required_in_usage(capsys, name, required):
     assert err.startswith(f"{name}: error: the following arguments are required: ")
 
 
-def test_optimise_saved_model_help_explains_default_inputs_and_min_agreement(capsys):
+def test_optimise_saved_model_help_explains_default_inputs_and_the_gate(capsys):
     _, out, _ = run(capsys, optimise_saved_model, "--help")
     flat = " ".join(out.split())
     assert "64 seeded rows generated from each input's dtype and shape" in flat
-    assert "Without --min-agreement nothing is checked" in flat
-    assert "default: no check, the verdicts are only reported" in flat
+    assert "The gate is on by default." in flat
+    assert "--no-compare skips the comparison and the gate, and says so on stderr" in flat
 
 
 def test_list_prints_every_transform_with_its_arguments_and_defaults(capsys):
@@ -72,8 +72,9 @@ def test_list_prints_every_transform_with_its_arguments_and_defaults(capsys):
     lines = out.splitlines()
     for name in registry.registered_names():
         assert any(line == name or line.startswith(f"{name}(") for line in lines), name
-    assert "round_weights(num_steps=256)" in lines
-    assert "quantize_weights(minimum_size=1024, per_channel=false)" in lines
+    assert "round_weights(num_steps=256, keep_float=(none; repeatable: Const names left as they are))" in lines
+    assert any(line.startswith("quantize_weights(minimum_size=1024, per_channel=false, per_channel_for=")
+               for line in lines)
     assert "ignore_errors" in lines[0]
 
 

@@ -91,7 +91,7 @@ def test_ignore_errors_does_not_hide_an_invalid_graph(test_transforms):
     ("transforms", "message"),
     [
         ("round_weights(num_step=4)",
-         "round_weights: unknown argument 'num_step' (it takes: num_steps, ignore_errors)"),
+         "round_weights: unknown argument 'num_step' (it takes: num_steps, keep_float, ignore_errors)"),
         ("sort_by_execution_order(x=1)", "sort_by_execution_order: unknown argument 'x' (it takes: ignore_errors)"),
         ("fold_constant", "unknown transform 'fold_constant' (did you mean 'fold_constants'?)"),
         ("nonsense fold_constant", "unknown transform 'nonsense', 'fold_constant' (did you mean"),

@@ -204,6 +204,17 @@ def test_ignore_op_leaves_those_ops_float(ignored, kept):
     assert "QuantizeV2" in ops_by_name(quantized).values()
 
 
+def test_keep_float_leaves_the_named_nodes_float():
+    def make_ops():
+        x = placeholder("x", [2, 3])
+        relu_op = tf.raw_ops.Relu(features=x, name="relu_expect_quantized")
+        tf.raw_ops.AddV2(x=relu_op, y=const("bias", [1.0, 2.0, 3.0], (3,)), name="add_named")
+
+    quantized = ops_by_name(TransformGraph(build(make_ops), ["x"], ["add_named"],
+                                           ["quantize_nodes(keep_float=add_named)"]))
+    assert quantized["add_named"] == "AddV2" and quantized["relu_expect_quantized"] == "Dequantize"
+
+
 # ---------------------------------------------------------------------------------------------
 # Placeholders, fallback ranges, FakeQuants
 # ---------------------------------------------------------------------------------------------

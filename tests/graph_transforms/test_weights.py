@@ -428,3 +428,29 @@ def test_iris_dnn_keeps_its_outputs(transform):
     features = np.random.default_rng(1).random((8, 4)).astype(np.float32) * 7
     before, after = (run_graph(g, ["dense_4"], {"features": features})[0] for g in (graph, result))
     np.testing.assert_allclose(after, before, atol=0.05)
+
+
+def _two_weights() -> graph_pb2.GraphDef:
+    graph = graph_pb2.GraphDef()
+    rng = np.random.default_rng(11)
+    graph.node.extend([make_const_node("weight_expect_quantized", rng.normal(0, 1, (32, 64)).astype(np.float32)),
+                       make_const_node("weight_named", rng.normal(0, 1, (32, 64)).astype(np.float32))])
+    return graph
+
+
+@pytest.mark.parametrize("transform", ["round_weights", "quantize_weights"])
+def test_keep_float_leaves_the_named_consts_as_they_are(transform):
+    graph = _two_weights()
+    result = TransformGraph(graph, [], ["weight_expect_quantized", "weight_named"],
+                            f"{transform}(keep_float=weight_named, keep_float=no_such_const)")
+    after = nodes_by_name(result)
+    assert after["weight_named"] == nodes_by_name(graph)["weight_named"]
+    assert after["weight_expect_quantized"] != nodes_by_name(graph)["weight_expect_quantized"]
+
+
+def test_per_channel_for_quantises_only_the_named_consts_per_channel():
+    result = nodes_by_name(TransformGraph(_two_weights(), [], ["weight_expect_quantized", "weight_named"],
+                                          "quantize_weights(per_channel_for=weight_named)"))
+    assert result["weight_named"].attr["axis"].i == 1 and result["weight_named"].attr["mode"].s == b"MIN_COMBINED"
+    assert "axis" not in result["weight_expect_quantized"].attr
+    assert result["weight_expect_quantized"].attr["mode"].s == b"MIN_FIRST"
