@@ -256,6 +256,9 @@ def test_command_that_cannot_meet_the_tolerance_exits_3_naming_outputs_and_units
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("optimise_saved_model: error: signature ")
     assert "with every lossy tensor or layer back to float (" in error and "not written" in error
+    # The report still says what the gate tried: every weight back to float, all of them kept float.
+    assert "weights kept float: 100.0% of" in result.stdout
+    assert "  back to float: quantize_weights weight '" in result.stdout
 
 
 @pytest.mark.slow
