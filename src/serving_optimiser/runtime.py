@@ -131,7 +131,8 @@ def quiet_tensorflow() -> None:
     after its start-up follows the level: Python's ``tensorflow`` and ``absl`` loggers show
     warnings at 1 and errors only at 2 and 3, as TensorFlow's C++ logging does. Unset means 3.
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", _QUIET_LEVEL)
+    if not os.environ.get("TF_CPP_MIN_LOG_LEVEL", "").strip():
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = _QUIET_LEVEL  # unset or empty (TensorFlow reads "" as 0)
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     if os.environ["TF_CPP_MIN_LOG_LEVEL"].strip() == "0":
         return

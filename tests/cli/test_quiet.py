@@ -64,9 +64,10 @@ def test_transform_graph_errors_are_one_line_without_tensorflow(case, tmp_path):
         (["MISSING", "OUT", "--transforms", "strip_unused_nodes"], "MISSING: no such directory"),
         (["HERE", "OUT", "--transforms", "quantize_weights("], "transforms: malformed transform string"),
         (["HERE", "OUT", "--transforms", "quantise_weights"], "did you mean 'quantize_weights'"),
-        (["HERE", "OUT"], "the following arguments are required: --transforms"),
+        (["HERE", "OUT"], "one of the arguments --transforms --auto is required"),
+        (["HERE", "OUT", "--auto"], "--auto judges every candidate on your data: it needs --sample-inputs"),
     ],
-    ids=["missing_directory", "malformed_transform", "unknown_transform", "missing_flag"],
+    ids=["missing_directory", "malformed_transform", "unknown_transform", "missing_flag", "auto_without_samples"],
 )
 def test_optimise_saved_model_errors_are_one_line_without_tensorflow(argv, expected, tmp_path):
     (tmp_path / "here").mkdir()

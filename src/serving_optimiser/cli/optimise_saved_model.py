@@ -60,6 +60,8 @@ import contextlib
 import json
 import logging
 import sys
+import tempfile
+from pathlib import Path
 
 from .. import runner
 from .common import ToolArgumentParser
@@ -75,9 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
         "keeping every signature; then compare it with the original.",
         docstring=__doc__,
     )
-    parser.add_argument("in_dir", metavar="IN_DIR", help="the SavedModel directory to optimise")
+    parser.add_argument("in_dir", metavar="IN_DIR",
+                        help="the SavedModel directory to optimise, or a Keras .keras / .h5 file (exported first "
+                        "with a serving_default signature named after the model's inputs)")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="where to write the optimised SavedModel (must not exist)")
-    parser.add_argument("--transforms", required=True, help="transforms in the old tool's syntax, applied in order")
+    chosen = parser.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--transforms", help="transforms in the old tool's syntax, applied in order")
+    chosen.add_argument("--auto", action="store_true",
+                        help="try every candidate list (lossless, 8-bit weights per tensor and per channel, and with "
+                        "--calibration-inputs calibrated int8 and the small-batch int8 list) through the gate, time "
+                        "each against the original at --serving-batch-size rows (default 1) on this machine, and "
+                        "write the best by --objective; needs --sample-inputs")
+    parser.add_argument("--objective", choices=("size", "latency"), default="size",
+                        help="with --auto: size (the smallest passing candidate not slower than the original) or "
+                        "latency (the fastest passing candidate not bigger); a candidate must win by 5 %% or the "
+                        "original is written, through the lossless list (default: size)")
     parser.add_argument(
         "--signature", action="append", metavar="KEY",
         help="signature key to keep (repeatable, or comma-separated; default: all)",
@@ -305,15 +319,60 @@ def _check_before_tensorflow(args: argparse.Namespace) -> None:
     from ..graph_transforms.errors import TransformError
     from ..graph_transforms.parser import parse_transforms
     from ..saved_model.errors import SavedModelError
+    from ..saved_model.keras_file import KERAS2_SUFFIXES, KERAS3_SUFFIXES
     from ..saved_model.reader import saved_model_file
 
-    if args.serving_batch_size is not None and args.calibration_inputs is None:
+    if args.auto and args.sample_inputs is None:
+        raise SavedModelError("--auto judges every candidate on your data: it needs --sample-inputs")
+    if not args.auto and args.serving_batch_size is not None and args.calibration_inputs is None:
         raise SavedModelError("--serving-batch-size times the calibrated layers: it needs --calibration-inputs")
-    saved_model_file(args.in_dir)
+    in_path = Path(args.in_dir)
+    if in_path.suffix.lower() in KERAS3_SUFFIXES + KERAS2_SUFFIXES:
+        if not in_path.is_file():
+            raise SavedModelError(f"{in_path}: no such Keras file")
+    else:
+        saved_model_file(args.in_dir)
+    if args.auto:
+        return
     try:
         check_transforms(parse_transforms(args.transforms))
     except TransformError as error:
         raise SavedModelError(f"transforms: {error}") from None
+
+
+@contextlib.contextmanager
+def _saved_model_of(in_path: str):
+    """``(SavedModel directory, what was imported or None)``: IN_DIR itself, or a Keras file
+    exported to a temporary SavedModel for the run (removed afterwards)."""
+    from ..saved_model.keras_file import export_keras_file, is_keras_file
+
+    if not is_keras_file(in_path):
+        yield in_path, None
+        return
+    with tempfile.TemporaryDirectory(prefix="optimise_saved_model-keras-") as scratch:
+        imported = export_keras_file(in_path, Path(scratch) / "saved_model")
+        logging.getLogger("serving_optimiser").info(
+            "%s: %s file exported with signature '%s' (%s -> %s)", in_path, imported["source_format"],
+            imported["signature"], ", ".join(imported["inputs"]), ", ".join(imported["outputs"]))
+        yield str(Path(scratch) / "saved_model"), imported
+
+
+def _auto(args: argparse.Namespace, in_dir: str) -> dict:
+    """--auto: every candidate through the gate, the best written (saved_model.auto)."""
+    from ..saved_model.auto import auto_optimise, candidates_table
+
+    report = auto_optimise(
+        in_dir, args.out_dir, sample_inputs=args.sample_inputs, calibration_inputs=args.calibration_inputs,
+        objective=args.objective, serving_batch_size=args.serving_batch_size or 1, overwrite=args.overwrite,
+        signature_keys=_split(args.signature), tags=_split(args.tag) or ["serve"],
+        allow_ops=_split(args.allow_ops) or (), output_kinds=dict(args.output_kind or []),
+        compare_timeout_s=args.compare_timeout, warmup_batch_sizes=args.warmup_batch_sizes,
+        dequantize_once=args.dequantize_once, min_agreement=args.min_agreement,
+    )
+    print(candidates_table(report))
+    if args.report:
+        _write_report(args.report, report)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,10 +385,15 @@ def main(argv: list[str] | None = None) -> int:
         from ..saved_model import AgreementError, optimise_saved_model
 
         package_logger = logging.getLogger("serving_optimiser")
-        with _no_propagation(package_logger):
+        with _no_propagation(package_logger), _saved_model_of(args.in_dir) as (in_dir, imported):
+            if args.auto:
+                report = _auto(args, in_dir)
+                if imported:
+                    report["imported"] = imported
+                return
             try:
                 report = optimise_saved_model(
-                    args.in_dir,
+                    in_dir,
                     args.out_dir,
                     args.transforms,
                     signature_keys=_split(args.signature),
@@ -354,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{PROG}: error: {error}", file=sys.stderr)
                 exit_code = EXIT_DISAGREES
                 return
+            if imported:
+                report["imported"] = imported
         print(format_report(report))
         if args.report:
             _write_report(args.report, report)
