@@ -5,6 +5,7 @@ cond under 8-bit weights, and (marker real) basic-pitch under the notebook's lis
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -31,6 +32,7 @@ from serving_optimiser.saved_model.guard import (
     max_judged_runs,
     rank_units,
 )
+from serving_optimiser.saved_model.output_kinds import DEFAULT_TOLERANCES
 
 # Every weight of the small module is under quantize_weights' default minimum_size of 1024: lowered
 # so that all three are quantised.
@@ -163,6 +165,19 @@ def test_a_gate_that_cannot_pass_returns_every_unit_float(three_layers, caplog):
     assert not guarded.passed and len(calls) <= max_judged_runs(3, 3)
     assert guarded.report["weights"]["kept_float_share"] == 1.0
     assert guarded.failing == ["signature 'serving_default' output 'scores': off"]
+
+
+def test_the_default_judge_compares_with_the_frozen_model_itself(three_layers, caplog):
+    """What the pipeline calls: no judge given, the frozen float model is the reference."""
+    frozen = freeze_saved_model(three_layers)
+    with caplog.at_level(logging.INFO, logger="serving_optimiser"):
+        # Tolerances 10x tighter than the default, which this list meets as it is.
+        tight = dataclasses.replace(DEFAULT_TOLERANCES, rms_diff_of_range=0.001, max_diff_of_range=0.005)
+        guarded = guard_transforms(frozen, parse_and_check(EIGHT_BIT), _rows(), _rows(128, seed=1), tight)
+    middle = _weight_names(frozen)[(32, 32)]
+    assert guarded.passed and guarded.report["verdict"] == "pass"
+    assert guarded.report["sent_back"][0]["name"] == middle
+    assert "guard: signature 'serving_default' output 'scores' (regression): " in caplog.text
 
 
 def test_transform_graph_keeps_the_old_tools_behaviour(three_layers):
