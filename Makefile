@@ -8,7 +8,7 @@ export DVC_NO_ANALYTICS := 1
 
 .DEFAULT_GOAL := help
 .PHONY: help setup all repro test lint bench bench-transforms bench-saved-model bench-int8 push pull metrics metrics-diff plots plots-diff clean
-.PHONY: test-zoo bench-zoo test-fast
+.PHONY: test-zoo bench-zoo test-fast test-real
 
 help: ## Show this menu
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ test-fast: setup ## Lint and the in-process tests only (no DVC end-to-end, zoo, 
 	ruff check --no-cache src tests scripts
 	TF_ENABLE_ONEDNN_OPTS=1 python -m pytest -q -n 2 --durations=15 -m "onednn and not slow and not real" --ignore=tests/zoo tests
 	python -m pytest -q -n 2 --dist loadgroup --durations=15 -m "not onednn and not slow and not real" --ignore=tests/zoo tests
+
+test-real: setup ## The published models' tests only (src/published_models: fer, mtcnn, basic-pitch; also in make test)
+	python -m pytest -q -n 2 --dist loadgroup --durations=15 -m real tests
 
 lint: setup ## Lint only
 	ruff check --no-cache src tests scripts
