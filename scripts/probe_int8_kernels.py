@@ -147,10 +147,12 @@ def probe_conv(op_name: str, fused_ops: list[str], out_type: int, rng: np.random
     host = ["xmin", "xmax", "wmin", "wmax"] + (["smin", "smax"] if "Sum" in fused_ops else [])
     host += ["omin", "omax"] if "Requantize" in fused_ops else []
     op = make_node(op_name, "conv", device + host, {"Tinput": QU8, "Tfilter": QI8, "out_type": out_type})
-    op.attr["Tdevice_inputs"].list.type.extend([QU8, QI8, F] + ([QU8] if "Sum" in fused_ops else []))
-    op.attr["Thost_inputs"].list.type.extend([F] * len(host))
-    op.attr["Tdevice_outputs"].list.type.extend([out_type])
-    op.attr["Thost_outputs"].list.type.extend([F, F])
+    # As TensorFlow's own tests build it (mkl_quantized_conv_ops_test.cc): every input and output
+    # on the host side.
+    op.attr["Thost_inputs"].list.type.extend([QU8, QI8, F] + ([QU8] if "Sum" in fused_ops else []) + [F] * len(host))
+    op.attr["Thost_outputs"].list.type.extend([out_type, F, F])
+    op.attr["Tdevice_inputs"].list.SetInParent()
+    op.attr["Tdevice_outputs"].list.SetInParent()
     op.attr["Tbias"].type = F
     op.attr["Tsummand"].type = QU8 if "Sum" in fused_ops else out_type
     op.attr["strides"].list.i.extend([1, 1, 1, 1])
