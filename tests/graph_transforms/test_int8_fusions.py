@@ -118,8 +118,12 @@ def check_structure(int8: graph_pb2.GraphDef, activation: str) -> None:
     gone; any other stays float after QuantizedMatMulWithBiasAndDequantize."""
     post_op = ACTIVATIONS[activation][1]
     ops = [node.op for node in int8.node]
+    needed = {n.op for n in tf.compat.v1.graph_util.extract_sub_graph(int8, ["output"]).node}
     if post_op is None:
         assert qm.QUANTIZED_OP in ops and qm.ACTIVATION_OP not in ops
+        if activation == "prelu_per_channel":
+            # Left float as Maximum(y, alpha * y): two ops for Keras' five.
+            assert {"Maximum", "Mul"} <= needed and not {"Relu", "Neg", "AddV2"} & needed
         return
     fused = [node for node in int8.node if node.op == qm.ACTIVATION_OP]
     assert len(fused) == 1 and qm.QUANTIZED_OP not in ops
@@ -128,8 +132,7 @@ def check_structure(int8: graph_pb2.GraphDef, activation: str) -> None:
         assert fused[0].attr["leakyrelu_alpha"].f == pytest.approx(ALPHA, rel=1e-6)
     # What is left of the activation's float nodes (a Neg of a constant alpha is left for
     # fold_constants) does not run: nothing the output needs reads it.
-    needed = tf.compat.v1.graph_util.extract_sub_graph(int8, ["output"])
-    assert not {"Relu", "Relu6", "LeakyRelu", "Elu", "Sigmoid", "Tanh", "Erfc", "Neg"} & {n.op for n in needed.node}
+    assert not {"Relu", "Relu6", "LeakyRelu", "Elu", "Sigmoid", "Tanh", "Erfc", "Neg"} & needed
     # The fused op takes the activation's place: the Identity reads it.
     readers = [node for node in int8.node if node.name == "output"]
     assert readers[0].input[0] == fused[0].name
@@ -232,6 +235,24 @@ def test_checks_catch_a_broken_emitter(mutation, tmp_path, monkeypatch):
 
 
 @pytest.mark.onednn
+def test_checks_catch_a_wrong_float_prelu(tmp_path, monkeypatch):
+    """Mutation test: the two-op PReLU left after the float output, with its alphas scaled by 1.5."""
+    original = qm.float_prelu
+
+    def broken(activation, producer, device):
+        nodes = original(activation, producer, device)
+        alpha = nodes[0].attr["value"].tensor
+        values = tf.make_ndarray(alpha) * 1.5
+        nodes[0].attr["value"].tensor.CopyFrom(tf.make_tensor_proto(values))
+        return nodes
+
+    monkeypatch.setattr(qm, "float_prelu", broken)
+    graph_def = layer_graph("prelu_per_channel")
+    with pytest.raises(AssertionError):
+        check_numerics(relative_error(graph_def, quantized(graph_def, tmp_path)))
+
+
+@pytest.mark.onednn
 @pytest.mark.parametrize("activation", ["prelu_per_channel", "leaky_relu", "swish"])
 def test_conv_activation_ends_in_dequantize(activation, tmp_path, caplog):
     """No int8 conv kernel of this TensorFlow fuses anything but Relu: the conv runs in int8, ends
@@ -241,6 +262,10 @@ def test_conv_activation_ends_in_dequantize(activation, tmp_path, caplog):
         int8 = quantized(graph_def, tmp_path, conv=True)
     ops = [node.op for node in int8.node]
     assert ops.count("QuantizedConv2DWithBiasAndReluAndRequantize") == 1 and ops.count("Dequantize") == 1
+    if activation == "prelu_per_channel":
+        # Two float ops for five (a Neg of the constant alpha is left for fold_constants, unread).
+        needed = {n.op for n in tf.compat.v1.graph_util.extract_sub_graph(int8, ["output"]).node}
+        assert "Maximum" in needed and not {"Neg", "Relu", "AddV2"} & needed
     check_numerics(relative_error(graph_def, int8, conv=True))
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "ends in a Dequantize (int8 compute, float output)" in messages

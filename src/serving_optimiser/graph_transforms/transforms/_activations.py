@@ -25,6 +25,7 @@ from tensorflow.core.framework import graph_pb2, node_def_pb2, types_pb2
 
 from ..graph_utils import control_inputs, make_node, parse_input
 from ._int8 import attr_type, const_behind_identity
+from .weights import content_const
 
 # Ops that act value by value (with constants that broadcast per channel): what an activation is made of.
 ELEMENTWISE_OPS = frozenset({
@@ -233,3 +234,28 @@ def find_activation(producer: str, nodes: dict, consumers: dict, channels: int,
             # Keras' IdentityN passes its first input through: the group's value is that node's.
             return Activation(found[0], tuple(group), end, found[1])
     return None
+
+
+def float_prelu(activation: Activation, producer: str, device: str) -> list[node_def_pb2.NodeDef] | None:
+    """A per-channel PReLU that no kernel fuses, as two float ops instead of Keras' five (Relu, Neg,
+    Relu, Mul, AddV2): ``Maximum(y, alpha * y)`` when every alpha is at most 1, ``Minimum`` when
+    every alpha is at least 1 (the same values: for y < 0 the larger of y and alpha * y is
+    alpha * y exactly when alpha <= 1); named like the PReLU's last node. None when the alphas
+    straddle 1. After an int8 layer the PReLU is where the time goes (mtcnn ONet at 64 rows: 15.8
+    of 23.5 ms, docs/differences/int8_fusions.md)."""
+    if activation.kind != "PReLU":
+        return None
+    alpha = np.asarray(activation.alpha, np.float32)
+    if (alpha <= 1.0).all():
+        op = "Maximum"
+    elif (alpha >= 1.0).all():
+        op = "Minimum"
+    else:
+        return None
+    name = activation.end.name
+    nodes = [content_const(f"{name}/alpha", alpha, types_pb2.DT_FLOAT),
+             make_node("Mul", f"{name}/scaled", [producer, f"{name}/alpha"], {"T": types_pb2.DT_FLOAT}),
+             make_node(op, name, [producer, f"{name}/scaled"], {"T": types_pb2.DT_FLOAT})]
+    for node in nodes:
+        node.device = device
+    return nodes

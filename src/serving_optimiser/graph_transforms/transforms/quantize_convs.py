@@ -37,7 +37,7 @@ from ..graph_utils import (
     parse_input,
 )
 from ..registry import register
-from ._activations import find_activation
+from ._activations import Activation, find_activation, float_prelu
 from ._int8 import (
     BIAS_OPS,
     CONV_OPS,
@@ -95,6 +95,7 @@ class _Conv:
     same_padding: bool = False  # the folded Pad is what SAME pads for this input's size
     quantized_input: _Conv | None = None  # the producing layer, when its codes pass as they are
     quantized_summand: _Conv | None = None
+    activation: Activation | None = None  # one no conv kernel fuses, after the Dequantize
 
     @property
     def fused_name(self) -> str:
@@ -547,9 +548,12 @@ def _candidates(graph_def: graph_pb2.GraphDef, ranges: dict, minimum_dim: int) -
             if found is not None and found.kind != "Relu":
                 # Measured on TF 2.21 (docs/differences/int8_fusions.md): _FusedQuantizedConv2D and
                 # the depthwise one take Relu alone as an activation, and have no float output.
+                layer.activation = found
+                cheaper = float_prelu(found, layer.end.name, "")
+                cheaper = f" as {cheaper[-1].op}(y, alpha * y)" if cheaper else ""
                 lines.append(f"ends in a Dequantize (int8 compute, float output): its {found.kind} "
-                             f"'{found.end.name}' stays float (the int8 conv kernels of this TensorFlow fuse "
-                             "only Relu)")
+                             f"'{found.end.name}' stays float{cheaper} (the int8 conv kernels of this TensorFlow "
+                             "fuse only Relu)")
             for line in dict.fromkeys(lines):
                 log.info("quantize_convs: %s '%s' %s", nodes[name].op, name, line)
     return {name: layer for name, layer in layers.items() if not isinstance(layer, str)}
@@ -742,6 +746,12 @@ def quantize_convs(graph_def: graph_pb2.GraphDef, context: TransformContext) -> 
         log.info("quantize_convs: int8 layer '%s' (%s) becomes %s (%s%s)", layer.conv.name, layer.conv.op, kernel,
                  fused, floats)
         replaced[name] = new_nodes
+    for layer in layers.values():
+        # A per-channel PReLU left float costs most of such a network's time: two ops for five.
+        cheaper = float_prelu(layer.activation, layer.end.name, layer.conv.device) if layer.activation else None
+        if cheaper is not None and layer.activation.end.name not in removed:
+            replaced[layer.activation.end.name] = cheaper
+            removed |= set(layer.activation.nodes) - {layer.activation.end.name}
     if not int8_kernels_available():
         log.warning("quantize_convs: the int8 conv kernels do not run in this process (oneDNN off: set "
                     "TF_ENABLE_ONEDNN_OPTS=1; or not an x86 oneDNN build); the rewritten graph only runs where "

@@ -35,7 +35,7 @@ from ..graph_utils import (
     parse_input,
 )
 from ..registry import register
-from ._activations import ACTIVATIONS, Activation, find_activation
+from ._activations import ACTIVATIONS, Activation, find_activation, float_prelu
 from ._int8 import (
     BIAS_OPS,
     FLOAT,
@@ -135,6 +135,7 @@ class _Layer:
     quantize_kernel: str = "onednn"  # one of QUANTIZE_KERNELS
     # An activation the kernel applies (ACTIVATION_OP): the layer then ends in its last node.
     activation: Activation | None = None
+    float_activation: Activation | None = None  # one no kernel applies, after the float output
 
     def __post_init__(self) -> None:
         self.output_name = self.output_name or self.last.name
@@ -622,8 +623,11 @@ def _fuse_activation(layer: _Layer, nodes: dict, consumers: dict, outputs: set[s
         return f"float output; its Relu '{found.end.name}' stays a float op"
     post_op = ACTIVATIONS[found.kind].matmul_post_op
     if post_op is None:
-        return (f"int8 compute, float output; its {found.kind} '{found.end.name}' stays float: no int8 MatMul "
-                "kernel of this TensorFlow fuses it")
+        layer.float_activation = found
+        cheaper = float_prelu(found, layer.output_name, "")
+        cheaper = f" as {cheaper[-1].op}(y, alpha * y)" if cheaper else ""
+        return (f"int8 compute, float output; its {found.kind} '{found.end.name}' stays float{cheaper}: no int8 "
+                "MatMul kernel of this TensorFlow fuses it")
     layer.activation = found
     layer.absorbed += tuple(name for name in found.nodes if name != found.end.name)
     if layer.output_name not in layer.absorbed:
@@ -819,6 +823,13 @@ def quantize_matmuls(graph_def: graph_pb2.GraphDef, context: TransformContext) -
         reader.attr["T"].type = QUINT8
         replaced[name] = [reader]
     removed = {name for layer in layers.values() for name in layer.absorbed}
+    for layer in layers.values():
+        # A per-channel PReLU left float: two ops for Keras' five (_activations.float_prelu).
+        found = layer.float_activation
+        cheaper = float_prelu(found, layer.output_name, layer.matmul.device) if found else None
+        if cheaper is not None and found.end.name not in removed and found.end.name not in replaced:
+            replaced[found.end.name] = cheaper
+            removed |= set(found.nodes) - {found.end.name}
     if not int8_kernels_available():
         log.warning("quantize_matmuls: %s does not run in this process (oneDNN off: set TF_ENABLE_ONEDNN_OPTS=1; "
                     "or not an x86 oneDNN build); the rewritten graph only runs where oneDNN is on", QUANTIZED_OP)
