@@ -134,7 +134,9 @@ def test_a_broken_variant_fails_its_evaluate_stage_naming_it(repo):
         assert result.returncode != 0
         errors = [line for line in result.stderr.splitlines() if line.startswith("evaluate: ")]
         assert len(errors) == 1, result.stderr
-        assert errors[0].startswith("evaluate: error: broken: fails the gate: class agreement ")
+        assert errors[0].startswith(
+            "evaluate: error: broken: fails the gate: output 'class_ids' (label): label agreement "
+        )
         assert "Traceback" not in result.stderr
         assert not (repo / "metrics" / "models" / "broken.json").exists()
     finally:
