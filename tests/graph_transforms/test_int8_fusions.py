@@ -276,8 +276,8 @@ def test_conv_activation_ends_in_dequantize(activation, tmp_path, caplog):
 @pytest.mark.real
 def test_mtcnn_rnet(tmp_path, caplog):
     """mtcnn's RNet (published weights, PReLU after every layer): its convolutions and its 576 ->
-    128 layer run in int8, each ending in one dequantize with the PReLU float; the face
-    probability agrees with float."""
+    128 layer run in int8, each ending in one dequantize with the PReLU float as Maximum(y,
+    alpha * y); the face probability agrees with float."""
     from published_models import load
     from serving_optimiser.bench_models import INT8_TRANSFORMS
     from serving_optimiser.saved_model import optimise_saved_model
@@ -297,6 +297,8 @@ def test_mtcnn_rnet(tmp_path, caplog):
     # conv1 (3 input channels) stays float under minimum_dim; conv2 and conv3 and fc4 are int8.
     assert ops.count("QuantizedConv2DWithBiasAndReluAndRequantize") == 2
     assert ops.count(qm.QUANTIZED_OP) == 1
+    # The three PReLUs after them; conv1's (a float layer) keeps Keras' form (Neg, Relu, AddV2).
+    assert ops.count("Maximum") == 3 and ops.count("AddV2") == 1
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert messages.count("its PReLU") >= 3
     functions = {key: __import__("tensorflow").saved_model.load(str(path)).signatures["serving_default"]

@@ -703,7 +703,12 @@ def quantize_convs(graph_def: graph_pb2.GraphDef, context: TransformContext) -> 
     layer, one log line each: a residual add without a calibrated summand or output range
     (ResNet's last block, whose ReLU only a Mean reads), a Pad of a possibly negative input or
     before a SAME conv. Where a residual add's two sides are both conv layers, the later conv
-    takes it. Running it again changes nothing more.
+    takes it. The int8 conv kernels of TF 2.21 fuse no activation but Relu and have no float
+    output (docs/differences/int8_fusions.md): a layer followed by any other activation the
+    matcher names (_activations.py) ends in its Dequantize with the activation float, a
+    per-channel PReLU rewritten as ``<p>`` = Maximum of (y, ``<p>/scaled`` = Mul of (y,
+    ``<p>/alpha``)) (Minimum when every alpha >= 1), two ops for Keras' five. One log line per
+    int8 layer says what it became. Running it again changes nothing more.
     Differs from the old tool: the old tool has no int8 convs of this kind.
     """
     minimum_dim = context.get_int("minimum_dim", 16)

@@ -776,6 +776,15 @@ def quantize_matmuls(graph_def: graph_pb2.GraphDef, context: TransformContext) -
     (0.1-0.16 ms at 64 x 128 floats) and is faster only past ~512 K floats per call, so
     ``tensorflow`` suits serving batches (an encoder at batch 1: 2.44 -> 1.90 ms, float 1.75 ms).
     Per-batch shifted inputs keep MIN_FIRST (their shift is QuantizeV2's own).
+    Activations (_activations.py, one table; docs/differences/int8_fusions.md): when the layer's
+    2-D output (not chained) is read only by an activation the kernel applies on this TensorFlow
+    (Relu6, LeakyRelu or a PReLU with one alpha, Elu, Sigmoid, Tanh, exact or tanh GELU, in any
+    spelling: the matcher runs the elementwise nodes on a grid), the fused op is a
+    _QuantizedMatMul with fused_ops [BiasAdd, <post-op>, Dequantize] (``leakyrelu_alpha``) named
+    like the activation's last node, whose nodes go. A per-channel PReLU, swish or hard-swish
+    stays float after the float output; a per-channel PReLU becomes ``<p>`` = Maximum of (y,
+    ``<p>/scaled`` = Mul of (y, ``<p>/alpha``)) (Minimum when every alpha >= 1). A Relu keeps the
+    paths above. One log line per int8 layer says what it became and why.
     Running it again changes nothing more.
     """
     minimum_dim = context.get_int("minimum_dim", 32)
