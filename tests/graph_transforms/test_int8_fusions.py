@@ -253,7 +253,7 @@ def test_checks_catch_a_wrong_float_prelu(tmp_path, monkeypatch):
 
 
 @pytest.mark.onednn
-@pytest.mark.parametrize("activation", ["prelu_per_channel", "leaky_relu", "swish"])
+@pytest.mark.parametrize("activation", ["prelu_per_channel", "prelu_shared_alpha", "leaky_relu", "swish"])
 def test_conv_activation_ends_in_dequantize(activation, tmp_path, caplog):
     """No int8 conv kernel of this TensorFlow fuses anything but Relu: the conv runs in int8, ends
     in one Dequantize, and the activation stays float (one log line says so)."""
@@ -262,10 +262,12 @@ def test_conv_activation_ends_in_dequantize(activation, tmp_path, caplog):
         int8 = quantized(graph_def, tmp_path, conv=True)
     ops = [node.op for node in int8.node]
     assert ops.count("QuantizedConv2DWithBiasAndReluAndRequantize") == 1 and ops.count("Dequantize") == 1
-    if activation == "prelu_per_channel":
-        # Two float ops for five (a Neg of the constant alpha is left for fold_constants, unread).
-        needed = {n.op for n in tf.compat.v1.graph_util.extract_sub_graph(int8, ["output"]).node}
-        assert "Maximum" in needed and not {"Neg", "Relu", "AddV2"} & needed
+    # A PReLU in fewer float ops than Keras' five (a Neg of the constant alpha is left for
+    # fold_constants, unread): Maximum(y, alpha * y) per channel, one LeakyRelu for one alpha.
+    needed = {n.op for n in tf.compat.v1.graph_util.extract_sub_graph(int8, ["output"]).node}
+    if activation.startswith("prelu"):
+        assert ("Maximum" if activation == "prelu_per_channel" else "LeakyRelu") in needed
+        assert not {"Neg", "Relu", "AddV2"} & needed
     check_numerics(relative_error(graph_def, int8, conv=True))
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "ends in a Dequantize (int8 compute, float output)" in messages

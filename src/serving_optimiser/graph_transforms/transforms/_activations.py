@@ -237,12 +237,19 @@ def find_activation(producer: str, nodes: dict, consumers: dict, channels: int,
 
 
 def float_prelu(activation: Activation, producer: str, device: str) -> list[node_def_pb2.NodeDef] | None:
-    """A per-channel PReLU that no kernel fuses, as two float ops instead of Keras' five (Relu, Neg,
-    Relu, Mul, AddV2): ``Maximum(y, alpha * y)`` when every alpha is at most 1, ``Minimum`` when
-    every alpha is at least 1 (the same values: for y < 0 the larger of y and alpha * y is
-    alpha * y exactly when alpha <= 1); named like the PReLU's last node. None when the alphas
-    straddle 1. After an int8 layer the PReLU is where the time goes (mtcnn ONet at 64 rows: 15.8
-    of 23.5 ms, docs/differences/int8_fusions.md)."""
+    """A PReLU that no kernel fuses, in fewer float ops than Keras' five (Relu, Neg, Relu, Mul,
+    AddV2), named like its last node: per channel, ``Maximum(y, alpha * y)`` when every alpha is at
+    most 1, ``Minimum`` when every alpha is at least 1 (the same values: for y < 0 the larger of y
+    and alpha * y is alpha * y exactly when alpha <= 1), None when the alphas straddle 1; with one
+    alpha for every channel, a LeakyRelu. After an int8 layer the PReLU is where the time goes
+    (mtcnn ONet at 64 rows: 15.8 of 23.5 ms, docs/differences/int8_fusions.md)."""
+    name = activation.end.name
+    if activation.kind == "LeakyRelu" and len(activation.nodes) > 1:
+        # A PReLU whose alphas are all equal (Keras' form, five ops): TensorFlow's LeakyRelu.
+        node = make_node("LeakyRelu", name, [producer], {"T": types_pb2.DT_FLOAT})
+        node.attr["alpha"].f = float(activation.alpha)
+        node.device = device
+        return [node]
     if activation.kind != "PReLU":
         return None
     alpha = np.asarray(activation.alpha, np.float32)
@@ -252,10 +259,16 @@ def float_prelu(activation: Activation, producer: str, device: str) -> list[node
         op = "Minimum"
     else:
         return None
-    name = activation.end.name
     nodes = [content_const(f"{name}/alpha", alpha, types_pb2.DT_FLOAT),
              make_node("Mul", f"{name}/scaled", [producer, f"{name}/alpha"], {"T": types_pb2.DT_FLOAT}),
              make_node(op, name, [producer, f"{name}/scaled"], {"T": types_pb2.DT_FLOAT})]
     for node in nodes:
         node.device = device
     return nodes
+
+
+def float_form(nodes: list[node_def_pb2.NodeDef] | None) -> str:
+    """How :func:`float_prelu`'s nodes compute the PReLU, for log lines ('' for None)."""
+    if not nodes:
+        return ""
+    return " as one LeakyRelu" if nodes[-1].op == "LeakyRelu" else f" as {nodes[-1].op}(y, alpha * y)"

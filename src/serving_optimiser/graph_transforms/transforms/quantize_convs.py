@@ -37,7 +37,7 @@ from ..graph_utils import (
     parse_input,
 )
 from ..registry import register
-from ._activations import Activation, find_activation, float_prelu
+from ._activations import Activation, find_activation, float_form, float_prelu
 from ._int8 import (
     BIAS_OPS,
     CONV_OPS,
@@ -549,8 +549,7 @@ def _candidates(graph_def: graph_pb2.GraphDef, ranges: dict, minimum_dim: int) -
                 # Measured on TF 2.21 (docs/differences/int8_fusions.md): _FusedQuantizedConv2D and
                 # the depthwise one take Relu alone as an activation, and have no float output.
                 layer.activation = found
-                cheaper = float_prelu(found, layer.end.name, "")
-                cheaper = f" as {cheaper[-1].op}(y, alpha * y)" if cheaper else ""
+                cheaper = float_form(float_prelu(found, layer.end.name, ""))
                 lines.append(f"ends in a Dequantize (int8 compute, float output): its {found.kind} "
                              f"'{found.end.name}' stays float{cheaper} (the int8 conv kernels of this TensorFlow "
                              "fuse only Relu)")
@@ -707,7 +706,8 @@ def quantize_convs(graph_def: graph_pb2.GraphDef, context: TransformContext) -> 
     output (docs/differences/int8_fusions.md): a layer followed by any other activation the
     matcher names (_activations.py) ends in its Dequantize with the activation float, a
     per-channel PReLU rewritten as ``<p>`` = Maximum of (y, ``<p>/scaled`` = Mul of (y,
-    ``<p>/alpha``)) (Minimum when every alpha >= 1), two ops for Keras' five. One log line per
+    ``<p>/alpha``)) (Minimum when every alpha >= 1), two ops for Keras' five, and one with a
+    single alpha a LeakyRelu ``<p>``. One log line per
     int8 layer says what it became. Running it again changes nothing more.
     Differs from the old tool: the old tool has no int8 convs of this kind.
     """

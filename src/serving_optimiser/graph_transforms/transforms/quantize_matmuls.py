@@ -35,7 +35,7 @@ from ..graph_utils import (
     parse_input,
 )
 from ..registry import register
-from ._activations import ACTIVATIONS, Activation, find_activation, float_prelu
+from ._activations import ACTIVATIONS, Activation, find_activation, float_form, float_prelu
 from ._int8 import (
     BIAS_OPS,
     FLOAT,
@@ -624,8 +624,7 @@ def _fuse_activation(layer: _Layer, nodes: dict, consumers: dict, outputs: set[s
     post_op = ACTIVATIONS[found.kind].matmul_post_op
     if post_op is None:
         layer.float_activation = found
-        cheaper = float_prelu(found, layer.output_name, "")
-        cheaper = f" as {cheaper[-1].op}(y, alpha * y)" if cheaper else ""
+        cheaper = float_form(float_prelu(found, layer.output_name, ""))
         return (f"int8 compute, float output; its {found.kind} '{found.end.name}' stays float{cheaper}: no int8 "
                 "MatMul kernel of this TensorFlow fuses it")
     layer.activation = found
