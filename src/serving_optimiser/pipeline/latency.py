@@ -59,14 +59,15 @@ def measure_latency(models: list[TimedModel], params: LatencyParams) -> dict[str
 
 
 def sizes_within_budget(models: list[TimedModel], params: LatencyParams) -> tuple[tuple[int, ...], list[int]]:
-    """The batch sizes whose rounds fit in ``latency.max_stage_seconds``, estimated from one call
-    of every model at each size (smallest first; the smallest is always kept), and the ones
+    """The batch sizes whose rounds fit in ``latency.max_stage_seconds``, estimated from the second
+    of two calls of every model at each size (smallest first; the smallest is always kept), and the ones
     dropped. A model that takes seconds per call (an audio model on 512 windows) would otherwise
     hold a stage for many minutes; Iris's rounds take seconds and lose nothing."""
     kept: list[int] = []
     spent = 0.0
     for size in sorted(params.batch_sizes):
-        per_call = sum(model.timer(size, 1)[0] for model in models)
+        # The second call: the first at a new shape pays for tracing and oneDNN's primitives.
+        per_call = sum(model.timer(size, 2)[1] for model in models)
         cost = per_call * (params.repeats * params.calls(size) + 2)  # the rounds and two warm-up calls
         if kept and spent + cost > params.max_stage_seconds:
             break
