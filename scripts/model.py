@@ -10,8 +10,9 @@ from serving_optimiser.pipeline.stage import run_stage
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--saved-model", required=True, type=Path,
-                        help="the import stage's SavedModel (models/imported): model.path as a SavedModel")
+    parser.add_argument("--saved-model", type=Path,
+                        help="the import stage's SavedModel (models/imported): model.path as a SavedModel "
+                        "(default: model.path itself, which must then be a SavedModel directory)")
     parser.add_argument("--out", required=True, type=Path, help="the samples directory (data/samples)")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
@@ -23,7 +24,8 @@ def main(argv: list[str]) -> None:
 
     params = PipelineParams.load(args.params)
     model = params.model()  # checked before TensorFlow loads
-    model = dataclasses.replace(model, path=args.saved_model)
+    if args.saved_model is not None:
+        model = dataclasses.replace(model, path=args.saved_model)
     vocabulary = params.label_vocabulary() if model.source == "iris" else []
     spec = write_samples(model, vocabulary, args.out)
     kinds = ", ".join(f"{name} ({kind})" for name, kind in spec.kinds().items())

@@ -44,7 +44,7 @@ def test_the_plan_is_the_lists_before_the_step_that_reads_the_file(tmp_path):
 def test_the_committed_params_calibrate_the_int8_variant_after_its_folds():
     plan = calibration_plan(PipelineParams.load(ROOT / "params.yaml"), RANGES)
     committed = yaml.safe_load((ROOT / "params.yaml").read_text())["optimise"]["int8"]
-    assert plan.variants == ("int8",) and plan.transforms == ("quantize_matmuls",)
+    assert plan.variants == ("int8",) and plan.transforms == ("quantize_matmuls", "quantize_convs")
     assert list(plan.before) == committed[: len(plan.before)] and "fold_constants" in plan.before[1]
 
 

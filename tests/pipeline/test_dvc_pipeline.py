@@ -14,7 +14,7 @@ import yaml
 from dvc_helpers import copy_sources, dvc_env, ran_stages
 from dvc_helpers import run as run_command
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dvc")]
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dvc_pipeline")]
 
 TINY_PARAMS = {
     "train": {"hidden_units": [64, 64], "epochs": 40},

@@ -16,7 +16,7 @@ from dvc_helpers import copy_sources, dvc_env, ran_stages
 from dvc_helpers import run as run_command
 from user_model import OUTPUT, SIGNATURE, save_user_model
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dvc")]
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dvc_user_model")]
 
 # Two variants (a lossless list, and int8 MatMuls from the calibrate stage's ranges), a peer that
 # converts the CNN and two that cannot; tiny batches and rounds, so the run takes ~2 minutes.
