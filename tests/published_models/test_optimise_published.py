@@ -46,7 +46,9 @@ def test_lossless_is_the_same_function_and_each_output_has_its_kind(rnet, tmp_pa
     assert report["verdict"] == "pass"
 
 
-@pytest.mark.parametrize(("transforms", "calibrated"), [(WEIGHTS, False), (INT8, True)], ids=["weights", "int8"])
+@pytest.mark.parametrize(("transforms", "calibrated"), [
+    (WEIGHTS, False), pytest.param(INT8, True, marks=pytest.mark.onednn),  # int8 ops need oneDNN
+], ids=["weights", "int8"])
 def test_lossy_lists_pass_the_gate_on_the_face_network(rnet, tmp_path, transforms, calibrated):
     decide, judge = halves(rnet)
     report = optimise_saved_model(rnet.saved_model, tmp_path / "out", transforms, sample_inputs=judge,
@@ -59,6 +61,7 @@ def test_lossy_lists_pass_the_gate_on_the_face_network(rnet, tmp_path, transform
     assert (tmp_path / "out" / "saved_model.pb").is_file()
 
 
+@pytest.mark.onednn  # its int8 candidates run on oneDNN's kernels
 def test_auto_writes_a_passing_candidate_on_the_face_network(rnet, tmp_path):
     decide, judge = halves(rnet)
     report = auto_optimise(rnet.saved_model, tmp_path / "out", sample_inputs=judge, calibration_inputs=decide,

@@ -58,3 +58,19 @@ def test_auto_needs_sample_inputs(tmp_path, wide_mlp):
     with pytest.raises(SavedModelError, match="needs sample inputs"):
         auto_optimise(wide_mlp, tmp_path / "out", sample_inputs=None)
     assert not (tmp_path / "out").exists()
+
+
+def test_without_onednn_the_int8_candidates_are_skipped_saying_why(tmp_path, wide_mlp, monkeypatch):
+    """No traceback where oneDNN is off (an AVX2-only CPU): the int8 lists are skipped, named."""
+    from saved_model.models import wide_mlp_inputs
+
+    import serving_optimiser.graph_transforms.transforms._int8 as int8
+
+    monkeypatch.setattr(int8, "int8_kernels_available", lambda: False)
+    samples = {"serving_default": wide_mlp_inputs(256, seed=1)}
+    report = auto_optimise(wide_mlp, tmp_path / "out", sample_inputs=samples, calibration_inputs=samples,
+                           serving_batch_size=8)
+    rows = {row["name"]: row for row in report["candidates"]}
+    for name in ("int8", "int8_small_batch"):
+        assert rows[name]["verdict"] == "skipped" and "TF_ENABLE_ONEDNN_OPTS=1" in rows[name]["reason"]
+    assert rows[report["written"]]["verdict"] == "pass"

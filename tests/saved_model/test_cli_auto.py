@@ -15,6 +15,7 @@ from serving_optimiser.cli.optimise_saved_model import main
 from serving_optimiser.saved_model.auto import CANDIDATES
 
 
+@pytest.mark.onednn  # its int8 candidates run on oneDNN's kernels
 def test_auto_prints_every_candidate_and_writes_the_winner(wide_mlp, tmp_path, capsys):
     np.savez(tmp_path / "rows.npz", x=wide_mlp_inputs(256, seed=2)["x"])
     np.savez(tmp_path / "calibration.npz", x=wide_mlp_inputs(256, seed=3)["x"])

@@ -132,6 +132,7 @@ def auto_optimise(
     :func:`~serving_optimiser.saved_model.optimise.optimise_saved_model` takes them; ``options``
     pass on to it (signature keys, tags, allow_ops, ...).
     """
+    from ..graph_transforms.transforms._int8 import int8_kernels_available
     from .optimise import optimise_saved_model
     from .speed_guard import OriginalTimer
 
@@ -153,6 +154,10 @@ def auto_optimise(
             candidates.append(candidate)
             if calibrated and calibration_inputs is None:
                 candidate.verdict, candidate.reason, candidate.time_ratio = "skipped", "needs calibration inputs", None
+                continue
+            if calibrated and not int8_kernels_available():
+                candidate.verdict, candidate.time_ratio = "skipped", None
+                candidate.reason = "its int8 ops need oneDNN, off in this process: set TF_ENABLE_ONEDNN_OPTS=1"
                 continue
             directory = work / name
             try:
