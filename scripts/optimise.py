@@ -1,4 +1,4 @@
-"""Stage optimise: apply one named transform list from params.yaml to the frozen graph."""
+"""Stage optimise: apply one named variant from params.yaml to the frozen graph, through the gate."""
 
 import argparse
 
@@ -10,14 +10,21 @@ def main(argv: list[str]) -> None:
     parser.add_argument("variant", help="a key of the 'optimise' section of the params file")
     parser.add_argument("--frozen", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--samples", help="the model stage's samples: the gate decides and judges on them")
+    parser.add_argument("--gate-report", help="where to write what the gate did (JSON)")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
 
+    from serving_optimiser import runtime
+    from serving_optimiser.pipeline.entries import ModelEntry
     from serving_optimiser.pipeline.optimise import optimise_stage
     from serving_optimiser.pipeline.params import PipelineParams
 
-    print(optimise_stage(PipelineParams.load(args.params), args.variant, args.frozen, args.out))
+    params = PipelineParams.load(args.params)
+    # The gate runs the variant as the evaluate stage will: pinned kernels, oneDNN on for int8 ops.
+    runtime.pin_kernels(onednn=ModelEntry.find(params, args.variant).needs_onednn)
+    print(optimise_stage(params, args.variant, args.frozen, args.out, args.samples, args.gate_report))
 
 
 if __name__ == "__main__":
-    run_stage("optimise", main)
+    run_stage("optimise", main, pinned=False)  # main pins, once it knows the variant

@@ -40,9 +40,12 @@ class ModelEntry:
             return cls(name, REFERENCE, False, threads)
         variants = params.variants()
         if name in variants:
-            steps = parse_transforms(" ".join(params.transforms(name)))
-            lossy = tuple(step.name for step in steps if step.name in lossy_transforms())
-            return cls(name, "variant", needs_onednn(params.transforms(name)), threads, lossy)
+            # An auto variant may write any of its candidates: its lossy steps are theirs.
+            lists = (list(params.auto_candidates(name).values()) if params.auto_objective(name) is not None
+                     else [params.transforms(name)])
+            steps = [step for transforms in lists for step in parse_transforms(" ".join(transforms))]
+            lossy = tuple(dict.fromkeys(step.name for step in steps if step.name in lossy_transforms()))
+            return cls(name, "variant", any(needs_onednn(transforms) for transforms in lists), threads, lossy)
         if peers and name in peers.variants:
             return cls(name, "peer", False, threads)
         known = sorted([*variants, *(peers.variants if peers else ())])

@@ -63,6 +63,7 @@ class TrainParams:
 
 TOLERANCE_KEYS = ("agreement", "flips_of_positives", "flips_of_all", "rms_diff_of_range", "max_diff_of_range")
 STOP_ON_FAILURE = ("auto", "true", "false")
+AUTO_OBJECTIVES = ("size",)  # the pipeline's auto variant: deterministic bytes, so no timing
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,9 @@ class EvaluateParams:
     # Overrides of saved_model.output_kinds.DEFAULT_TOLERANCES (the one set the CLI uses too).
     tolerances: dict[str, float] = field(default_factory=dict)
     stop_on_gate_failure: str = "auto"  # auto: stop dvc repro for Iris, record the failure for a user's model
+    # The optimise stage sends a lossy variant's most harmful weights and layers back to per-channel
+    # ranges, then float, until it meets the tolerances (pipeline.fallback); False: lists as written.
+    fallback: bool = True
 
     @classmethod
     def from_section(cls, section: dict, path: str | Path = DEFAULT_PARAMS_FILE) -> EvaluateParams:
@@ -83,7 +87,7 @@ class EvaluateParams:
         if rows_lost < 0:
             raise UserError(f"{path}: 'evaluate.max_eval_rows_lost' must be >= 0, got {rows_lost}")
         known = {"batch_rows", "seed", "sample_rows", "max_eval_rows_lost", "chunk_bytes", "max_batch_bytes",
-                 "tolerances", "stop_on_gate_failure"}
+                 "tolerances", "stop_on_gate_failure", "fallback"}
         unknown = sorted(set(section) - known)
         if unknown:
             keys = ", ".join(f"evaluate.{key}" for key in unknown)
@@ -102,6 +106,9 @@ class EvaluateParams:
         if stop not in STOP_ON_FAILURE:
             raise UserError(f"{path}: 'evaluate.stop_on_gate_failure' = {section.get('stop_on_gate_failure')!r} "
                             f"must be one of {', '.join(STOP_ON_FAILURE)}")
+        fallback = section.get("fallback", True)
+        if not isinstance(fallback, bool):
+            raise UserError(f"{path}: 'evaluate.fallback' = {fallback!r} must be true or false")
         return cls(
             batch_rows=require_positive(section, "batch_rows", int, "evaluate", path),
             seed=require(section, "seed", int, "evaluate", path),
@@ -111,6 +118,7 @@ class EvaluateParams:
             max_batch_bytes=require_positive(section, "max_batch_bytes", int, "evaluate", path),
             tolerances={name: float(value) for name, value in tolerances.items()},
             stop_on_gate_failure=stop,
+            fallback=fallback,
         )
 
     def stops_on_gate_failure(self, source: str) -> bool:
@@ -334,5 +342,34 @@ class PipelineParams:
         check_stage_keys(variants, "optimise", self.path)
         return variants
 
+    def auto_objective(self, variant: str) -> str | None:
+        """The objective of an ``auto`` variant (a mapping ``{objective: size}`` in place of a
+        transform list), or None for a transform list."""
+        value = self.variants().get(variant)
+        if not isinstance(value, dict):
+            return None
+        unknown = sorted(set(value) - {"objective"})
+        if unknown:
+            raise UserError(f"{self.path}: unknown key(s) {', '.join(f'optimise.{variant}.{k}' for k in unknown)} "
+                            "(an auto variant takes objective only)")
+        objective = value.get("objective", "size")
+        if objective not in AUTO_OBJECTIVES:
+            raise UserError(f"{self.path}: 'optimise.{variant}.objective' = {objective!r}: the pipeline's auto "
+                            "variant takes size only (latency depends on the machine, and its bytes must not)")
+        return objective
+
     def transforms(self, variant: str) -> list[str]:
+        """A variant's transform list; for an ``auto`` variant, the lossless list (what it writes
+        when no candidate wins), its candidates being :func:`auto_candidates`."""
+        if self.auto_objective(variant) is not None:
+            from ..saved_model.candidates import CANDIDATES, LOSSLESS
+
+            return list(CANDIDATES[LOSSLESS][0])
         return require_list(self.variants(), variant, str, "optimise", self.path)
+
+    def auto_candidates(self, variant: str) -> dict[str, list[str]]:
+        """An ``auto`` variant's candidate lists: the library's (``optimise_saved_model --auto``)
+        that need neither calibration inputs nor oneDNN (see :mod:`.optimise`)."""
+        from ..saved_model.candidates import CANDIDATES
+
+        return {name: list(transforms) for name, (transforms, calibrated, _) in CANDIDATES.items() if not calibrated}

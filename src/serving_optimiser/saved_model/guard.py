@@ -69,7 +69,7 @@ import numpy as np
 from tensorflow.core.framework import graph_pb2
 
 from ..graph_transforms import TransformError
-from ..graph_transforms.calibration import DEFAULT_MAX_LAYER_ERROR, Calibration
+from ..graph_transforms.calibration import DEFAULT_MAX_LAYER_ERROR, Calibration, read_calibration_file
 from ..graph_transforms.engine import apply_transform
 from ..graph_transforms.parser import ParsedTransform
 from ..graph_transforms.registry import get_transform
@@ -201,7 +201,9 @@ class TransformSteps:
         return dataclasses.replace(step, params=params)
 
     def _calibration(self, index: int, step: ParsedTransform, graph_def, send_back: SendBack) -> Calibration | None:
-        if step.name not in CALIBRATED_TRANSFORMS or "ranges_file" in step.params or self.calibration_inputs is None:
+        if step.name in CALIBRATED_TRANSFORMS and "ranges_file" in step.params:
+            return self._file_calibration(index, step, send_back)
+        if step.name not in CALIBRATED_TRANSFORMS or self.calibration_inputs is None:
             return None
         if index not in self.calibrations:
             minimum_dim = step.params.get("minimum_dim")
@@ -215,6 +217,19 @@ class TransformSteps:
             )
         return self.calibrations[index].with_keep_float(send_back.to_float & set(self.calibrations[index].layer_errors))
 
+    def _file_calibration(self, index: int, step: ParsedTransform, send_back: SendBack) -> Calibration | None:
+        """A step's own ``ranges_file``, read once so its layers' int8 errors rank them (the
+        pipeline's calibrate stage writes them). Handed to the step only when one of its layers
+        goes back to float: otherwise the step reads its file itself, exactly as without the gate."""
+        if index not in self.calibrations:
+            try:
+                self.calibrations[index] = read_calibration_file(step.name, step.params["ranges_file"][0])
+            except TransformError as error:
+                raise SavedModelError(str(error)) from None
+        calibration = self.calibrations[index]
+        names = send_back.to_float & set(calibration.layer_errors)
+        return calibration.with_keep_float(names) if names else None
+
     def bound(self, index: int) -> float:
         values = self.parsed[index].params.get("max_layer_error")
         try:
@@ -223,13 +238,15 @@ class TransformSteps:
             return DEFAULT_MAX_LAYER_ERROR
 
     def int8_layers(self) -> list[tuple[int, str, float]]:
-        """``(step, layer, int8 error)`` of every calibrated layer the list runs in int8."""
-        return [
-            (index, layer, error)
-            for index, calibration in sorted(self.calibrations.items())
-            for layer, error in sorted(calibration.layer_errors.items())
-            if error <= self.bound(index) and layer not in set(self.parsed[index].params.get("keep_float", []))
-        ]
+        """``(step, layer, int8 error)`` of every calibrated layer the list runs in int8 (a layer
+        once, under the first step: one ranges_file may serve quantize_matmuls and quantize_convs,
+        and lists both's layers)."""
+        layers: dict[str, tuple[int, str, float]] = {}
+        for index, calibration in sorted(self.calibrations.items()):
+            for layer, error in sorted(calibration.layer_errors.items()):
+                if error <= self.bound(index) and layer not in set(self.parsed[index].params.get("keep_float", [])):
+                    layers.setdefault(layer, (index, layer, error))
+        return sorted(layers.values())
 
 
 # --------------------------------------------------------------------------------------------
