@@ -11,7 +11,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--frozen", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--samples", help="the model stage's samples: the gate decides and judges on them")
-    parser.add_argument("--gate-report", help="where to write what the gate did (JSON)")
+    parser.add_argument("--out-gate", help="where to write what the gate did (JSON)")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
 
@@ -21,9 +21,10 @@ def main(argv: list[str]) -> None:
     from serving_optimiser.pipeline.params import PipelineParams
 
     params = PipelineParams.load(args.params)
+    params.transforms(args.variant)  # a missing or malformed list is named before anything loads
     # The gate runs the variant as the evaluate stage will: pinned kernels, oneDNN on for int8 ops.
     runtime.pin_kernels(onednn=ModelEntry.find(params, args.variant).needs_onednn)
-    print(optimise_stage(params, args.variant, args.frozen, args.out, args.samples, args.gate_report))
+    print(optimise_stage(params, args.variant, args.frozen, args.out, args.samples, args.out_gate))
 
 
 if __name__ == "__main__":
