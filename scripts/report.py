@@ -12,6 +12,7 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--details-dir", required=True, type=Path)
     parser.add_argument("--latency-details-dir", required=True, type=Path)
+    parser.add_argument("--optimise-dir", type=Path, help="the optimise stage's gate reports, one per variant")
     parser.add_argument("--out-plots", required=True, type=Path)
     parser.add_argument("--out-curve", required=True, type=Path, help="plot rows: latency per row per batch size")
     parser.add_argument("--out-table", required=True, type=Path)
@@ -23,7 +24,8 @@ def main(argv: list[str]) -> None:
     from serving_optimiser.pipeline.params import PipelineParams
     from serving_optimiser.pipeline.report import gather, results_table, write_report
 
-    records = gather(model_names(PipelineParams.load(args.params)), args.details_dir, args.latency_details_dir)
+    records = gather(model_names(PipelineParams.load(args.params)), args.details_dir, args.latency_details_dir,
+                     args.optimise_dir)
     write_report(records, args.out_plots, args.out_curve, args.out_table, args.out_summary)
     print(results_table(records))
 

@@ -123,6 +123,9 @@ def test_a_variant_that_breaks_the_model_is_a_failing_result_and_stops_the_run_w
     repo, _ = user_repo
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["optimise"]["broken"] = ["round_weights(num_steps=2)", "quantize_weights(minimum_size=16)"]
+    # Unguarded: with the optimise stage's fallback on, the gate would send the weights back until
+    # the list passes (tests/pipeline/test_optimise_gate.py), and there would be no failure to record.
+    params["evaluate"]["fallback"] = False
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(repo, "dvc", "repro", "evaluate@broken")
     figures = details(repo, "broken")

@@ -422,3 +422,26 @@ def test_latency_drops_the_largest_batch_sizes_whose_rounds_pass_the_stage_budge
     # The smallest size is always timed.
     tiny = dataclasses.replace(params, max_stage_seconds=0.001)
     assert latency.sizes_within_budget(models, tiny) == ((1,), [10, 1000])
+
+
+def test_the_verdicts_table_says_what_the_optimise_stage_gate_sent_back(tmp_path, report_inputs):
+    details, timings, _ = report_inputs
+    judged = {"kind": "class", "metric": "class_agreement", "value": 0.995, "tolerance": 0.99, "verdict": "pass",
+              "checks": [{"metric": "class_agreement", "op": ">=", "value": 0.995, "tolerance": 0.99, "passed": True}]}
+    for name in ("int8", "small"):
+        record = json.loads((details / f"{name}.json").read_text())
+        (details / f"{name}.json").write_text(json.dumps({**record, "outputs": {"probabilities": judged}}))
+    gates = tmp_path / "optimise"
+    gates.mkdir()
+    sent = [{"name": "w1", "to": "float"}, {"name": "w2", "to": "float"}, {"name": "w3", "to": "per_channel"}]
+    (gates / "int8.json").write_text(json.dumps({"variant": "int8", "gate": {
+        "verdict": "pass", "sent_back": sent, "weights": {"kept_float_share": 0.125}}}))
+    (gates / "small.json").write_text(json.dumps({"variant": "small", "objective": "size", "winner": "lossless",
+                                                  "gate": {"verdict": "not applied", "why": "no lossy transform"}}))
+    records = report.gather(["int8", "small"], details, timings, gates)
+    assert records["int8"]["fallback"] == {"verdict": "pass", "per_channel": 1, "to_float": 2,
+                                           "kept_float_share": 0.125}
+    table = report.verdicts_table(records)
+    assert "| model | gate | fallback (optimise stage) | probabilities |" in table
+    assert "| int8 | pass | 1 per channel, 2 to float; 12.5% of weight bytes float | class: " in table
+    assert "| small | pass | lossless: no lossy step | class: " in table

@@ -53,9 +53,40 @@ def _timed_record(details: dict, measured: dict, latency: dict) -> dict:
             "machine": latency["machine"]}
 
 
-def gather(models: list[str], details_dir: Path, latency_details_dir: Path) -> dict[str, dict]:
+def fallback_summary(gate_report: dict) -> dict:
+    """What the optimise stage's gate did to a variant (``reports/optimise/<variant>.json``), in
+    the few figures the report shows: units sent back per channel and to float, the share of the
+    weight bytes left float, and for an auto variant the candidate it wrote."""
+    gate = gate_report.get("gate") or {}
+    summary = {"verdict": gate.get("verdict", "not applied")}
+    sent = gate.get("sent_back", [])
+    if gate.get("verdict") in ("pass", "fail"):
+        summary.update(per_channel=sum(u["to"] == "per_channel" for u in sent),
+                       to_float=sum(u["to"] == "float" for u in sent),
+                       kept_float_share=(gate.get("weights") or {}).get("kept_float_share"))
+    if "winner" in gate_report:
+        summary["written"] = gate_report["winner"]
+    return summary
+
+
+def _fallback(summary: dict | None) -> str:
+    if summary is None:
+        return "—"
+    written = f"{summary['written']}: " if "written" in summary else ""
+    if summary["verdict"] == "not applied":
+        return f"{written}no lossy step" if written else "not applied"
+    share = summary.get("kept_float_share")
+    kept = "" if share is None else f"; {share:.1%} of weight bytes float"
+    if not summary["per_channel"] and not summary["to_float"]:
+        return f"{written}as written{kept}"
+    return f"{written}{summary['per_channel']} per channel, {summary['to_float']} to float{kept}"
+
+
+def gather(models: list[str], details_dir: Path, latency_details_dir: Path,
+           optimise_dir: Path | None = None) -> dict[str, dict]:
     """One flat record per model, the exported model first (and the export with oneDNN forced on,
-    where it was timed), from the evaluate and latency stages' detail files (full precision)."""
+    where it was timed), from the evaluate and latency stages' detail files (full precision), and
+    for each variant what the optimise stage's gate did (``optimise_dir``)."""
     exported = _read(details_dir / f"{REFERENCE}.json")
     exported.update(size_ratio=1.0, max_dp=0.0)
     timed: dict[str, dict] = {}
@@ -69,6 +100,8 @@ def gather(models: list[str], details_dir: Path, latency_details_dir: Path) -> d
             continue
         latency = _read(latency_details_dir / f"{name}.json")
         timed[name] = _timed_record(details, latency["measured"][name], latency)
+        if optimise_dir is not None and (optimise_dir / f"{name}.json").is_file():
+            timed[name]["fallback"] = fallback_summary(_read(optimise_dir / f"{name}.json"))
         # The export's own times from the same process and rounds as this model's: the yardstick
         # of its ratios, shown beside its times so that each row adds up on its own.
         yardstick = headline_figures(latency["measured"][REFERENCE])
@@ -271,14 +304,16 @@ def verdicts_table(records: dict[str, dict]) -> str:
     outputs = sorted({name for r in records.values() for name in r.get("outputs", {})})
     if not outputs:
         return ""
-    lines = ["| model | gate | " + " | ".join(outputs) + " |", "|" + "---|" * (len(outputs) + 2)]
+    lines = ["| model | gate | fallback (optimise stage) | " + " | ".join(outputs) + " |",
+             "|" + "---|" * (len(outputs) + 3)]
     for name, r in records.items():
         if "outputs" not in r:
             continue
         cells = [f"{_judged(r['outputs'][key])} **{r['outputs'][key]['verdict']}**" if key in r["outputs"] else "—"
                  for key in outputs]
         verdict = r.get("gate", {}).get("verdict", "pass")
-        lines.append(f"| {name} | {'**fail**' if verdict == 'fail' else 'pass'} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {'**fail**' if verdict == 'fail' else 'pass'} | {_fallback(r.get('fallback'))} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
