@@ -68,6 +68,7 @@ def main(argv: list[str]) -> int:
     from serving_optimiser.graph_transforms.transforms._int8 import int8_kernels_available
     from serving_optimiser.pipeline.machine import describe_machine, machine_line
     from serving_optimiser.saved_model import optimise_saved_model
+    from serving_optimiser.saved_model.compare import compare_outputs
 
     machine = describe_machine()
     print(f"CPU: {machine_line(machine)}; environment {json.dumps(machine['environment'])}", flush=True)
@@ -90,11 +91,11 @@ def main(argv: list[str]) -> int:
                    for key, f in functions.items()}
         notes = []
         for output in answers["float"]:
-            diff = float(np.abs(answers["int8"][output] - answers["float"][output]).max())
-            notes.append(f"{output} max |diff| {diff:.4f}")
-            if output == "face_prob":
-                agree = np.mean(answers["int8"][output].argmax(1) == answers["float"][output].argmax(1))
-                notes.append(f"face/not-face agreement {agree:.1%} of {model.rows} rows")
+            # Each output judged by its declared kind, as optimise_saved_model and the pipeline judge it.
+            compared = compare_outputs(answers["float"][output], answers["int8"][output], model.outputs[output].kind)
+            value = "-" if compared["value"] is None else f"{compared['value']:.4g}"
+            notes.append(f"{output} ({compared['kind']}) {compared['metric']} {value} "
+                         f"{compared['verdict']}, max |diff| {compared['max_abs_diff']:.4f}")
         kinds = ", ".join(f"{op} x{count}" for op, count in sorted(layers.items()))
         print(f"{name}: int8 layers {sum(layers.values())} ({kinds}); " + "; ".join(notes), flush=True)
         for batch in batch_sizes:
