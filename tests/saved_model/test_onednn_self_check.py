@@ -118,3 +118,16 @@ def test_optimise_saved_model_says_in_one_line_what_to_set(wide_mlp, tmp_path):
     assert "QuantizedMatMulWithBiasAndDequantize x3" in errors[0] and "set TF_ENABLE_ONEDNN_OPTS=1" in errors[0]
     assert "not written" in errors[0] and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("op", "only_onednn"), [
+    ("QuantizedMatMulWithBiasAndReluAndRequantize", True), ("QuantizedConv2DWithBiasAndRelu", True),
+    ("QuantizedDepthwiseConv2DWithBiasAndRelu", True), ("_QuantizedMatMul", True), ("_FusedQuantizedConv2D", True),
+    ("_FusedQuantizedDepthwiseConv2D", True),
+    # quantize_nodes' ops have reference kernels and run with oneDNN off.
+    ("QuantizedMatMul", False), ("QuantizedConv2D", False), ("QuantizedRelu", False), ("MatMul", False),
+])
+def test_which_ops_only_onednn_runs(op, only_onednn):
+    from serving_optimiser.saved_model.onednn import is_onednn_only
+
+    assert is_onednn_only(op) is only_onednn

@@ -33,7 +33,11 @@ FIX = "TF_ENABLE_ONEDNN_OPTS=1"
 SELF_CHECK_SCOPE = "int8_ops_need_oneDNN-set_TF_ENABLE_ONEDNN_OPTS_to_1"
 # oneDNN's fused quantized ops (mkl_qmatmul_op.cc, mkl_conv_ops.cc); the plain QuantizedMatMul,
 # QuantizedConv2D, QuantizedRelu, ... of quantize_nodes have reference kernels and run anywhere.
-_ONEDNN_ONLY_OP = re.compile(r"^_?Quantized(MatMulWithBias|Conv2D(With|And|PerChannel)|DepthwiseConv2D)")
+# The underscore ops (_QuantizedMatMul with fused activations, _FusedQuantizedConv2D, ...) exist
+# only as oneDNN kernels.
+_ONEDNN_ONLY_OP = re.compile(
+    r"^_?Quantized(MatMulWithBias|Conv2D(With|And|PerChannel)|DepthwiseConv2D)|^_QuantizedMatMul$|^_FusedQuantized"
+)
 # CPUs with any of these get oneDNN's rewrites by default (DefaultOneDnnPolicy).
 ONEDNN_DEFAULT_ON_FLAGS = ("avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
 
