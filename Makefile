@@ -8,18 +8,17 @@ export DVC_NO_ANALYTICS := 1
 
 .DEFAULT_GOAL := help
 .PHONY: help setup all repro test lint bench bench-transforms bench-saved-model bench-int8 push pull metrics metrics-diff plots plots-diff clean
-.PHONY: test-zoo bench-zoo test-fast test-real
+.PHONY: test-zoo bench-zoo test-fast test-real test-full
 
 help: ## Show this menu
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -r requirements.txt
-	@# tf_keras (the zoo's tf-keras 2.x export) declares the full tensorflow wheel, which would overwrite
-	@# tensorflow-cpu's files: it needs nothing tensorflow-cpu does not provide.
-	$(VENV)/bin/python -m pip install --quiet --no-deps tf_keras==2.21.0
+	@# Pins whose declared dependencies would replace tensorflow-cpu (the file says why each).
+	$(VENV)/bin/python -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	$(VENV)/bin/python -m pip install --quiet --no-deps -e .
 	touch $@
 
@@ -48,6 +47,13 @@ test-fast: setup ## Lint and the in-process tests only (no DVC end-to-end, zoo, 
 	ruff check --no-cache src tests scripts
 	TF_ENABLE_ONEDNN_OPTS=1 python -m pytest -q -n 2 --durations=15 -m "onednn and not slow and not real" --ignore=tests/zoo tests
 	python -m pytest -q -n 2 --dist loadgroup --durations=15 -m "not onednn and not slow and not real" --ignore=tests/zoo tests
+
+# Everything: make test's two passes with the model zoo's heavy models too (SERVING_OPTIMISER_ZOO=full).
+# Run it before a release, or after changing the installed dependencies or the package layout.
+test-full: setup ## Lint and every test: make test plus the zoo's heavy models (SERVING_OPTIMISER_ZOO=full)
+	ruff check --no-cache src tests scripts
+	TF_ENABLE_ONEDNN_OPTS=1 SERVING_OPTIMISER_ZOO=full python -m pytest -q -n 2 --durations=15 -m onednn tests
+	SERVING_OPTIMISER_ZOO=full python -m pytest -q -n 2 --dist loadgroup --durations=15 -m "not onednn" tests
 
 test-real: setup ## The published models' tests only (src/published_models: fer, mtcnn, basic-pitch; also in make test)
 	python -m pytest -q -n 2 --dist loadgroup --durations=15 -m real tests
