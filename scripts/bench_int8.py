@@ -27,9 +27,6 @@ import numpy as np
 
 from serving_optimiser.runtime import quiet_tensorflow
 
-# The sample graphs are test fixtures, not part of the package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
 PREPARE = ["remove_nodes(op=Identity)", "fold_constants(ignore_errors=true)"]
 FINISH = ["strip_unused_nodes", "sort_by_execution_order"]
 # Whole-model candidates: (name, transforms); {ranges} is replaced by the calibration file.
@@ -109,9 +106,9 @@ def layer_benchmark(rounds: int) -> None:
 
 
 def model_benchmark(rounds: int, single_calls: int) -> None:
-    import sample_graphs
     import tensorflow as tf
 
+    from model_builders import sample_graphs
     from serving_optimiser.graph_transforms import TransformError, TransformGraph
     from serving_optimiser.graph_transforms.transforms.quantize_matmuls import calibrate_ranges
     from serving_optimiser.pipeline.evaluate import gzip_size
@@ -182,9 +179,9 @@ MOBILENETS = [(0.35, 96, 64), (1.0, 224, 16)]
 
 def mobilenet_benchmark(rounds: int) -> None:
     """Float against quantize_convs (+ quantize_matmuls for the classifier), calibrated on other images."""
-    import sample_graphs
     import tensorflow as tf
 
+    from model_builders import sample_graphs
     from serving_optimiser.graph_transforms import TransformGraph
     from serving_optimiser.graph_transforms.transforms.quantize_matmuls import calibrate_ranges
     from serving_optimiser.saved_model.compare import compare_outputs

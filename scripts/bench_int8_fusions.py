@@ -5,7 +5,7 @@ side by side in one process, with the count of int8 layers and agreement with fl
         [--rounds 7] [--keep DIR]
 
 int8 is the model through ``optimise_saved_model`` with the bench's int8 list
-(``bench_models.INT8_TRANSFORMS``), calibrated on the model's own 32 sample rows (published_models);
+(``model_builders.int8_models.INT8_TRANSFORMS``), calibrated on the model's own 32 sample rows (published_models);
 agreement is measured on the same rows (the only realistic rows the package ships). Per batch
 size: median call time of float and int8 over interleaved rounds (a row tiled to the batch), and
 their ratio. Set ONEDNN_MAX_CPU_ISA=AVX2 TF_ENABLE_ONEDNN_OPTS=1 to emulate an AVX2-only CPU.
@@ -63,8 +63,8 @@ def main(argv: list[str]) -> int:
     quiet_tensorflow()
     import tensorflow as tf
 
+    from model_builders.int8_models import INT8_TRANSFORMS, SIGNATURE
     from published_models import load
-    from serving_optimiser.bench_models import INT8_TRANSFORMS, SIGNATURE
     from serving_optimiser.graph_transforms.transforms._int8 import int8_kernels_available
     from serving_optimiser.pipeline.machine import describe_machine, machine_line
     from serving_optimiser.saved_model import optimise_saved_model

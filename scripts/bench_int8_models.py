@@ -11,7 +11,7 @@ float and max |diff| / float's output range on held-out rows (calibration uses o
 --serving-batch-size N adds int8_bN: the int8 list through optimise_saved_model's speed guard
 at N rows (layers go back to float while the whole model is not faster than the export); below
 16 rows the same list without fuse_layer_norms.
-How each model is made to answer like a trained one: serving_optimiser.bench_models. The CPU
+How each model is made to answer like a trained one: model_builders.int8_models. The CPU
 line comes first; progress goes to stderr. --quick shrinks every model (a smoke test, minutes
 to seconds). Set ONEDNN_MAX_CPU_ISA=AVX2 TF_ENABLE_ONEDNN_OPTS=1 to emulate an AVX2-only CPU.
 """
@@ -36,13 +36,13 @@ def main(argv: list[str]) -> int:
                         help="also time int8 through the speed guard at N rows (candidate int8_bN)")
     args = parser.parse_args(argv)
     quiet_tensorflow()
-    from serving_optimiser import bench_models
+    from model_builders import int8_models
     from serving_optimiser.pipeline.machine import describe_machine, machine_line
 
     names = args.models.split(",")
-    unknown = [name for name in names if name not in bench_models.MODEL_NAMES]
+    unknown = [name for name in names if name not in int8_models.MODEL_NAMES]
     if unknown:
-        parser.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(bench_models.MODEL_NAMES)}")
+        parser.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(int8_models.MODEL_NAMES)}")
     try:
         batch_sizes = sorted({int(size) for size in args.batch_sizes.split(",")})
     except ValueError:
@@ -58,14 +58,14 @@ def main(argv: list[str]) -> int:
     if not int8_kernels_available():
         print("oneDNN's int8 kernels do not run in this process: set TF_ENABLE_ONEDNN_OPTS=1 (x86-64 only)")
         return 1
-    sizes = bench_models.QUICK if args.quick else bench_models.FULL
+    sizes = int8_models.QUICK if args.quick else int8_models.FULL
     results, failures = [], []
     with tempfile.TemporaryDirectory(prefix="bench_int8_models_") as scratch:
         base = Path(args.keep or scratch)
         for name in names:
             try:
-                results.append(bench_models.bench_model(name, base, sizes, batch_sizes, args.rounds,
-                                                        serving_batch_size=args.serving_batch_size))
+                results.append(int8_models.bench_model(name, base, sizes, batch_sizes, args.rounds,
+                                                       serving_batch_size=args.serving_batch_size))
             except Exception as error:  # noqa: BLE001 - one line per failed model, the others go on
                 failures.append(f"{name}: {type(error).__name__}: {str(error).splitlines()[0]}")
                 print(f"FAILED {failures[-1]}", flush=True)
@@ -74,7 +74,7 @@ def main(argv: list[str]) -> int:
         for note in result.notes:
             print(f"  {note}")
     print()
-    print("\n".join(bench_models.table(results, batch_sizes)))
+    print("\n".join(int8_models.table(results, batch_sizes)))
     return 1 if failures else 0
 
 

@@ -11,12 +11,8 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 from serving_optimiser.runtime import quiet_tensorflow
-
-# The sample graphs are test fixtures, not part of the package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def main(argv: list[str]) -> int:
@@ -26,8 +22,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     quiet_tensorflow()
-    import sample_graphs
-
+    from model_builders import sample_graphs
     from serving_optimiser.graph_transforms import TransformGraph
 
     transforms = list(sample_graphs.NOTEBOOK_TRANSFORMS)

@@ -1,4 +1,4 @@
-"""Benchmark (not a test): the model zoo of ``tests/zoo/models.py`` through ``optimise_saved_model``
+"""Benchmark (not a test): the model zoo of ``model_builders.zoo`` through ``optimise_saved_model``
 with the lossless and the quantize_weights lists.
 
     python scripts/bench_zoo.py [--models resnet50,lstm] [--rounds 7] [--batch 256] [--keep DIR]
@@ -25,9 +25,6 @@ from pathlib import Path
 import numpy as np
 
 from serving_optimiser.runtime import quiet_tensorflow
-
-# The zoo's builders are test fixtures, not part of the package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 SINGLE_CALLS = 30  # batch-1 calls per candidate per round (the median of them is the round's time)
 BATCH_CALLS = 3  # large-batch calls per candidate per round
@@ -58,8 +55,8 @@ def relative_difference(expected: dict, actual: dict) -> float:
 
 def bench_model(name: str, base: Path, rounds: int, batch: int) -> list[dict]:
     import tensorflow as tf
-    from zoo.models import LISTS, MODELS, signature_inputs
 
+    from model_builders.zoo import LISTS, MODELS, signature_inputs
     from serving_optimiser.saved_model import optimise_saved_model
     from serving_optimiser.saved_model.auto import worst_output
 
@@ -106,8 +103,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--keep", help="write the models here instead of a temporary directory")
     args = parser.parse_args(argv)
     quiet_tensorflow()
-    from zoo.models import MODELS
-
+    from model_builders.zoo import MODELS
     from serving_optimiser.pipeline.machine import describe_machine, machine_line
     from serving_optimiser.runtime import kernel_settings
 

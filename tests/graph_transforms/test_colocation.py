@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import sample_graphs
 import tensorflow as tf
 from graph_helpers import graph_from_text, nodes_by_name, ops_by_name, oracle_transform, requires_oracle, run_graph
 
+from model_builders import sample_graphs
 from serving_optimiser.graph_transforms import TransformGraph
 from serving_optimiser.graph_transforms.graph_utils import fix_colocation_attrs
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import tensorflow as tf
-from sample_graphs import NOTEBOOK_TRANSFORMS
 
+from model_builders.sample_graphs import NOTEBOOK_TRANSFORMS
 from serving_optimiser.graph_transforms.graph_io import load_graph_def
 from serving_optimiser.saved_model import optimise_saved_model
 from serving_optimiser.saved_model.compare import within_rounding

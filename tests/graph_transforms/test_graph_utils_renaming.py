@@ -5,8 +5,8 @@ and the colocation entries that follow a rename."""
 import numpy as np
 import pytest
 from graph_helpers import graph_of, run_graph
-from sample_graphs import IRIS_OUTPUT, frozen_iris_dnn, iris_samples
 
+from model_builders.sample_graphs import IRIS_OUTPUT, frozen_iris_dnn, iris_samples
 from serving_optimiser.graph_transforms import TransformError
 from serving_optimiser.graph_transforms.graph_utils import make_node, node_map
 from serving_optimiser.graph_transforms.graph_utils.renaming import (

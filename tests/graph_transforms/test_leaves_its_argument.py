@@ -3,8 +3,14 @@ optimise_saved_model re-applies the list to the same frozen graph on every fallb
 transform that edited its input in place would compound its own changes."""
 
 import pytest
-from sample_graphs import IRIS_FEATURES, IRIS_OUTPUT, MOBILENET_INPUT, frozen_iris_dnn, frozen_mobilenet_v2
 
+from model_builders.sample_graphs import (
+    IRIS_FEATURES,
+    IRIS_OUTPUT,
+    MOBILENET_INPUT,
+    frozen_iris_dnn,
+    frozen_mobilenet_v2,
+)
 from serving_optimiser.errors import UserError
 from serving_optimiser.graph_transforms import registry
 from serving_optimiser.graph_transforms.context import TransformContext

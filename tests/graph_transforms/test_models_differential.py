@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-import sample_graphs
 from graph_helpers import (
     assert_same_structure,
     op_counts,
@@ -24,6 +23,7 @@ from graph_helpers import (
     run_graph,
 )
 
+from model_builders import sample_graphs
 from serving_optimiser.cli import transform_graph
 from serving_optimiser.graph_transforms import TransformGraph
 from serving_optimiser.graph_transforms.graph_io import load_graph_def, save_graph_def

@@ -158,7 +158,7 @@ def test_calibration_runs_through_loops_and_lookup_tables(tf1_iris, tmp_path):
 
 
 def test_calibration_of_a_while_loop_model_skips_the_loop_body(tmp_path, caplog):
-    from zoo.models import build_while_cond_module
+    from model_builders.zoo import build_while_cond_module
 
     built = build_while_cond_module(str(tmp_path / "module"))
     frozen = freeze_saved_model(tmp_path / "module")

@@ -229,7 +229,7 @@ def _build_while_cond_with_an_outlier(directory: str) -> dict:
     weight holding one value 30x its spread, as trained weights often do: per tensor, 8 bits then
     resolve the rest of it in steps a fifth of their spread, and the error compounds over the
     8 steps. The logits are fitted on the states it then computes. Returns the held-out inputs."""
-    from zoo.models import MODULE_CLASSES, RecurrentClassifier, digit_sequences, ridge_head
+    from model_builders.zoo import MODULE_CLASSES, RecurrentClassifier, digit_sequences, ridge_head
 
     module = RecurrentClassifier()
     recurrent = module.wh.numpy()

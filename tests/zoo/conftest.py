@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from zoo.models import LISTS, MODELS, Built, signature_inputs
 
+from model_builders.zoo import LISTS, MODELS, Built, signature_inputs
 from serving_optimiser.saved_model import SavedModelError, optimise_saved_model
 
 # A signature call of these models on 256 rows takes under 5 s here (ResNet50's); one still

@@ -12,8 +12,8 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-from zoo.models import LISTS, MODELS
 
+from model_builders.zoo import LISTS, MODELS
 from serving_optimiser.saved_model import ServingSession
 from serving_optimiser.saved_model.compare import within_rounding
 from serving_optimiser.saved_model.reader import read_meta_graph, serving_signature_keys, signature_info_from_proto
@@ -136,8 +136,8 @@ def test_calibrated_int8_keeps_the_wide_and_deep_models_classes(zoo, tmp_path):
     rule: at least 99.5 % of the classes on 4,096 held-out rows (measured 99.95 %; the layers'
     int8 errors 0.007 and 0.005)."""
     from saved_model.models import CALIBRATED_INT8
-    from zoo.models import click_rows, signature_inputs
 
+    from model_builders.zoo import click_rows, signature_inputs
     from serving_optimiser.saved_model import optimise_saved_model
 
     original = zoo.original("wide_and_deep")
