@@ -1,4 +1,7 @@
 import os
+import re
+from functools import cache
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +42,59 @@ def _environment_restored():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+# --------------------------------------------------------------------------------------------
+# Scheduling under xdist: `--dist loadgroup` as it is meant to work
+# --------------------------------------------------------------------------------------------
+# pytest-xdist 3.8's loadgroup tags each test's node id with its xdist_group by setting
+# ``item._nodeid``, which pytest 9 no longer reads (Node.nodeid is ``str(self._id)``): every group
+# was silently split across the workers, and each worker built the groups' module fixtures (the
+# DVC end-to-end repos) again. This scheduler replaces it: a test file is one unit of work, files
+# whose module-level ``pytestmark`` names the same xdist_group are one unit (tests/peers' session
+# fixtures are built once), and the units marked slow start first, the biggest first, so the
+# longest one (the Iris DVC run) is not left for the end.
+
+_GROUP = re.compile(r"""xdist_group\(\s*(?:name=)?["']([^"']+)["']""")
+
+
+@cache
+def _module_marks(path: Path) -> tuple[str | None, bool]:
+    """(the module-level xdist_group, whether the module is marked slow) from its source."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return None, False
+    marks = "\n".join(line for line in text.splitlines() if line.startswith("pytestmark"))
+    group = _GROUP.search(marks)
+    return (group.group(1) if group else None), "mark.slow" in marks
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    root = Path(config.rootpath)
+
+    class FileGroupScheduling(LoadScopeScheduling):
+        ordered = False
+
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            group, _ = _module_marks(root / path)
+            return f"group:{group}" if group else path
+
+        def _scope_is_slow(self, scope: str, nodeids) -> bool:
+            return any(_module_marks(root / nodeid.split("::", 1)[0])[1] for nodeid in nodeids)
+
+        def _assign_work_unit(self, node) -> None:
+            if not self.ordered:
+                units = sorted(self.workqueue.items(),
+                               key=lambda item: (not self._scope_is_slow(*item), -len(item[1])))
+                self.workqueue.clear()
+                self.workqueue.update(units)
+                self.ordered = True
+            super()._assign_work_unit(node)
+
+    return FileGroupScheduling(config, log)

@@ -158,7 +158,20 @@ def test_redirects_ports_and_control_inputs():
     assert_same_outputs(graph, result, ["sum"])
 
 
-def test_stateful_duplicates_are_kept():
+@pytest.fixture
+def unseeded_random_ops_allowed():
+    """Op determinism is process-wide, and an in-process training test on the same worker turns it
+    on (pipeline.train.make_deterministic), after which an unseeded random op refuses to run."""
+    from tensorflow.python.framework import config
+
+    enabled = config.is_op_determinism_enabled()
+    config.disable_op_determinism()
+    yield
+    if enabled:
+        config.enable_op_determinism()
+
+
+def test_stateful_duplicates_are_kept(unseeded_random_ops_allowed):
     def randoms():
         shape = tf.constant([3], name="shape")
         first = tf.raw_ops.RandomUniform(shape=shape, dtype=tf.float32, name="random1")
