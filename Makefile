@@ -39,7 +39,7 @@ test: setup ## Lint and run the test suite (tiny params; end-to-end dvc repro in
 	@# AVX512_VNNI/BF16, AVX_VNNI or AMX: they get a pass of their own with it forced on; the rest
 	@# runs with the caller's setting (TF_ENABLE_ONEDNN_OPTS=0 make test emulates an AVX2-only CPU).
 	TF_ENABLE_ONEDNN_OPTS=1 python -m pytest -q -n 2 --durations=15 -m onednn tests
-	python -m pytest -q -n 2 --dist loadgroup --durations=15 -m "not onednn" tests
+	python -m pytest -q -n 2 --dist loadgroup --durations=15 -m "not onednn and not full" tests
 
 # The same two passes without the end-to-end groups (marked slow: dvc repro, the CLIs in
 # subprocesses, the browser), the model zoo and the published models: the lane for every edit.
@@ -48,9 +48,10 @@ test-fast: setup ## Lint and the in-process tests only (no DVC end-to-end, zoo, 
 	TF_ENABLE_ONEDNN_OPTS=1 python -m pytest -q -n 2 --durations=15 -m "onednn and not slow and not real" --ignore=tests/zoo tests
 	python -m pytest -q -n 2 --dist loadgroup --durations=15 -m "not onednn and not slow and not real" --ignore=tests/zoo tests
 
-# Everything: make test's two passes with the model zoo's heavy models too (SERVING_OPTIMISER_ZOO=full).
+# Everything: make test's two passes, plus the model zoo's heavy models (SERVING_OPTIMISER_ZOO=full) and
+# the tests marked full (a fresh venv with the core dependencies only, tests/test_install_core.py).
 # Run it before a release, or after changing the installed dependencies or the package layout.
-test-full: setup ## Lint and every test: make test plus the zoo's heavy models (SERVING_OPTIMISER_ZOO=full)
+test-full: setup ## Lint and every test: make test plus the zoo's heavy models and the core-only install
 	ruff check --no-cache src tests scripts
 	TF_ENABLE_ONEDNN_OPTS=1 SERVING_OPTIMISER_ZOO=full python -m pytest -q -n 2 --durations=15 -m onednn tests
 	SERVING_OPTIMISER_ZOO=full python -m pytest -q -n 2 --dist loadgroup --durations=15 -m "not onednn" tests
