@@ -111,8 +111,8 @@ def model_benchmark(rounds: int, single_calls: int) -> None:
     from model_builders import sample_graphs
     from serving_optimiser.graph_transforms import TransformError, TransformGraph
     from serving_optimiser.graph_transforms.transforms.quantize_matmuls import calibrate_ranges
-    from serving_optimiser.pipeline.evaluate import gzip_size
     from serving_optimiser.pipeline.export import export_saved_model
+    from serving_optimiser.pipeline.sizes import gzip_size
     from serving_optimiser.saved_model import SavedModelError, convert_to_saved_model, freeze_saved_model
     from serving_optimiser.saved_model.compare import compare_outputs
 

@@ -45,9 +45,9 @@ def main(argv: list[str]) -> None:
     from serving_optimiser.errors import UserError
     from serving_optimiser.peers.predictor import load_predictor
     from serving_optimiser.pipeline.data import read_iris_csv, sample_around
-    from serving_optimiser.pipeline.evaluate import gzip_size
     from serving_optimiser.pipeline.machine import describe_machine
     from serving_optimiser.pipeline.params import PipelineParams
+    from serving_optimiser.pipeline.sizes import gzip_size
     from serving_optimiser.saved_model.compare import compare_outputs
     from serving_optimiser.timing import TimedModel, interleaved_rounds, local_timer, round_ratio
 

@@ -58,7 +58,7 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
 
     from serving_optimiser.pipeline.data import FEATURE_NAMES
-    from serving_optimiser.pipeline.evaluate import evaluation_data
+    from serving_optimiser.pipeline.figures import evaluation_data
     from serving_optimiser.pipeline.model import Samples
     from serving_optimiser.pipeline.params import PipelineParams
     from serving_optimiser.pipeline.weights import load_weights

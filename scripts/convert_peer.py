@@ -22,8 +22,8 @@ def main(argv: list[str]) -> None:
 
     from serving_optimiser.atomic import atomic_file
     from serving_optimiser.peers import convert
+    from serving_optimiser.pipeline.artefacts import UNSUPPORTED_FILE
     from serving_optimiser.pipeline.entries import peers_section
-    from serving_optimiser.pipeline.evaluate import UNSUPPORTED_FILE
     from serving_optimiser.pipeline.params import PipelineParams
     from serving_optimiser.pipeline.peer_stage import convert_peer_stage
 

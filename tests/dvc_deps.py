@@ -28,7 +28,7 @@ PEERS = SRC / "serving_optimiser/peers"
 # depends on the params, so every runtime module counts).
 DYNAMIC_IMPORTS = {
     SRC / "serving_optimiser/graph_transforms/registry.py": [SRC / "serving_optimiser/graph_transforms/transforms"],
-    PEERS / "formats.py": [PEERS / f"{name}.py" for name in ("tf", "litert", "onnx_runtime", "openvino")],
+    PEERS / "formats.py": [PEERS / f"{name}.py" for name in ("tf", "litert", "onnx", "openvino")],
 }
 WHOLE_DIRECTORIES = (SRC / "serving_optimiser/graph_transforms/transforms",)
 

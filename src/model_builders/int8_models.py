@@ -321,7 +321,7 @@ class Result:
 
 
 def _relative_diff(reference: np.ndarray, candidate: np.ndarray) -> float:
-    from serving_optimiser.pipeline.evaluate import relative_diff
+    from serving_optimiser.pipeline.figures import relative_diff
 
     return relative_diff(reference, candidate)
 

@@ -135,7 +135,7 @@ def test_frozen_model_converts_where_the_saved_model_fails(name, converts, user_
     """LiteRT answers NaN from the tf.Module's SavedModel and converts from the frozen model;
     OpenVINO (no serving_default) converts from neither and keeps its one line, naming both."""
     from serving_optimiser.peers.convert import SOURCE_FILE
-    from serving_optimiser.pipeline.evaluate import UNSUPPORTED_FILE
+    from serving_optimiser.pipeline.artefacts import UNSUPPORTED_FILE
 
     saved, frozen, samples = user_stage_inputs
     out = tmp_path / "peers" / name

@@ -7,7 +7,7 @@ from peers_helpers import SPECS, first_rows
 
 from serving_optimiser.errors import UserError
 from serving_optimiser.peers.litert import LiteRTPredictor
-from serving_optimiser.peers.onnx_runtime import OnnxPredictor
+from serving_optimiser.peers.onnx import OnnxPredictor
 from serving_optimiser.peers.openvino import OpenVINOPredictor
 from serving_optimiser.peers.predictor import TFPredictor, input_arrays, load_predictor, validate_outputs
 from serving_optimiser.pipeline.data import FEATURE_NAMES, LABEL_VOCABULARY

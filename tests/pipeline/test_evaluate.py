@@ -11,7 +11,8 @@ import pytest
 from pipeline_helpers import ROOT
 
 from serving_optimiser.errors import UserError
-from serving_optimiser.pipeline import evaluate, latency, report
+from serving_optimiser.pipeline import evaluate, latency, report, sizes
+from serving_optimiser.pipeline import figures as stage_figures
 from serving_optimiser.pipeline.data import FEATURE_NAMES, features_and_labels, sample_around
 from serving_optimiser.pipeline.model import ModelSpec
 
@@ -37,23 +38,23 @@ REGRESSION = ModelSpec(
 
 
 def test_sizes_count_every_file_and_gzip_is_reproducible(tiny_export):
-    size = evaluate.model_size(tiny_export)
+    size = sizes.model_size(tiny_export)
     files = [p for p in tiny_export.rglob("*") if p.is_file()]
     assert size["size_bytes"] == sum(p.stat().st_size for p in files)
     assert 0 < size["size_gzip_bytes"] < size["size_bytes"]
-    assert evaluate.gzip_size(tiny_export) == size["size_gzip_bytes"]
+    assert sizes.gzip_size(tiny_export) == size["size_gzip_bytes"]
 
 
 def test_fidelity_counts_agreement_and_max_difference():
     reference = {"class_ids": np.array([[0], [1], [2], [2]]), "probabilities": np.zeros((4, 3))}
     candidate = {"class_ids": np.array([[0], [1], [1], [2]]), "probabilities": np.full((4, 3), 0.25)}
-    assert evaluate.fidelity(reference, candidate, SPEC) == {"agreement": 0.75, "max_dp": 0.25}
+    assert stage_figures.fidelity(reference, candidate, SPEC) == {"agreement": 0.75, "max_dp": 0.25}
 
 
 def test_without_a_class_output_fidelity_is_relative_to_the_outputs_range():
     reference = {"y": np.array([[0.0, 10.0], [5.0, -10.0]], np.float32)}
     candidate = {"y": np.array([[0.5, 10.0], [5.0, -9.0]], np.float32)}
-    assert evaluate.fidelity(reference, candidate, REGRESSION) == {"max_dp": 1.0, "max_rel_diff": 0.05}
+    assert stage_figures.fidelity(reference, candidate, REGRESSION) == {"max_dp": 1.0, "max_rel_diff": 0.05}
 
 
 def test_each_output_is_judged_by_its_kind_and_the_gate_names_the_failures():
@@ -66,24 +67,24 @@ def test_each_output_is_judged_by_its_kind_and_the_gate_names_the_failures():
     candidate = {"class_ids": reference["class_ids"].copy(), "probabilities": reference["probabilities"].copy()}
     candidate["class_ids"][:3] = 1  # 98.5 % agreement: under 0.99
     candidate["probabilities"][:3] = [0.2, 0.7, 0.1]
-    judged = evaluate.judged_outputs(reference, candidate, SPEC, PARAMS)
+    judged = stage_figures.judged_outputs(reference, candidate, SPEC, PARAMS)
     assert judged["class_ids"]["kind"] == "label" and judged["class_ids"]["metric"] == "label_agreement"
     assert judged["probabilities"]["metric"] == "class_agreement"
     assert judged["probabilities"]["value"] == pytest.approx(0.985) and judged["probabilities"]["verdict"] == "fail"
-    failures = evaluate.gate_failures({"outputs": judged}, PARAMS)
+    failures = stage_figures.gate_failures({"outputs": judged}, PARAMS)
     assert failures == [
         "output 'class_ids' (label): label agreement 0.9850 is under the minimum 0.9900 on the 2000-row batch",
         "output 'probabilities' (class): class agreement 0.9850 is under the minimum 0.9900 on the 2000-row batch",
     ]
     looser = dataclasses.replace(PARAMS, tolerances={"agreement": 0.98})
-    judged = evaluate.judged_outputs(reference, candidate, SPEC, looser)
-    assert evaluate.gate_failures({"outputs": judged}, looser) == []
+    judged = stage_figures.judged_outputs(reference, candidate, SPEC, looser)
+    assert stage_figures.gate_failures({"outputs": judged}, looser) == []
 
 
 def test_a_regression_output_is_judged_on_its_range():
     reference = {"y": np.linspace(0, 10, 100, dtype=np.float32).reshape(50, 2)}
     candidate = {"y": reference["y"] + np.float32(0.6)}  # 6 % of the range everywhere
-    judged = evaluate.judged_outputs(reference, candidate, REGRESSION, PARAMS)["y"]
+    judged = stage_figures.judged_outputs(reference, candidate, REGRESSION, PARAMS)["y"]
     assert judged["kind"] == "regression" and judged["verdict"] == "fail"
     assert [c["passed"] for c in judged["checks"]] == [False, False]
 
@@ -111,8 +112,8 @@ def test_a_copy_of_the_exported_model_agrees_completely(tmp_path, tiny_export, d
     assert figures["graph_variable_nodes"] == 6
     assert len(figures["sample_predictions"]) == 3
     assert figures["sample_predictions"][0]["class"] in VOCABULARY
-    assert evaluate.gate_failures(figures, PARAMS) == []
-    headline = evaluate.headline(figures)
+    assert stage_figures.gate_failures(figures, PARAMS) == []
+    headline = stage_figures.headline(figures)
     assert set(headline) == {"size_kb", "gzip_kb", "acc", "size_x", "agree", "max_dp"}
 
 
@@ -126,10 +127,10 @@ def test_outputs_round_trip_through_the_reference_file(tmp_path, reference):
 
 
 def test_gate_names_eval_rows_lost():
-    assert evaluate.gate_failures({"outputs": {}, "eval_rows_lost": 2}, PARAMS) == [
+    assert stage_figures.gate_failures({"outputs": {}, "eval_rows_lost": 2}, PARAMS) == [
         "2 eval rows lost against the exported model (evaluate.max_eval_rows_lost=1)"
     ]
-    assert evaluate.gate_failures({"outputs": {}, "eval_rows_lost": 1}, PARAMS) == []
+    assert stage_figures.gate_failures({"outputs": {}, "eval_rows_lost": 1}, PARAMS) == []
 
 
 def test_a_model_answering_nan_fails_naming_it(tmp_path, data):
@@ -259,7 +260,7 @@ def report_inputs(tmp_path, reference):
     details, timings = tmp_path / "details", tmp_path / "latency"
     details.mkdir()
     timings.mkdir()
-    exported = evaluate.rounded(reference.figures)
+    exported = stage_figures.rounded(reference.figures)
     (details / "exported.json").write_text(json.dumps(exported))
     variant = {**exported, "agreement": 0.999, "max_dp": 0.01, "size_ratio": 0.25, "size_bytes": 100}
     (details / "small.json").write_text(json.dumps(variant))
@@ -376,7 +377,7 @@ def test_the_batch_holds_at_most_max_batch_bytes(row_shape, expected_rows):
         evaluation={"x": np.random.default_rng(0).standard_normal((30, *row_shape)).astype(np.float32)}
     )
     params = dataclasses.replace(PARAMS, batch_rows=100_000, max_batch_bytes=256 * 2**20)
-    data = evaluate.evaluation_data(samples, params)
+    data = stage_figures.evaluation_data(samples, params)
     assert data["eval"]["x"].shape == (30, *row_shape)
     assert data["batch"]["x"].shape == (expected_rows, *row_shape)
 
@@ -398,8 +399,8 @@ def test_the_lossy_transforms_are_read_without_tensorflow_and_named_per_variant(
 def test_a_variant_whose_lossy_steps_changed_nothing_is_labelled_and_never_recommended():
     same = {"probabilities": np.array([[0.2, 0.8]], np.float32), "class_ids": np.array([[1]])}
     moved = {"probabilities": np.array([[0.25, 0.75]], np.float32), "class_ids": np.array([[1]])}
-    assert evaluate.computes_the_same_function(same, {k: v.copy() for k, v in same.items()}, SPEC)
-    assert not evaluate.computes_the_same_function(same, moved, SPEC)
+    assert stage_figures.computes_the_same_function(same, {k: v.copy() for k, v in same.items()}, SPEC)
+    assert not stage_figures.computes_the_same_function(same, moved, SPEC)
     record = {"size_bytes": 1024, "size_ratio": 1.0, "gzip_bytes": 512, "max_dp": 0.0}
     records = {"exported": dict(record), "int8_dynamic": {**record, "no_change": "no change on this model: ..."},
                "broken": {**record, "gate": {"verdict": "fail", "failures": ["..."]}}}

@@ -4,7 +4,7 @@ interface over them and the TensorFlow SavedModel.
 Modules: ``base`` (the predictor interface, its load options, the input and output checks; no
 runtime), ``formats`` (the format table: files, quantisations, which are calibrated, and the
 runtime module of each format, imported on first use), one module per runtime (``tf``,
-``litert``, ``onnx_runtime``, ``openvino``, each importing only ``base`` and ``formats``),
+``litert``, ``onnx``, ``openvino``, each importing only ``base`` and ``formats``),
 ``predictor`` (load any artefact), ``params`` (the ``peers`` section of a params file),
 ``convert`` (build, check and write one artefact, from the frozen model where the SavedModel
 fails). TensorFlow, LiteRT, ONNX Runtime, OpenVINO and NNCF are imported only when a function

@@ -4,7 +4,9 @@ to) it. Everything else that differs by format reads this table, so a new runtim
 plus one row here.
 
 The runtime module is named, not imported: it is imported on first use (:func:`runtime`), so
-reading params or this table loads no runtime. A runtime module defines ``PREDICTOR`` (its
+reading params or this table loads no runtime. It is named after the format (``onnx.py`` for
+``onnx``): dvc.yaml's peer stages depend on ``peers/${item.format}.py``, the one runtime each
+peer loads, so editing one runtime reruns only its peers (tests/dvc_deps.py writes those deps). A runtime module defines ``PREDICTOR`` (its
 :class:`~serving_optimiser.peers.base.Predictor`) and, for a format peers convert to,
 ``convert(exported, quantization, calibration, signature, **options) -> {file name: bytes}``
 (``calibration``: the rows of a calibrated quantisation, else None; ``options``: the row's
@@ -75,7 +77,7 @@ FORMATS: dict[str, Format] = {
         Format("litert", "litert", ("model.tflite",), ".tflite",
                quantizations=("none", "float16", "int8_dynamic", "int8_full"), calibrated=("int8_full",)),
         # opset: the range tf2onnx 1.17 supports and tests; it refuses 19 and above outright.
-        Format("onnx", "onnx_runtime", ("model.onnx",), ".onnx", quantizations=("none", "int8_dynamic"),
+        Format("onnx", "onnx", ("model.onnx",), ".onnx", quantizations=("none", "int8_dynamic"),
                options=(Option("opset", minimum=13, maximum=18),)),
         # minimum_dim: MatMuls with a narrower weight stay float (as quantize_matmuls' minimum_dim).
         Format("openvino", "openvino", ("model.xml", "model.bin"), "OpenVINO .xml",

@@ -34,7 +34,7 @@ from .formats import FORMATS
 _EXPORTS = {
     "TFPredictor": ".tf",
     "LiteRTPredictor": ".litert",
-    "OnnxPredictor": ".onnx_runtime",
+    "OnnxPredictor": ".onnx",
     "OpenVINOPredictor": ".openvino",
 }
 __getattr__ = lazy_exports(__package__, _EXPORTS)

@@ -1,4 +1,7 @@
-"""Evaluation of one model against the exported one: sizes, graph counts, accuracy and fidelity.
+"""The evaluate stage: run one model (a SavedModel or a peer's artefact) on the eval rows and the
+batch drawn around them, count its graph, and compare it to the exported model; the figures and
+the gate themselves are :mod:`serving_optimiser.pipeline.figures`, its size
+:mod:`serving_optimiser.pipeline.sizes`.
 
 Everything here is deterministic: the stages that call it run with pinned kernels and threads
 (:mod:`serving_optimiser.runtime`), so the figures are the same on any x86-64 machine. Timings
@@ -8,58 +11,37 @@ live apart, in :mod:`serving_optimiser.pipeline.latency`.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import io
 import json
-import logging
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
+from .artefacts import load_model, unsupported
 from .entries import REFERENCE, ModelEntry
-from .model import ModelSpec, Samples, rows_around
+from .figures import (
+    accuracy_figures,
+    computes_the_same_function,
+    evaluation_data,
+    fidelity,
+    gate_failures,
+    headline,
+    judged_outputs,
+    rounded,
+    sample_predictions,
+)
+from .model import ModelSpec, Samples
 from .params import EvaluateParams
+from .sizes import model_size
 
 __all__ = ["REFERENCE", "EvaluateParams", "Evaluation", "evaluate_stage"]
 
-log = logging.getLogger(__name__)
-
-# A peer's directory holds this file instead of an artefact when its converter cannot convert
-# the model (the convert_peer stage's one line, which evaluate, latency and report pass on).
-UNSUPPORTED_FILE = "unsupported.txt"
-
 
 # ---------------------------------------------------------------------------------------------
-# Sizes and graph counts (no TensorFlow runtime needed)
+# Graph counts and signatures of a SavedModel
 # ---------------------------------------------------------------------------------------------
-
-
-def gzip_size(path: Path) -> int:
-    """Bytes of a file or directory as a gzip-compressed tar with fixed metadata (reproducible)."""
-    buffer = io.BytesIO()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=9, mtime=0) as compressed:
-        with tarfile.open(fileobj=compressed, mode="w") as archive:
-            for file in files:
-                info = tarfile.TarInfo(file.name if file == path else str(file.relative_to(path)))
-                info.size = file.stat().st_size
-                with file.open("rb") as stream:
-                    archive.addfile(info, stream)
-    return len(buffer.getvalue())
-
-
-def model_size(path: Path) -> dict[str, int]:
-    """Bytes on disk of a model (a SavedModel directory or a single-file artefact) and gzipped."""
-    if path.is_dir():
-        total = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    elif path.is_file():
-        total = path.stat().st_size
-    else:
-        raise UserError(f"{path}: model not found (run the stage that builds it first)")
-    return {"size_bytes": total, "size_gzip_bytes": gzip_size(path)}
 
 
 def saved_model_counts(directory: Path) -> dict[str, int]:
@@ -97,143 +79,8 @@ def signature_dump(directory: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Running a model (a SavedModel, or a LiteRT / ONNX peer) through one predictor interface
+# The reference model's outputs, which every other model is compared to
 # ---------------------------------------------------------------------------------------------
-
-
-def load_model(name: str, path: Path, spec: ModelSpec, threads: int):
-    """A predictor for ``path`` (see :mod:`serving_optimiser.peers.predictor`), named ``name`` in
-    its errors."""
-    from ..peers.predictor import load_predictor
-
-    if not path.exists():
-        raise UserError(f"{name}: {path} not found (run the stage that builds it first)")
-    return load_predictor(path, threads=threads, label_vocabulary=spec.label_vocabulary, signature=spec.signature,
-                          name=name)
-
-
-def unsupported(path: Path) -> str | None:
-    """Why a peer could not be converted (its stage's one line), or None for a real artefact."""
-    marker = path / UNSUPPORTED_FILE
-    return marker.read_text().strip() if path.is_dir() and marker.is_file() else None
-
-
-# ---------------------------------------------------------------------------------------------
-# Figures (every comparison through saved_model.compare, as optimise_saved_model reports it)
-# ---------------------------------------------------------------------------------------------
-
-
-def class_ids(outputs: dict[str, np.ndarray], spec: ModelSpec) -> np.ndarray:
-    """The class of each row: the argmax of a float class output, or the ids it holds."""
-    values = outputs[spec.class_output]
-    if values.dtype.kind == "f" and values.ndim >= 2 and values.shape[-1] >= 2:
-        return np.argmax(values, axis=-1).reshape(len(values), -1)[:, 0].astype(np.int64)
-    return values.reshape(len(values), -1)[:, 0].astype(np.int64)
-
-
-def relative_diff(reference: np.ndarray, candidate: np.ndarray) -> float:
-    """max |Δ| over the reference output's range (max - min; its largest magnitude where the
-    range is 0, and 1 where that is 0 too)."""
-    from ..saved_model.compare import compare_outputs
-
-    ref = np.asarray(reference, dtype=np.float64)
-    scale = float(ref.max() - ref.min()) or float(np.abs(ref).max()) or 1.0
-    return compare_outputs(reference, candidate)["max_abs_diff"] / scale
-
-
-def fidelity(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], spec: ModelSpec) -> dict[str, float]:
-    """Class agreement (with a class output), max |Δ| of the diff output (or of every compared
-    output) and, without a class output, max |Δ| relative to each output's range."""
-    from ..saved_model.compare import compare_outputs
-
-    compared = {key: compare_outputs(reference[key], candidate[key]) for key in spec.compared}
-    figures = {}
-    if spec.class_output:
-        figures["agreement"] = compared[spec.class_output]["class_agreement"]
-    diffs = [spec.diff_output] if spec.diff_output else spec.compared
-    figures["max_dp"] = max(compared[key]["max_abs_diff"] for key in diffs)
-    if not spec.class_output:
-        figures["max_rel_diff"] = max(relative_diff(reference[key], candidate[key]) for key in spec.compared)
-    return figures
-
-
-def accuracy_figures(outputs: dict[str, np.ndarray], labels: np.ndarray, spec: ModelSpec) -> dict[str, float | int]:
-    correct = class_ids(outputs, spec) == labels
-    return {"eval_accuracy": round(float(np.mean(correct)), 6), "eval_rows_correct": int(np.sum(correct))}
-
-
-def sample_rows(rows: int, count: int) -> np.ndarray:
-    """Evenly spaced eval rows: the Iris split is ordered by class, so these show every class."""
-    return np.unique(np.linspace(0, rows - 1, num=min(count, rows)).round().astype(int))
-
-
-def sample_predictions(outputs: dict[str, np.ndarray], spec: ModelSpec, rows: int) -> list[dict]:
-    """The notebook's printed prediction, for a few eval rows: row, class (the vocabulary's label
-    where there is one) and the diff output's values (the first 10 of a row)."""
-    shown = spec.diff_output or spec.compared[0]
-    total = len(outputs[shown])
-    ids = class_ids(outputs, spec) if spec.class_output else None
-    predictions = []
-    for row in sample_rows(total, rows):
-        entry = {"row": int(row)}
-        if ids is not None:
-            entry["class"] = spec.label_vocabulary[int(ids[row])] if spec.label_vocabulary else int(ids[row])
-        entry[shown] = [round(float(v), 4) for v in np.asarray(outputs[shown][row]).reshape(-1)[:10]]
-        predictions.append(entry)
-    return predictions
-
-
-def tolerances(params: EvaluateParams):
-    """The one set of default tolerances (``saved_model.output_kinds``), with ``evaluate.tolerances``'
-    overrides."""
-    import dataclasses
-
-    from ..saved_model.output_kinds import DEFAULT_TOLERANCES
-
-    return dataclasses.replace(DEFAULT_TOLERANCES, **params.tolerances)
-
-
-def judged_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], spec: ModelSpec,
-                   params: EvaluateParams) -> dict[str, dict]:
-    """Each compared output judged by its kind (``ModelSpec.kinds``): ``{output: {kind, metric,
-    value, tolerance, verdict, checks}}``, as ``optimise_saved_model --report`` gives them."""
-    from ..saved_model.output_kinds import judge
-
-    bounds = tolerances(params)
-    return {key: judge(kind, reference[key], candidate[key], bounds).to_json() for key, kind in spec.kinds().items()}
-
-
-def computes_the_same_function(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
-                                spec: ModelSpec) -> bool:
-    """Every compared output within float rounding of the reference's (saved_model.compare)."""
-    from ..saved_model.compare import within_rounding
-
-    return all(within_rounding(reference[key], candidate[key]) for key in spec.compared)
-
-
-def gate_failures(figures: dict, params: EvaluateParams) -> list[str]:
-    """Why a model fails the gate, if it does (an empty list when it passes): each output whose
-    verdict fails on the batch, with the figures over their bounds, and eval rows lost."""
-    from ..saved_model.output_kinds import Check
-
-    failures = []
-    rows = figures.get("batch_rows", params.batch_rows)
-    for name, judged in sorted(figures.get("outputs", {}).items()):
-        if judged["verdict"] != "fail":
-            continue
-        missed = [Check(c["metric"], c["value"], c["tolerance"], c["op"] == ">=").describe()
-                  for c in judged["checks"] if not c["passed"]]
-        failures.append(f"output '{name}' ({judged['kind']}): {', '.join(missed)} on the {rows}-row batch")
-    if "eval_rows_lost" in figures and figures["eval_rows_lost"] > params.max_eval_rows_lost:
-        failures.append(
-            f"{figures['eval_rows_lost']} eval rows lost against the exported model "
-            f"(evaluate.max_eval_rows_lost={params.max_eval_rows_lost})"
-        )
-    return failures
-
-
-def rounded(metrics: dict) -> dict:
-    return {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
 
 
 def save_outputs(path: Path, outputs: dict[str, dict[str, np.ndarray]], spec: ModelSpec) -> None:
@@ -327,43 +174,6 @@ def compare(evaluation: Evaluation, reference_outputs: dict[str, dict[str, np.nd
     figures["size_ratio"] = figures["size_bytes"] / reference["size_bytes"]
     if "eval_rows_correct" in reference:
         figures["eval_rows_lost"] = reference["eval_rows_correct"] - figures["eval_rows_correct"]
-
-
-def headline(figures: dict) -> dict:
-    """The few figures ``dvc metrics show`` lists per model, with short names and rounded so the
-    table fits a 120-column terminal (README, "Comparing runs", has the legend); full precision
-    stays in the details file."""
-    result = {
-        "size_kb": round(figures["size_bytes"] / 1024, 1),
-        "gzip_kb": round(figures["gzip_bytes"] / 1024, 1),
-    }
-    if "eval_accuracy" in figures:
-        result["acc"] = round(figures["eval_accuracy"], 4)
-    if "size_ratio" in figures:
-        result["size_x"] = round(figures["size_ratio"], 3)
-        if "agreement" in figures:
-            result["agree"] = round(figures["agreement"], 5)
-        result["max_dp"] = round(figures["max_dp"], 4)
-        if "max_rel_diff" in figures:
-            result["rel_dp"] = round(figures["max_rel_diff"], 4)
-    if figures.get("gate", {}).get("verdict") == "fail":
-        # Only a failure gets the column: `dvc metrics show` stays within 120 columns for Iris.
-        result["gate"] = "fail"
-    return result
-
-
-def evaluation_data(samples: Samples, params: EvaluateParams) -> dict[str, dict[str, np.ndarray]]:
-    """The eval rows, and the batch drawn around them (seeded) that the gate and headline use:
-    ``evaluate.batch_rows`` rows, fewer where they would hold more than
-    ``evaluate.max_batch_bytes`` of input (100,000 Iris rows are 1.6 MB; 100,000 48 x 48 x 3
-    images would be 2.8 GB)."""
-    from ..chunks import row_bytes
-
-    rows = params.batch_rows_for(row_bytes(samples.evaluation))
-    if rows < params.batch_rows:
-        log.info("evaluate: the batch has %d rows, not evaluate.batch_rows=%d: "
-                 "evaluate.max_batch_bytes=%d holds no more", rows, params.batch_rows, params.max_batch_bytes)
-    return {"eval": samples.evaluation, "batch": rows_around(samples.evaluation, rows, params.seed)}
 
 
 def evaluate_stage(

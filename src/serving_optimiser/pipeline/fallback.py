@@ -7,7 +7,7 @@ float fallback, the bound on model runs); what the pipeline adds is where its in
 * the fallback decisions (which weights and layers hurt most) are made on the **calibration
   split** of ``data/samples``;
 * the verdicts are given on the **evaluation batch** (the eval rows and the batch drawn around
-  them, :func:`serving_optimiser.pipeline.evaluate.evaluation_data`), each compared output judged
+  them, :func:`serving_optimiser.pipeline.figures.evaluation_data`), each compared output judged
   by its kind against ``evaluate.tolerances`` and ``evaluate.max_eval_rows_lost``, through the
   same functions the evaluate stage calls. The reference is the frozen model itself, run with
   the same pinned kernels.
@@ -38,7 +38,7 @@ class PipelineJudge:
     each written as a SavedModel under ``scratch`` and run through the TensorFlow predictor."""
 
     def __init__(self, frozen, samples: Samples, params: PipelineParams, scratch: Path) -> None:
-        from .evaluate import evaluation_data
+        from .figures import evaluation_data
 
         self.frozen, self.samples, self.scratch = frozen, samples, scratch
         self.evaluate = params.evaluate()
@@ -61,7 +61,7 @@ class PipelineJudge:
                 for data_set, rows in self.data.items()}
 
     def _eval_rows_correct(self, outputs) -> int | None:
-        from .evaluate import accuracy_figures
+        from .figures import accuracy_figures
 
         if self.samples.labels is None:
             return None
@@ -69,7 +69,7 @@ class PipelineJudge:
 
     def figures(self, graph_def) -> dict:
         """The gate's figures of one candidate, as the evaluate stage records them."""
-        from .evaluate import judged_outputs
+        from .figures import judged_outputs
 
         self.runs += 1
         outputs = self._outputs(graph_def, f"candidate-{self.runs}")
@@ -84,7 +84,7 @@ class PipelineJudge:
 
     def __call__(self, graph_def):
         from ..saved_model.guard import Verdict
-        from .evaluate import gate_failures
+        from .figures import gate_failures
 
         return Verdict(gate_failures(self.figures(graph_def), self.evaluate))
 

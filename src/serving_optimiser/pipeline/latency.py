@@ -118,12 +118,14 @@ def latency_stage(entry, exported: Path, model_path: Path, samples_dir: Path, ma
     off; then the exported model is timed twice: under the caller's setting, in a worker process,
     as the yardstick of every ratio, and with oneDNN on in this process (exported_onednn).
     """
-    from . import evaluate
+    from .artefacts import load_model, unsupported
+    from .entries import REFERENCE
+    from .figures import fidelity as fidelity_of
     from .io import write_json
     from .machine import onednn_setting
     from .model import Samples, rows_around
 
-    reason = evaluate.unsupported(model_path) if entry.kind == "peer" else None
+    reason = unsupported(model_path) if entry.kind == "peer" else None
     if reason is not None:
         write_json(out_details, {"unsupported": reason})
         write_json(out_metrics, {"unsupported": True})
@@ -151,9 +153,9 @@ def latency_stage(entry, exported: Path, model_path: Path, samples_dir: Path, ma
     largest_size = max(timing.batch_sizes)
     inputs = batch_inputs(rows_around(samples.evaluation, largest_size, timing.seed), timing.batch_sizes)
     predictors = {}
-    for name, path in ((evaluate.REFERENCE, exported), (entry.name, model_path)):
+    for name, path in ((REFERENCE, exported), (entry.name, model_path)):
         predictors[name] = timed_load(
-            lambda name=name, path=path: evaluate.load_model(name, path, samples.spec, entry.threads),
+            lambda name=name, path=path: load_model(name, path, samples.spec, entry.threads),
             timing.load_repeats,
         )
     tensorflow = f"TensorFlow, oneDNN {why}"
@@ -171,7 +173,7 @@ def latency_stage(entry, exported: Path, model_path: Path, samples_dir: Path, ma
         if forced:
             worker = WorkerModel(exported, samples_dir, largest_size, timing.seed, caller)
             models[0].name = "exported_onednn"
-            models.insert(0, TimedModel(evaluate.REFERENCE, worker.timer, worker.load_seconds, tensorflow))
+            models.insert(0, TimedModel(REFERENCE, worker.timer, worker.load_seconds, tensorflow))
         fitting_in_time, over_time = sizes_within_budget(models, timing)
         if over_time:
             log.info("latency: batch sizes %s not timed: their rounds would pass latency.max_stage_seconds=%g",
@@ -181,8 +183,7 @@ def latency_stage(entry, exported: Path, model_path: Path, samples_dir: Path, ma
         # Fidelity as this machine's kernels compute it (the evaluate stage's is pinned, the same
         # everywhere); they differ where kernels round differently per ISA (int8, the peer runtimes).
         largest = inputs[max(timing.batch_sizes)]
-        here = evaluate.fidelity(predictors[evaluate.REFERENCE][0](largest), predictors[entry.name][0](largest),
-                                 samples.spec)
+        here = fidelity_of(predictors[REFERENCE][0](largest), predictors[entry.name][0](largest), samples.spec)
         measured = measure_latency(models, timing)
     finally:
         if worker is not None:
@@ -262,7 +263,7 @@ def _serve(spec: dict) -> None:
     # Answers go to the original stdout; anything native code prints goes to stderr instead.
     answers = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
-    from .evaluate import load_model
+    from .artefacts import load_model
     from .model import Samples, rows_around
 
     samples = Samples.load(spec["samples"])

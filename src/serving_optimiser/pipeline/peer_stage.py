@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..atomic import atomic_directory
 from ..errors import UserError
-from .evaluate import UNSUPPORTED_FILE
+from .artefacts import UNSUPPORTED_FILE
 from .model import Samples
 
 

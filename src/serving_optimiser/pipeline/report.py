@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..atomic import atomic_file
 from ..errors import UserError
-from .evaluate import REFERENCE
+from .entries import REFERENCE
 from .io import write_json
 from .latency import batch_label, headline_figures
 from .machine import machine_line
