@@ -109,6 +109,29 @@ IMPORTS = third_party_imports()
 DISTRIBUTIONS = metadata.packages_distributions()
 
 
+def imports_outside_src() -> list[tuple[str, str]]:
+    """(file, top-level import name) for the third-party imports of tests/ and scripts/; their own
+    modules (graph_helpers, saved_model.models, ...) are local."""
+    local = {path.stem for root in ("tests", "scripts") for path in (REPO / root).rglob("*.py")}
+    local |= {path.name for path in (REPO / "tests").rglob("*") if path.is_dir()}
+    found = set()
+    for root in ("tests", "scripts"):
+        for path in sorted((REPO / root).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for name in names:
+                    top = name.split(".")[0]
+                    if top in sys.stdlib_module_names or top in FIRST_PARTY | local or top == "__future__":
+                        continue
+                    found.add((str(path.relative_to(REPO)), top))
+    return sorted(found)
+
+
 def test_the_scan_sees_the_librarys_known_imports():
     names = {(path, top) for path, top, _ in IMPORTS}
     assert ("src/serving_optimiser/params_file.py", "yaml") in names
@@ -130,6 +153,18 @@ def test_every_third_party_import_is_declared_where_it_is_used(path, top):
         f"{path}: imports {top} ({', '.join(sorted(providers))}), declared neither in pyproject's core "
         f"dependencies nor in the extras {package} may use ({', '.join(allowed_extras(package)) or 'none'})"
     )
+
+
+def test_tests_and_scripts_import_only_declared_dependencies():
+    """The test suite and the benchmarks run in the full install: any declared distribution will do."""
+    found = imports_outside_src()
+    assert {top for _, top in found} >= {"numpy", "pytest", "tensorflow"}, "the scan of tests/ and scripts/ is empty"
+    declared = set(CORE) | set(NO_DEPS)
+    for pins in EXTRAS.values():
+        declared |= set(pins)
+    undeclared = sorted(f"{path}: {top}" for path, top in found
+                        if not {canonical(name) for name in DISTRIBUTIONS.get(top, [])} & declared)
+    assert not undeclared, f"imports of distributions pyproject.toml does not declare: {undeclared}"
 
 
 def test_no_deps_pins_are_optional_in_the_library():
