@@ -71,9 +71,9 @@ bench-transforms: setup ## Time the notebook's transform list on frozen Iris and
 bench-saved-model: setup ## Time optimise_saved_model on a Keras MobileNetV2 SavedModel
 	python scripts/bench_optimise_saved_model.py
 
-bench-int8: setup ## int8 vs float: per layer, Iris, MobileNetV2, the speed guard; Keras ResNet50, MobileNetV2, MHA, MLP beside LiteRT and OpenVINO int8
+bench-int8: setup ## int8 vs float: per layer, Iris, MobileNetV2, the speed guard; Keras ResNet50, MobileNetV2, EfficientNetB0, MHA, MLP and the published mtcnn ONet beside LiteRT and OpenVINO int8, with issue 29 targets
 	python scripts/bench_int8.py
-	python scripts/bench_int8_models.py
+	python scripts/bench_int8_models.py --serving-batch-size 1
 
 bench-zoo: setup ## The model zoo (ResNet50 ... tf.Module): size, agreement, |diff| and latency ratio per list
 	python scripts/bench_zoo.py
