@@ -22,7 +22,7 @@ TINY_PARAMS = {
     "latency": {"batch_sizes": [1, 8, 64, 5000], "repeats": 5, "calls_per_round": 5, "rows_per_round": 128,
                 "load_repeats": 1},
 }
-VARIANTS = ("notebook", "lossless", "per_channel", "per_tensor", "int8", "int8_dynamic")
+VARIANTS = ("notebook", "lossless", "per_channel", "per_tensor", "int8", "int8_dynamic", "auto")
 PEERS = (
     "litert_fp32", "litert_fp16", "litert_int8_dynamic", "litert_int8_full", "onnx_fp32", "onnx_int8_dynamic",
     "openvino_fp32", "openvino_int8",
@@ -94,6 +94,22 @@ def test_repro_runs_every_stage_and_writes_metrics(repo):
     signatures = (repo / "reports" / "signatures" / "notebook.txt").read_text()
     for name in ("signature_def['predict']", "signature_def['serving_default']", "class_ids", "classes", "logits"):
         assert name in signatures
+    # The optimise stage's gate: every lossy Iris list passes as written (nothing sent back), and
+    # the auto variant writes the smallest passing candidate, which is one of the committed lists.
+    for variant in ("notebook", "per_tensor", "per_channel", "int8", "int8_dynamic"):
+        gate = json.loads((repo / "reports" / "optimise" / f"{variant}.json").read_text())["gate"]
+        assert gate["verdict"] == "pass" and gate["sent_back"] == [] and gate["model_runs"]["judged"] == 1, variant
+    auto = json.loads((repo / "reports" / "optimise" / "auto.json").read_text())
+    same_list = {"lossless": "lossless", "weights_8bit_per_tensor": "per_tensor",
+                 "weights_8bit_per_channel": "per_channel"}
+    assert [row["name"] for row in auto["candidates"]] == list(same_list)
+    assert all(row["verdict"] == "pass" for row in auto["candidates"])
+    smallest = min(auto["candidates"], key=lambda row: row["size_ratio"])
+    assert auto["winner"] == (smallest["name"] if smallest["size_ratio"] <= 0.95 else "lossless")
+    written, twin = repo / "models" / "optimised" / "auto", repo / "models" / "optimised" / same_list[auto["winner"]]
+    assert sorted(f.name for f in written.iterdir()) == sorted(f.name for f in twin.iterdir())
+    assert all((written / f.name).read_bytes() == f.read_bytes() for f in twin.iterdir() if f.is_file())
+    assert "| fallback (optimise stage) |" in summary and f"| auto | pass | {auto['winner']}: " in summary
     # The deterministic figures and the timings live in separate files: `dvc metrics show` lists both.
     shown = run(repo, "dvc", "metrics", "show")
     assert max(len(line) for line in shown.splitlines()) <= 120, shown
