@@ -24,10 +24,11 @@ import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 
 from serving_optimiser.graph_transforms import TransformGraph
+from serving_optimiser.graph_transforms.calibration import calibrate_ranges
 from serving_optimiser.graph_transforms.graph_utils import consumers_map, node_map
+from serving_optimiser.graph_transforms.transforms import _int8_driver, _matmul_nodes
 from serving_optimiser.graph_transforms.transforms import quantize_matmuls as qm
 from serving_optimiser.graph_transforms.transforms._activations import find_activation
-from serving_optimiser.graph_transforms.transforms._int8 import calibrate_ranges
 
 K, N, ROWS = 64, 48, 512
 ALPHA = 0.1
@@ -214,7 +215,7 @@ def test_matmul_activations_on_avx2(tmp_path):
 @pytest.mark.parametrize("mutation", ["drop_post_op", "change_alpha"])
 def test_checks_catch_a_broken_emitter(mutation, tmp_path, monkeypatch):
     """Mutation test: an emitter that drops the post-op, or writes another alpha, fails the checks."""
-    original = qm._activation_op
+    original = _matmul_nodes._activation_op
 
     def broken(*args, **kwargs):
         node = original(*args, **kwargs)
@@ -224,7 +225,7 @@ def test_checks_catch_a_broken_emitter(mutation, tmp_path, monkeypatch):
             node.attr["leakyrelu_alpha"].f = 0.3
         return node
 
-    monkeypatch.setattr(qm, "_activation_op", broken)
+    monkeypatch.setattr(_matmul_nodes, "_activation_op", broken)
     activation = "leaky_relu" if mutation == "change_alpha" else "sigmoid"
     graph_def = layer_graph(activation)
     int8 = quantized(graph_def, tmp_path)
@@ -237,7 +238,7 @@ def test_checks_catch_a_broken_emitter(mutation, tmp_path, monkeypatch):
 @pytest.mark.onednn
 def test_checks_catch_a_wrong_float_prelu(tmp_path, monkeypatch):
     """Mutation test: the two-op PReLU left after the float output, with its alphas scaled by 1.5."""
-    original = qm.float_prelu
+    original = _int8_driver.float_prelu
 
     def broken(activation, producer, device):
         nodes = original(activation, producer, device)
@@ -246,7 +247,7 @@ def test_checks_catch_a_wrong_float_prelu(tmp_path, monkeypatch):
         nodes[0].attr["value"].tensor.CopyFrom(tf.make_tensor_proto(values))
         return nodes
 
-    monkeypatch.setattr(qm, "float_prelu", broken)
+    monkeypatch.setattr(_int8_driver, "float_prelu", broken)
     graph_def = layer_graph("prelu_per_channel")
     with pytest.raises(AssertionError):
         check_numerics(relative_error(graph_def, quantized(graph_def, tmp_path)))

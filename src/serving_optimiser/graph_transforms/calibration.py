@@ -8,17 +8,24 @@ and the result (ReLU and 8-bit output range included for convs) is compared with
 layer's output. The figure is the relative RMS error ``sqrt(sum (y8 - y)^2 / sum y^2)`` over the
 calibration rows: 0.01 is one percent of the output's typical magnitude. A layer over the
 transform's ``max_layer_error`` stays float.
+
+:func:`calibrate_ranges` runs the float graph to measure the ranges (the transforms never run
+TensorFlow to calibrate).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import TransformError
+
+if TYPE_CHECKING:  # TensorFlow loads only when calibrate_ranges runs
+    from tensorflow.core.framework import graph_pb2
 
 # The default guard. Measured (docs/differences/quantize_matmuls.md): 512-wide ReLU layers of the
 # Iris DNN 0.4-0.9 %, ResNet50 convs 0.5-4 %; layers reading raw features of mixed scales 10 % and
@@ -153,3 +160,37 @@ class ErrorMeter:
             reference = self._squared_reference[layer]
             result[layer] = float(np.sqrt(error / reference)) if reference > 0 else (0.0 if error == 0 else np.inf)
         return result
+
+
+def calibrate_ranges(
+    graph_def: graph_pb2.GraphDef, feeds: Iterable[Mapping[str, np.ndarray]]
+) -> dict[str, tuple[float, float]]:
+    """The ranges quantize_matmuls and quantize_convs read, over ``feeds`` (batches of {input
+    tensor: array}): each float MatMul's and conv's input range (under its name), and the output
+    range of each conv's bias add and Relu/Relu6 (under theirs).
+
+    Runs the float graph once per batch; the result, written as JSON, is a ``ranges_file``.
+    """
+    import tensorflow as tf
+
+    # Which tensors to measure is graph matching, the transforms' business (and they import this
+    # module, hence the import here).
+    from .transforms._int8 import _calibrated_tensors
+
+    tensors = _calibrated_tensors(graph_def)
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.graph_util.import_graph_def(graph_def, name="")
+    fetches = {}
+    for name, (node, index) in tensors.items():
+        operation = graph.get_operation_by_name(node)
+        fetches[name] = operation.outputs[0] if index < 0 else operation.inputs[index]
+    low = {name: np.inf for name in tensors}
+    high = {name: -np.inf for name in tensors}
+    with tf.compat.v1.Session(graph=graph) as session:
+        for feed in feeds:
+            values = session.run(fetches, {(k if ":" in k else f"{k}:0"): v for k, v in feed.items()})
+            for name, array in values.items():
+                low[name] = min(low[name], float(array.min()))
+                high[name] = max(high[name], float(array.max()))
+    return {name: (low[name], high[name]) for name in tensors if np.isfinite(low[name])}

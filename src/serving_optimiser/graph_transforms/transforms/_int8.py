@@ -1,5 +1,6 @@
-"""What quantize_matmuls and quantize_convs share: weight codes, layer matching, the ranges file,
-its calibration, the kernel probe and the clean-up of float weights nobody reads any more."""
+"""What quantize_matmuls and quantize_convs share: weight codes, layer matching, the ranges file
+and which tensors its calibration measures, the kernel probe and the clean-up of float weights
+nobody reads any more."""
 
 from __future__ import annotations
 
@@ -298,32 +299,3 @@ def _calibrated_tensors(graph_def: graph_pb2.GraphDef) -> dict[str, tuple[str, i
             tensors[follower.name] = (follower.name, -1)
     return tensors
 
-
-def calibrate_ranges(
-    graph_def: graph_pb2.GraphDef, feeds: Iterable[Mapping[str, np.ndarray]]
-) -> dict[str, tuple[float, float]]:
-    """The ranges quantize_matmuls and quantize_convs read, over ``feeds`` (batches of {input
-    tensor: array}): each float MatMul's and conv's input range (under its name), and the output
-    range of each conv's bias add and Relu/Relu6 (under theirs).
-
-    Runs the float graph once per batch; the result, written as JSON, is a ``ranges_file``.
-    """
-    import tensorflow as tf
-
-    tensors = _calibrated_tensors(graph_def)
-    graph = tf.Graph()
-    with graph.as_default():
-        tf.graph_util.import_graph_def(graph_def, name="")
-    fetches = {}
-    for name, (node, index) in tensors.items():
-        operation = graph.get_operation_by_name(node)
-        fetches[name] = operation.outputs[0] if index < 0 else operation.inputs[index]
-    low = {name: np.inf for name in tensors}
-    high = {name: -np.inf for name in tensors}
-    with tf.compat.v1.Session(graph=graph) as session:
-        for feed in feeds:
-            values = session.run(fetches, {(k if ":" in k else f"{k}:0"): v for k, v in feed.items()})
-            for name, array in values.items():
-                low[name] = min(low[name], float(array.min()))
-                high[name] = max(high[name], float(array.max()))
-    return {name: (low[name], high[name]) for name in tensors if np.isfinite(low[name])}
