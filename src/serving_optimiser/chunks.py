@@ -10,6 +10,7 @@ one call, so its figures are the same bytes as before.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import numpy as np
 
@@ -67,3 +68,57 @@ def call_in_chunks(
                 )
             parts.setdefault(key, []).append(values)
     return {key: np.concatenate(values) for key, values in parts.items()}
+
+
+def available_memory_bytes() -> int | None:
+    """Bytes this process can still allocate: /proc/meminfo's MemAvailable, or the cgroup's
+    limit less its usage where that is lower (a container's limit is what the OOM killer
+    enforces). None where neither can be read (not Linux)."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            limit = Path("/sys/fs/cgroup", limit_file).read_text().strip()
+            usage = int(Path("/sys/fs/cgroup", usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:  # "max", or cgroup v1's "no limit" (~2^63)
+            room = max(int(limit) - usage, 0)
+            available = room if available is None else min(available, room)
+        break
+    return available
+
+
+def _gib(count: int) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.0f} MiB"
+
+
+def check_memory(needed_bytes: int, what: str, advice: str, available: int | None = None) -> None:
+    """A one-line UserError when ``needed_bytes`` would not fit in the memory available
+    (``available``, default :func:`available_memory_bytes`): ``what`` says what holds them
+    (``--sample-inputs holds 200000 rows: the outputs``), ``advice`` what to lower."""
+    available = available_memory_bytes() if available is None else available
+    if available is not None and needed_bytes > available:
+        raise UserError(f"{what} need ~{_gib(needed_bytes)}, {_gib(available)} available; {advice}")
+
+
+def output_bytes(outputs: Mapping[str, tuple[str, list[int | None] | None]], rows: int) -> int:
+    """Estimated bytes of ``rows`` rows of outputs, from each output's (dtype name, shape):
+    the first unknown dimension is the rows, other unknown dimensions count as 1 (a lower bound)."""
+    total = 0
+    for dtype, shape in outputs.values():
+        try:
+            itemsize = np.dtype(dtype).itemsize
+        except TypeError:
+            itemsize = 8  # strings and bfloat16: an object pointer or 2 bytes; 8 does not under-count
+        size = itemsize
+        for index, dim in enumerate(shape or [None]):
+            size *= rows if (index == 0 and dim is None) else (dim or 1)
+        total += size
+    return total

@@ -10,6 +10,7 @@ else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Callable
 
@@ -28,6 +29,23 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, MemoryError) or any(
         cls.__name__ == "ResourceExhaustedError" for cls in type(error).__mro__
     )
+
+
+def killed_by_signal(returncode: int | None, what: str, lower: str) -> str | None:
+    """One line for a child process that died by a signal (a negative ``returncode``, as
+    subprocess reports it), None for one that exited. SIGKILL is what the kernel's OOM killer
+    sends, so it says to lower ``lower`` (the param or flag that sizes the child's work):
+    ``the latency worker process was killed (signal 9, most likely out of memory); lower ...``."""
+    if returncode is None or returncode >= 0:
+        return None
+    number = -returncode
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = "an unknown signal"
+    if number == signal.SIGKILL:
+        return f"the {what} process was killed (signal {number}, most likely out of memory); lower {lower}"
+    return f"the {what} process was killed (signal {number}, {name})"
 
 
 def is_user_error(error: BaseException) -> bool:

@@ -26,7 +26,10 @@ model's data, the report says so and only gross breakage fails: agreement >= 0.5
 of the positives and 0.125 of all, RMS |diff| <= 0.1 and max |diff| <= 0.5 of the range.
 Each output's line gives its kind, figures, verdict and max |difference|. --min-agreement X
 replaces the class and label agreement tolerance. A signature call that does not return within
---compare-timeout seconds stops the run with an error naming it.
+--compare-timeout seconds stops the run with an error naming it. Each model is called on at
+most --chunk-bytes of input rows at a time (default 16 MiB), so real images fit in memory;
+before the outputs of both models are held, their size is estimated against the memory
+available, and a comparison that would not fit stops with one line saying to use fewer rows.
 
 The gate is on by default. When an output misses its tolerance, the tensors and layers of the
 lossy transforms (round_weights, quantize_weights, quantize_nodes, quantize_matmuls,
@@ -64,6 +67,7 @@ import tempfile
 from pathlib import Path
 
 from .. import runner
+from ..chunks import DEFAULT_CHUNK_BYTES
 from .common import ToolArgumentParser
 
 PROG = "optimise_saved_model"
@@ -126,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip the comparison, and so the gate on the lossy transforms")
     parser.add_argument("--compare-timeout", type=_positive_float, default=300.0, metavar="SECONDS",
                         help="stop with an error when a signature call takes longer (default: 300)")
+    parser.add_argument("--chunk-bytes", type=_positive_int, default=DEFAULT_CHUNK_BYTES, metavar="BYTES",
+                        help="call a model on at most this many bytes of input rows at a time in the comparison, "
+                        "the gate and calibration, so large inputs fit in memory; fewer rows than that are one "
+                        f"call (default: {DEFAULT_CHUNK_BYTES} = {DEFAULT_CHUNK_BYTES // 2**20} MiB)")
     parser.add_argument("--warmup-batch-sizes", type=_batch_sizes, default=[1], metavar="N,M",
                         help="batch sizes of the TF Serving warm-up records written to "
                         "assets.extra/tf_serving_warmup_requests for each signature (default: 1; 0: none)")
@@ -367,7 +375,7 @@ def _auto(args: argparse.Namespace, in_dir: str) -> dict:
         signature_keys=_split(args.signature), tags=_split(args.tag) or ["serve"],
         allow_ops=_split(args.allow_ops) or (), output_kinds=dict(args.output_kind or []),
         compare_timeout_s=args.compare_timeout, warmup_batch_sizes=args.warmup_batch_sizes,
-        dequantize_once=args.dequantize_once, min_agreement=args.min_agreement,
+        dequantize_once=args.dequantize_once, min_agreement=args.min_agreement, chunk_bytes=args.chunk_bytes,
     )
     print(candidates_table(report))
     if args.report:
@@ -410,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
                     calibration_inputs=args.calibration_inputs,
                     serving_batch_size=args.serving_batch_size,
                     output_kinds=dict(args.output_kind or []),
+                    chunk_bytes=args.chunk_bytes,
                 )
             except AgreementError as error:
                 print(format_report(error.report))

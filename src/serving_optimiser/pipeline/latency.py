@@ -12,6 +12,7 @@ still interleave it with the others one call block at a time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -27,6 +28,7 @@ import numpy as np
 
 from ..chunks import row_bytes
 from ..errors import UserError
+from ..runner import killed_by_signal
 from ..timing import TimedModel, local_timer, measure_side_by_side, timed_load
 from .params import LatencyParams
 
@@ -213,6 +215,10 @@ def latency_stage(entry, exported: Path, model_path: Path, samples_dir: Path, ma
 # ---------------------------------------------------------------------------------------------
 
 
+# What sizes a latency worker's memory: the rows it holds and the largest batch it is called on.
+WORKER_MEMORY_PARAMS = "latency.max_call_bytes or latency.batch_sizes"
+
+
 class WorkerModel:
     """A TensorFlow SavedModel loaded and timed in a child process started with ``environment``.
 
@@ -240,19 +246,27 @@ class WorkerModel:
         line = self._process.stdout.readline()
         if not line:
             self._process.wait(timeout=60)
+            killed = killed_by_signal(self._process.returncode, "latency worker (the exported model, timed apart)",
+                                      WORKER_MEMORY_PARAMS)
+            if killed:
+                raise UserError(killed)
             self._errors.seek(0)
             error = [text for text in self._errors.read().splitlines() if text.strip()]
             raise UserError(f"latency worker for the exported model exited: {error[-1] if error else 'no output'}")
         return json.loads(line)
 
     def timer(self, batch: int, calls: int) -> list[float]:
-        self._process.stdin.write(f"{batch} {calls}\n")
-        self._process.stdin.flush()
+        try:
+            self._process.stdin.write(f"{batch} {calls}\n")
+            self._process.stdin.flush()
+        except BrokenPipeError:
+            pass  # the worker is gone: _answer says how it ended
         return self._answer()["seconds"]
 
     def close(self) -> None:
         if self._process.poll() is None:
-            self._process.stdin.close()
+            with contextlib.suppress(BrokenPipeError):
+                self._process.stdin.close()
             self._process.wait(timeout=60)
         self._process.stdout.close()
         self._errors.close()

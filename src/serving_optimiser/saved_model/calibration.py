@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from tensorflow.core.framework import graph_pb2
 
+from ..chunks import DEFAULT_CHUNK_BYTES, rows_per_call
 from ..graph_transforms.calibration import Calibration, ErrorMeter
 from ..graph_transforms.graph_utils import canonical_input_name, lowered_control_flow_nodes, parse_input
 from .compare import DEFAULT_TIMEOUT_S, _as_tensor, call_with_time_limit
@@ -68,13 +69,16 @@ def _placeholder_ancestors(graph_def: graph_pb2.GraphDef) -> dict[str, frozenset
 class _Runner:
     """Calls the frozen graph, per signature of the calibration inputs, for a set of tensors."""
 
-    def __init__(self, frozen: FrozenModel, inputs: Inputs, batch_rows: int, timeout_s: float) -> None:
+    def __init__(self, frozen: FrozenModel, inputs: Inputs, batch_rows: int, timeout_s: float,
+                 chunk_bytes: int | None = DEFAULT_CHUNK_BYTES) -> None:
         self.frozen, self.inputs, self.batch_rows, self.timeout_s = frozen, inputs, batch_rows, timeout_s
+        self.chunk_bytes = chunk_bytes
         self.ancestors = _placeholder_ancestors(frozen.graph_def)
 
     def batches(self, tensors: list[str]):
-        """Yields ``{tensor: array}`` per batch of calibration rows, each tensor from the
-        signatures whose inputs compute it."""
+        """Yields ``{tensor: array}`` per batch of calibration rows (``batch_rows``, fewer where
+        they would hold more than ``chunk_bytes`` of input), each tensor from the signatures whose
+        inputs compute it."""
         import tensorflow as tf
 
         for key, feeds in sorted(self.inputs.items()):
@@ -95,8 +99,11 @@ class _Runner:
                     with tensorflow_errors("calibration model", "loading"):
                         function = tf.saved_model.load(str(Path(directory) / "model")).signatures[_SIGNATURE]
                 rows = _rows(key, feeds)
-                for start in range(0, rows, self.batch_rows):
-                    batch = {name: np.asarray(array)[start:start + self.batch_rows] for name, array in feeds.items()}
+                step = self.batch_rows
+                if self.chunk_bytes is not None:
+                    step = min(step, rows_per_call({n: np.asarray(a) for n, a in feeds.items()}, self.chunk_bytes))
+                for start in range(0, rows, step):
+                    batch = {name: np.asarray(array)[start:start + step] for name, array in feeds.items()}
                     values = {}
                     if fetched:
                         tensors_in = {name: _as_tensor(signature, name, value) for name, value in batch.items()}
@@ -104,7 +111,7 @@ class _Runner:
                             result = call_with_time_limit(function, tensors_in, self.timeout_s, "calibration", key)
                         values = {tensor: result[f"t{index}"] for index, tensor in enumerate(fetched)}
                     values.update({t: np.asarray(batch[fed[t]], np.float32) for t in wanted if t in fed})
-                    yield min(self.batch_rows, rows - start), values
+                    yield min(step, rows - start), values
 
     def _model(self, signature: SignatureInfo, tensors: list[str]) -> FrozenModel:
         outputs = {f"t{index}": TensorInfo(tensor, "float32", None) for index, tensor in enumerate(tensors)}
@@ -127,11 +134,13 @@ def calibrate_frozen_model(
     batch_rows: int = DEFAULT_BATCH_ROWS,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     serving_batch_size: int | None = None,
+    chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
 ) -> Calibration:
     """Ranges and per-layer int8 errors for ``transform`` (quantize_matmuls or quantize_convs) on
     ``frozen`` as it is, over ``inputs`` (signature key -> input key -> rows), ``batch_rows`` rows
-    per call. ``minimum_dim`` is the transform's (None: its default): the layers it would leave
-    float get no error. Tensors inside function bodies (loop bodies) cannot be fetched: their
+    per call (fewer where they would hold more than ``chunk_bytes`` of input). ``minimum_dim``
+    is the transform's (None: its default): the layers it would leave float get no error.
+    Tensors inside function bodies (loop bodies) cannot be fetched: their
     MatMuls get no range, which quantize_matmuls reports. With ``serving_batch_size``, each
     layer is also timed alone in int8 against float at that many rows, here, where this process
     runs the int8 kernels (``layer_time_ratios``; :mod:`~serving_optimiser.saved_model.speed_guard`)."""
@@ -143,7 +152,7 @@ def calibrate_frozen_model(
         raise SavedModelError(f"calibration inputs name signature '{unknown[0]}', which the model does not have")
     if not inputs:
         raise SavedModelError("calibration needs inputs for at least one signature")
-    runner = _Runner(frozen, inputs, batch_rows, timeout_s)
+    runner = _Runner(frozen, inputs, batch_rows, timeout_s, chunk_bytes)
     graph_def = frozen.graph_def
     targets = _calibrated_tensors(graph_def)
     nodes = {node.name: node for node in graph_def.node}

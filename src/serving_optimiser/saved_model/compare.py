@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..chunks import DEFAULT_CHUNK_BYTES, call_in_chunks, check_memory, output_bytes, rows_per_call
 from . import output_kinds
 from .errors import SavedModelError, tensorflow_errors
 from .model import SignatureInfo
@@ -245,6 +246,7 @@ def compare_saved_models(
     output_kind_overrides: Mapping[str, str] | None = None,
     tolerances: Tolerances = DEFAULT_TOLERANCES,
     generated_tolerances: Tolerances = GROSS_TOLERANCES,
+    chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
 ) -> dict[str, dict[str, dict]]:
     """Call every selected signature (default: all of the converted model's) of both models on
     the same inputs; ``{key: {output: {...}}}`` with :func:`compare_outputs`' figures and verdict,
@@ -255,7 +257,9 @@ def compare_saved_models(
     breakage only) instead of ``tolerances``. Each output's kind is inferred from the original's
     graph unless ``output_kind_overrides`` (``output`` or ``signature/output`` -> kind) gives it.
     Both models are scanned for unsafe ops first. A call that has not returned after
-    ``timeout_s`` seconds is cancelled and reported as an error.
+    ``timeout_s`` seconds is cancelled and reported as an error. Each model is called on at
+    most ``chunk_bytes`` of input rows at a time (None: all rows in one call), outputs joined
+    along the rows; inputs under the bound are one call.
     """
     import tensorflow as tf
 
@@ -285,11 +289,16 @@ def compare_saved_models(
         missing = sorted(set(signature.inputs) - set(feeds))
         if missing:
             raise SavedModelError(f"signature '{key}': no sample input for '{missing[0]}'")
-        tensors = {name: _as_tensor(signature, name, feeds[name]) for name in signature.inputs}
-        with tensorflow_errors(original_dir, f"calling signature '{key}'"):
-            expected = call_with_time_limit(loaded_original.signatures[key], tensors, timeout_s, original_dir, key)
-        with tensorflow_errors(converted_dir, f"calling signature '{key}'"):
-            actual = call_with_time_limit(loaded_converted.signatures[key], tensors, timeout_s, converted_dir, key)
+        feeds = {name: feeds[name] for name in signature.inputs}
+        rows = _rows(feeds)
+        outputs = {name: (info.dtype, info.shape) for name, info in signature.outputs.items()}
+        check_memory(2 * output_bytes(outputs, rows),  # both models' outputs are held to be compared
+                     f"the {'sample' if sampled else 'generated'} inputs of signature '{key}' hold {rows} rows: "
+                     "the outputs of both models", "use fewer rows (--sample-inputs)")
+        expected = _call_in_chunks(loaded_original.signatures[key], signature, feeds, timeout_s, chunk_bytes,
+                                   original_dir, key)
+        actual = _call_in_chunks(loaded_converted.signatures[key], signature, feeds, timeout_s, chunk_bytes,
+                                 converted_dir, key)
         report[key] = {}
         for name in sorted(signature.outputs):
             kind, why = kinds[name]
@@ -299,7 +308,9 @@ def compare_saved_models(
             except SavedModelError as error:
                 raise SavedModelError(f"signature '{key}' output '{name}': {error}") from None
             report[key][name] = {**result, "kind_from": why, "inputs": "sample" if sampled else "generated"}
-        log.info("compared signature '%s' on %d rows", key, _rows(tensors))
+        calls = _calls(signature, feeds, chunk_bytes)
+        log.info("compared signature '%s' on %d rows in %d call%s per model", key, rows, calls,
+                 "" if calls == 1 else "s")
     return report
 
 
@@ -335,8 +346,38 @@ def call_with_time_limit(function, tensors: dict, timeout_s: float, where: str, 
     return outcome["result"]
 
 
-def _rows(tensors: dict) -> int:
-    shapes = [t.shape for t in tensors.values() if t.shape.rank]
+def _call_in_chunks(function, signature: SignatureInfo, feeds: dict, timeout_s: float, chunk_bytes: int | None,
+                    where: str, key: str) -> dict[str, np.ndarray]:
+    """``function`` on ``feeds`` in calls of at most ``chunk_bytes`` of input (:mod:`..chunks`)."""
+
+    def call(chunk: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tensors = {name: _as_tensor(signature, name, value) for name, value in chunk.items()}
+        with tensorflow_errors(where, f"calling signature '{key}'"):
+            return call_with_time_limit(function, tensors, timeout_s, where, key)
+
+    if not _rows_split(signature, feeds):
+        return call(feeds)
+    return call_in_chunks(call, feeds, chunk_bytes, f"{where}: signature '{key}'")
+
+
+def _rows_split(signature: SignatureInfo, feeds: Mapping[str, np.ndarray]) -> bool:
+    """Whether the feeds have rows to split: every input at least 1-D with the same row count,
+    and no signature input with a fixed first dimension (a chunk would not fit it)."""
+    counts = {int(np.shape(v)[0]) if np.ndim(v) else None for v in feeds.values()}
+    fixed = any(info.shape and info.shape[0] is not None for info in signature.inputs.values())
+    return len(counts) == 1 and None not in counts and not fixed
+
+
+def _calls(signature: SignatureInfo, feeds: Mapping[str, np.ndarray], chunk_bytes: int | None) -> int:
+    """How many calls per model :func:`_call_in_chunks` makes on ``feeds``."""
+    if chunk_bytes is None or not _rows_split(signature, feeds):
+        return 1
+    rows = _rows(feeds)
+    return max(1, -(-rows // rows_per_call(feeds, chunk_bytes)))
+
+
+def _rows(feeds: Mapping[str, np.ndarray]) -> int:
+    shapes = [np.shape(v) for v in feeds.values() if np.ndim(v)]
     return int(shapes[0][0]) if shapes else 1
 
 

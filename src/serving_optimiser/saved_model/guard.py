@@ -68,6 +68,7 @@ from pathlib import Path
 import numpy as np
 from tensorflow.core.framework import graph_pb2
 
+from ..chunks import DEFAULT_CHUNK_BYTES
 from ..graph_transforms import TransformError
 from ..graph_transforms.calibration import DEFAULT_MAX_LAYER_ERROR, Calibration, read_calibration_file
 from ..graph_transforms.engine import apply_transform
@@ -153,8 +154,9 @@ class TransformSteps:
     ``keep_float`` / ``per_channel_for`` params."""
 
     def __init__(self, frozen: FrozenModel, parsed: Sequence[ParsedTransform], calibration_inputs: Inputs | None,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, serving_batch_size: int | None = None) -> None:
-        self.frozen, self.parsed = frozen, list(parsed)
+                 timeout_s: float = DEFAULT_TIMEOUT_S, serving_batch_size: int | None = None,
+                 chunk_bytes: int | None = DEFAULT_CHUNK_BYTES) -> None:
+        self.frozen, self.parsed, self.chunk_bytes = frozen, list(parsed), chunk_bytes
         self.calibration_inputs, self.timeout_s = calibration_inputs, timeout_s
         self.serving_batch_size = serving_batch_size
         self.calibrations: dict[int, Calibration] = {}
@@ -213,7 +215,7 @@ class TransformSteps:
                 minimum_dim = None  # the transform itself reports the bad value
             self.calibrations[index] = calibrate_frozen_model(
                 self.frozen.with_graph_def(graph_def), self.calibration_inputs, step.name, minimum_dim,
-                timeout_s=self.timeout_s, serving_batch_size=self.serving_batch_size,
+                timeout_s=self.timeout_s, serving_batch_size=self.serving_batch_size, chunk_bytes=self.chunk_bytes,
             )
         return self.calibrations[index].with_keep_float(send_back.to_float & set(self.calibrations[index].layer_errors))
 
@@ -297,7 +299,7 @@ def _rounds(units: list[Unit]):
 
 def _reference_judge(frozen: FrozenModel, judging_inputs: Inputs | None, tolerances: Tolerances,
                      generated_tolerances: Tolerances, output_kinds: Mapping[str, str] | None,
-                     timeout_s: float, scratch: Path) -> Judge:
+                     timeout_s: float, scratch: Path, chunk_bytes: int | None = DEFAULT_CHUNK_BYTES) -> Judge:
     """A judge that compares each candidate with ``frozen`` itself, both written as SavedModels
     under ``scratch``."""
     from .compare import compare_saved_models
@@ -314,6 +316,7 @@ def _reference_judge(frozen: FrozenModel, judging_inputs: Inputs | None, toleran
         comparison = compare_saved_models(
             reference, candidate, judging_inputs, sorted(frozen.signatures), frozen.tags, timeout_s=timeout_s,
             output_kind_overrides=output_kinds, tolerances=tolerances, generated_tolerances=generated_tolerances,
+            chunk_bytes=chunk_bytes,
         )
         return Verdict(failing_outputs(comparison))
 
@@ -333,6 +336,7 @@ def guard_transforms(
     judge: Judge | None = None,
     serving_batch_size: int | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
 ) -> Guarded:
     """Apply ``transforms`` (parsed, checked) to ``frozen`` and send lossy units back until every
     output is within its tolerance (see the module docstring for how, and the bound on runs).
@@ -342,7 +346,8 @@ def guard_transforms(
     signatures they omit), each output's kind inferred or from ``output_kinds``. ``judge``
     replaces that comparison (``optimise_saved_model`` writes and compares the real output with
     the original SavedModel). ``calibration_inputs`` calibrate int8 steps without a ranges_file;
-    with ``serving_batch_size`` the judge's time ratios drive the speed fallback.
+    with ``serving_batch_size`` the judge's time ratios drive the speed fallback. Every model run
+    takes at most ``chunk_bytes`` of input rows per call (None: all rows in one call).
 
     Returns the last graph judged, ``passed``, the failing outputs and a report: ``verdict``,
     ``model_runs`` (``judged``, ``ranking``, ``max_judged``), ``ranked`` (every unit with its
@@ -350,11 +355,11 @@ def guard_transforms(
     (float weight bytes before the lossy steps, how many the result keeps exact, the share) and,
     for calibrated int8 steps, ``calibration``.
     """
-    steps = TransformSteps(frozen, transforms, calibration_inputs, timeout_s, serving_batch_size)
+    steps = TransformSteps(frozen, transforms, calibration_inputs, timeout_s, serving_batch_size, chunk_bytes)
     with tempfile.TemporaryDirectory(prefix="guard-") as scratch:
         if judge is None:
             judge = _reference_judge(frozen, judging_inputs, tolerances, generated_tolerances, output_kinds,
-                                     timeout_s, Path(scratch))
+                                     timeout_s, Path(scratch), chunk_bytes)
         return _gate(frozen, steps, judge, decision_inputs, timeout_s, serving_batch_size)
 
 
@@ -410,7 +415,8 @@ def _gate(frozen: FrozenModel, steps: TransformSteps, judge: Judge, decision_inp
                      name, ratio)
         else:
             if units is None:
-                units, ranking_runs = rank_units(frozen, steps, unguarded, decision_inputs, timeout_s)
+                units, ranking_runs = rank_units(frozen, steps, unguarded, decision_inputs, timeout_s,
+                                                 steps.chunk_bytes)
                 rounds = _rounds(units)
                 log.info("guard: %s; %d lossy unit(s) ranked by their measured error", verdict.failing[0], len(units))
                 next_round = next(rounds, None)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tensorflow.core.framework import graph_pb2, node_def_pb2, types_pb2
 
+from ..chunks import DEFAULT_CHUNK_BYTES
 from ..graph_transforms import TransformError
 from ..graph_transforms.calibration import ErrorMeter
 from ..graph_transforms.engine import apply_transform
@@ -216,7 +217,8 @@ def _batched(inputs: Mapping[str, Mapping[str, np.ndarray]]) -> dict:
 
 
 def rank_units(frozen: FrozenModel, steps: TransformSteps, unguarded: graph_pb2.GraphDef,
-               decision_inputs: Inputs | None, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[list[Unit], int]:
+               decision_inputs: Inputs | None, timeout_s: float = DEFAULT_TIMEOUT_S,
+               chunk_bytes: int | None = DEFAULT_CHUNK_BYTES) -> tuple[list[Unit], int]:
     """Every lossy unit of the list with its measured error, most harmful first, and how many
     model runs that took (see the module docstring)."""
     before = steps.before_lossy if steps.before_lossy is not None else frozen.graph_def
@@ -248,7 +250,7 @@ def rank_units(frozen: FrozenModel, steps: TransformSteps, unguarded: graph_pb2.
         sums: dict[str, np.ndarray] = {}
         batched = _batched(inputs)
         if fetched and batched:
-            runner = _Runner(frozen.with_graph_def(probe), batched, _RANK_BATCH_ROWS, timeout_s)
+            runner = _Runner(frozen.with_graph_def(probe), batched, _RANK_BATCH_ROWS, timeout_s, chunk_bytes)
             for _, values in runner.batches(fetched):
                 for tensor, value in values.items():
                     sums[tensor] = sums.get(tensor, 0.0) + np.asarray(value, np.float64)
@@ -271,7 +273,7 @@ def rank_units(frozen: FrozenModel, steps: TransformSteps, unguarded: graph_pb2.
         units.append(Unit(layer, "layer", (index,), error, "int8 output error", False, weight_bytes))
     node_steps = tuple(i for i in steps.lossy_steps if parsed[i].name == "quantize_nodes")
     if node_steps:
-        node_units = _rank_nodes(frozen, before, unguarded, inputs, node_steps, timeout_s)
+        node_units = _rank_nodes(frozen, before, unguarded, inputs, node_steps, timeout_s, chunk_bytes)
         units.extend(node_units)
         runs += 2
     # Units that save no bytes go first: sending them back costs nothing the list was for.
@@ -280,7 +282,8 @@ def rank_units(frozen: FrozenModel, steps: TransformSteps, unguarded: graph_pb2.
 
 
 def _rank_nodes(frozen: FrozenModel, before: graph_pb2.GraphDef, unguarded: graph_pb2.GraphDef, inputs,
-                node_steps: tuple[int, ...], timeout_s: float) -> list[Unit]:
+                node_steps: tuple[int, ...], timeout_s: float,
+                chunk_bytes: int | None = DEFAULT_CHUNK_BYTES) -> list[Unit]:
     """quantize_nodes' nodes: each output's relative error in the quantised graph minus the
     largest of its inputs' (one run of each graph, the tensors compared by name)."""
     from ..graph_transforms.transforms.quantize_nodes import QUANTIZED_OPS
@@ -299,8 +302,8 @@ def _rank_nodes(frozen: FrozenModel, before: graph_pb2.GraphDef, unguarded: grap
     fetched = sorted(tensors)
     meter = ErrorMeter()
     inputs = _batched(inputs)
-    float_runner = _Runner(frozen.with_graph_def(before), inputs, _RANK_BATCH_ROWS, timeout_s)
-    quantised_runner = _Runner(frozen.with_graph_def(unguarded), inputs, _RANK_BATCH_ROWS, timeout_s)
+    float_runner = _Runner(frozen.with_graph_def(before), inputs, _RANK_BATCH_ROWS, timeout_s, chunk_bytes)
+    quantised_runner = _Runner(frozen.with_graph_def(unguarded), inputs, _RANK_BATCH_ROWS, timeout_s, chunk_bytes)
     for (_, expected), (_, actual) in zip(float_runner.batches(fetched), quantised_runner.batches(fetched)):
         for tensor in fetched:
             if tensor in expected and tensor in actual:

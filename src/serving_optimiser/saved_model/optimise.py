@@ -14,6 +14,7 @@ import numpy as np
 from tensorflow.core.framework import graph_pb2
 
 from ..atomic import atomic_directory
+from ..chunks import DEFAULT_CHUNK_BYTES
 from ..graph_transforms import TransformError, parse_and_check
 from ..graph_transforms.transforms._int8 import int8_kernels_available
 from ._files import check_output_directory, clear_directory, directory_size
@@ -74,6 +75,7 @@ def optimise_saved_model(
     serving_batch_size: int | None = None,
     output_kinds: Mapping[str, str] | None = None,
     gate: bool = True,
+    chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
 ) -> dict:
     """Freeze ``in_dir``, apply ``transforms`` (old-tool syntax), write the SavedModel ``out_dir``.
 
@@ -110,6 +112,8 @@ def optimise_saved_model(
     sends the others back by their calibrated error. With ``serving_batch_size`` each calibrated
     layer is also timed in int8 and float at that many rows on this machine, and, while the
     model is not faster than the original there, int8 layers go back to float, the slowest first.
+    The comparison, the gate's ranking and calibration call a model on at most ``chunk_bytes``
+    of input rows at a time (None: all rows in one call); inputs under the bound are one call.
     Returns a report: sizes, node counts, timings and the per-output comparison.
     """
     transform_string = _transform_string(transforms)
@@ -133,6 +137,8 @@ def optimise_saved_model(
         raise SavedModelError(f"{sample_inputs}: no such sample inputs file")
     if isinstance(calibration_inputs, (str, os.PathLike)) and not Path(calibration_inputs).is_file():
         raise SavedModelError(f"{calibration_inputs}: no such calibration inputs file")
+    if chunk_bytes is not None and not chunk_bytes >= 1:
+        raise SavedModelError(f"chunk_bytes must be at least 1, found {chunk_bytes}")
     if not compare_timeout_s > 0:
         raise SavedModelError(f"compare_timeout_s must be positive, found {compare_timeout_s}")
     if serving_batch_size is not None:
@@ -191,7 +197,7 @@ def optimise_saved_model(
             clear_directory(temporary)
             _write_and_compare(
                 report, timings, optimised, frozen, temporary, in_dir, sample_inputs, compare, allow_ops,
-                dequantize_once, warmup_batch_sizes, compare_timeout_s, output_kinds, tolerances,
+                dequantize_once, warmup_batch_sizes, compare_timeout_s, output_kinds, tolerances, chunk_bytes,
             )
             state["graph"] = graph_def
             failing = report.get("failing_outputs") or []
@@ -209,7 +215,7 @@ def optimise_saved_model(
         guarded = guard_transforms(
             frozen, parsed, decision_inputs, sample_inputs, tolerances[0], generated_tolerances=tolerances[1],
             output_kinds=output_kinds, calibration_inputs=calibration_inputs, judge=judge,
-            serving_batch_size=serving_batch_size, timeout_s=compare_timeout_s,
+            serving_batch_size=serving_batch_size, timeout_s=compare_timeout_s, chunk_bytes=chunk_bytes,
         )
         if gated:
             report["gate"] = {key: value for key, value in guarded.report.items() if key not in ("calibration",
@@ -262,7 +268,7 @@ def _gate_failure(guarded: Guarded, report: dict, out_dir) -> str:
 
 def _write_and_compare(
     report, timings, optimised, frozen, temporary, in_dir, sample_inputs, compare, allow_ops,
-    dequantize_once, warmup_batch_sizes, compare_timeout_s, output_kinds, tolerances,
+    dequantize_once, warmup_batch_sizes, compare_timeout_s, output_kinds, tolerances, chunk_bytes,
 ) -> None:
     start = time.perf_counter()
     converted = write_saved_model(
@@ -282,7 +288,7 @@ def _write_and_compare(
         comparison = compare_saved_models(
             in_dir, temporary, sample_inputs, sorted(frozen.signatures), frozen.tags, allow_ops,
             timeout_s=compare_timeout_s, output_kind_overrides=output_kinds, tolerances=tolerances[0],
-            generated_tolerances=tolerances[1],
+            generated_tolerances=tolerances[1], chunk_bytes=chunk_bytes,
         )
         timings["compare_s"] = timings.get("compare_s", 0.0) + time.perf_counter() - start
         report["comparison"] = comparison
