@@ -106,3 +106,27 @@ def test_outputs_that_would_not_fit_stop_with_one_line_naming_what_to_lower():
                                  "of both models need ~54.9 GiB, 8.0 GiB available; use fewer rows (--sample-inputs)")
     check_memory(needed, "unused", "unused", available=needed)  # exactly enough fits
 
+
+
+def test_the_cli_takes_chunk_bytes(rnet, tmp_path, capsys):
+    """--chunk-bytes reaches the comparison: stderr says how many calls, the report is the default's."""
+    import json
+
+    from serving_optimiser.cli.optimise_saved_model import main
+
+    samples = tmp_path / "rows.npz"
+    np.savez(samples, **{name: np.array(values) for name, values in rnet.inputs.items()})
+    row_bytes = sum(v[0].nbytes for v in rnet.inputs.values())
+    reports = {}
+    for name, extra in (("default", []), ("tiny", ["--chunk-bytes", str(4 * row_bytes)])):
+        code = main([str(rnet.saved_model), str(tmp_path / name), "--transforms", WEIGHTS, "--sample-inputs",
+                     str(samples), "--report", str(tmp_path / f"{name}.json"), *extra])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        calls = 1 if name == "default" else -(-rnet.rows // 4)
+        assert f"on {rnet.rows} rows in {calls} call{'s' if calls > 1 else ''} per model" in captured.err
+        reports[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    _assert_same(_figures(reports["tiny"])["comparison"], _figures(reports["default"])["comparison"])
+    with pytest.raises(SystemExit) as raised:
+        main([str(rnet.saved_model), str(tmp_path / "bad"), "--chunk-bytes", "0"])
+    assert raised.value.code == 2 and "--chunk-bytes: expected an integer >= 1, got '0'" in capsys.readouterr().err
