@@ -8,7 +8,7 @@ export DVC_NO_ANALYTICS := 1
 
 .DEFAULT_GOAL := help
 .PHONY: help setup all repro test lint bench bench-transforms bench-saved-model bench-int8 push pull metrics metrics-diff plots plots-diff clean
-.PHONY: test-zoo bench-zoo test-fast test-real test-full
+.PHONY: test-zoo bench-zoo test-fast test-real test-full bench-real
 
 help: ## Show this menu
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -74,6 +74,9 @@ bench-saved-model: setup ## Time optimise_saved_model on a Keras MobileNetV2 Sav
 bench-int8: setup ## int8 vs float: per layer, Iris, MobileNetV2, the speed guard; Keras ResNet50, MobileNetV2, EfficientNetB0, MHA, MLP and the published mtcnn ONet beside LiteRT and OpenVINO int8, with issue 29 targets
 	python scripts/bench_int8.py
 	python scripts/bench_int8_models.py --serving-batch-size 1
+
+bench-real: setup ## The published models: lossless, 8-bit weights, int8, --auto beside the authors' files and our peers (size, verdicts, batch 1/64 ratios); writes docs/real_models.md's results
+	TF_ENABLE_ONEDNN_OPTS=1 python scripts/bench_real.py --doc docs/real_models.md
 
 bench-zoo: setup ## The model zoo (ResNet50 ... tf.Module): size, agreement, |diff| and latency ratio per list
 	python scripts/bench_zoo.py
