@@ -49,7 +49,8 @@ def _package_exports(src: Path, package: str, names: list[str] | None) -> set[st
     return {f"{package}.{module.lstrip('.')}" for module in wanted.values()}
 
 
-def _imported_modules(path: Path, src: Path) -> set[str]:
+@cache
+def _imported_modules(path: Path, src: Path) -> frozenset[str]:
     tree = ast.parse(path.read_text(), str(path))
     # A script outside the package has no package for relative imports to start from.
     package_parts = path.relative_to(src).parts[:-1] if path.is_relative_to(src) else ()
@@ -73,7 +74,7 @@ def _imported_modules(path: Path, src: Path) -> set[str]:
             for name in names:  # `from pkg import subpackage`: the subpackage object itself
                 if (src / Path(*f"{base}.{name}".split(".")) / "__init__.py").is_file():
                     modules |= _package_exports(src, f"{base}.{name}", None)
-    return {m for m in modules if m == PACKAGE or m.startswith(PACKAGE + ".")}
+    return frozenset(m for m in modules if m == PACKAGE or m.startswith(PACKAGE + "."))
 
 
 def import_closure(script: Path, src: Path) -> set[Path]:

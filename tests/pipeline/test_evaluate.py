@@ -11,7 +11,7 @@ import pytest
 from pipeline_helpers import ROOT
 
 from serving_optimiser.errors import UserError
-from serving_optimiser.pipeline import evaluate, latency, report, sizes
+from serving_optimiser.pipeline import evaluate, latency, latency_figures, report, sizes
 from serving_optimiser.pipeline import figures as stage_figures
 from serving_optimiser.pipeline.data import FEATURE_NAMES, features_and_labels, sample_around
 from serving_optimiser.pipeline.model import ModelSpec
@@ -185,7 +185,7 @@ def test_latency_pairs_each_round_against_the_first_model_at_every_batch_size():
     # Batch 1: calls_per_round (4) calls a round; batch 10: rows_per_round // 10 = 2.
     assert (one["calls"], ten["calls"]) == (4 * 5, 2 * 5)
     assert figures["slow"]["load_s"] == 0.2 and figures["slow"]["how"] == "elsewhere"
-    headline = latency.headline_figures(figures["slow"])
+    headline = latency_figures.headline_figures(figures["slow"])
     assert headline["batch_ratio"] == ten["ratio"] and headline["batch1_p50_ratio"] == one["ratio"]
 
 
@@ -199,7 +199,7 @@ def test_latency_params_read_the_curve_and_name_a_bad_key():
     assert params.sizes_that_fit(48 * 48 * 3 * 4) == (1, 8)
     assert params.sizes_that_fit(2**21) == (1,)
     assert [params.calls(size) for size in (1, 8, 64, 512, 100_000)] == [100, 100, 32, 4, 1]
-    assert [latency.batch_label(size) for size in (1, 512, 100_000, 2500)] == ["1", "512", "100k", "2.5k"]
+    assert [latency_figures.batch_label(size) for size in (1, 512, 100_000, 2500)] == ["1", "512", "100k", "2.5k"]
 
 
 @pytest.mark.parametrize(

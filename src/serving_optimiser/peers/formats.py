@@ -5,12 +5,13 @@ plus one row here.
 
 The runtime module is named, not imported: it is imported on first use (:func:`runtime`), so
 reading params or this table loads no runtime. It is named after the format (``onnx.py`` for
-``onnx``): dvc.yaml's peer stages depend on ``peers/${item.format}.py``, the one runtime each
-peer loads, so editing one runtime reruns only its peers (tests/dvc_deps.py writes those deps). A runtime module defines ``PREDICTOR`` (its
-:class:`~serving_optimiser.peers.base.Predictor`) and, for a format peers convert to,
-``convert(exported, quantization, calibration, signature, **options) -> {file name: bytes}``
-(``calibration``: the rows of a calibrated quantisation, else None; ``options``: the row's
-:class:`Option` values of the peer entry). This module imports nothing but the standard library.
+``onnx``): dvc.yaml's peer stages depend on ``peers/${item.format}.py``, the one runtime each peer
+loads, so editing one runtime reruns only its peers (tests/dvc_deps.py writes those deps). A
+runtime module defines ``PREDICTOR`` (its :class:`~serving_optimiser.peers.base.Predictor`) and,
+for a format peers convert to, ``convert(exported, quantization, calibration, signature, **options)
+-> {file name: bytes}`` (``calibration``: the rows of a calibrated quantisation, else None;
+``options``: the row's :class:`Option` values of the peer entry). This module imports nothing but
+the standard library.
 """
 
 from __future__ import annotations

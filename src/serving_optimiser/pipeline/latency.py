@@ -30,6 +30,7 @@ from ..chunks import row_bytes
 from ..errors import UserError
 from ..runner import killed_by_signal
 from ..timing import TimedModel, local_timer, measure_side_by_side, timed_load
+from .latency_figures import batch_label
 from .params import LatencyParams
 
 __all__ = ["LatencyParams", "TimedModel", "latency_stage", "local_timer", "measure_latency", "timed_load"]
@@ -37,13 +38,6 @@ __all__ = ["LatencyParams", "TimedModel", "latency_stage", "local_timer", "measu
 log = logging.getLogger(__name__)
 
 RUNTIMES = {"tf": "TensorFlow", "litert": "LiteRT (XNNPACK)", "onnx": "ONNX Runtime", "openvino": "OpenVINO CPU"}
-
-
-def batch_label(rows: int) -> str:
-    """A batch size as a short key: 1, 8, 512, 100k, 2.5k."""
-    if rows >= 1000 and rows % 100 == 0:
-        return f"{rows / 1000:g}k"
-    return str(rows)
 
 
 def batch_inputs(rows: Mapping[str, np.ndarray], sizes: Sequence[int]) -> dict[int, dict[str, np.ndarray]]:
@@ -76,22 +70,6 @@ def sizes_within_budget(models: list[TimedModel], params: LatencyParams) -> tupl
         kept.append(size)
         spent += cost
     return tuple(kept), [size for size in params.batch_sizes if size not in kept]
-
-
-def headline_figures(measured: Mapping) -> dict[str, float]:
-    """The flat figures of one model's ``measure_latency`` entry that the summary table shows:
-    the largest batch's call (``batch_ms``, ``batch_ratio``) and the smallest's (``batch1_*``)."""
-    sizes = sorted(measured["batches"], key=int)
-    largest, smallest = measured["batches"][sizes[-1]], measured["batches"][sizes[0]]
-    return {
-        "batch_ms": largest["p50_ms"],
-        "batch_ratio": largest["ratio"],
-        "batch1_p50_ms": smallest["p50_ms"],
-        "batch1_p99_ms": smallest["p99_ms"],
-        "batch1_p50_ratio": smallest["ratio"],
-        "load_s": measured["load_s"],
-        "first_call_ms": measured["first_call_ms"],
-    }
 
 
 def rounded(value):

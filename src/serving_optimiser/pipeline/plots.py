@@ -150,6 +150,27 @@ DEFAULT_CHARTS: tuple[Chart, ...] = (
 )
 
 
+
+def dvc_plots(charts: Iterable[Chart] = DEFAULT_CHARTS) -> list[dict[str, dict]]:
+    """The same charts as dvc.yaml's ``plots`` entries, for `dvc plots show/diff` (tests/dvc_deps.py
+    writes that section from this, so the charts are listed once). A bar chart is DVC's
+    ``bar_horizontal`` (one bar per model, the figure along x); a line per model is a scatter,
+    since DVC's ``linear`` template joins every row of a file into one line, across models."""
+    entries = []
+    for chart in charts:
+        x, y, x_title, y_title = chart.x, chart.y, chart.x_title, chart.y_title
+        if chart.kind == "bar":
+            template = "bar_horizontal"
+            x, y, x_title, y_title = y, x, y_title, x_title
+        elif chart.kind == "line" and chart.by is None:
+            template = "linear"
+        else:
+            template = "scatter"
+        entry: dict[str, Any] = {"template": template, "x": x, "y": {chart.file: y}, "title": chart.title}
+        entry |= {key: value for key, value in (("x_label", x_title), ("y_label", y_title)) if value}
+        entries.append({chart.name: entry})
+    return entries
+
 def _number(text: str, path: Path, line: int, column: str) -> float:
     try:
         return float(text)

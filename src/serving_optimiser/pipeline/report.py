@@ -15,7 +15,7 @@ from ..atomic import atomic_file
 from ..errors import UserError
 from .entries import REFERENCE
 from .io import write_json
-from .latency import batch_label, headline_figures
+from .latency_figures import batch_label, headline_figures
 from .machine import machine_line
 
 # The exported model timed with TF_ENABLE_ONEDNN_OPTS=1 beside the int8 variants, where oneDNN
