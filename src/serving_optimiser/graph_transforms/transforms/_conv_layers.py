@@ -171,6 +171,14 @@ def _bias_after(producer: node_def_pb2.NodeDef, nodes: dict, consumers: dict, ch
     return adder, values.reshape(-1)
 
 
+def _separable_pointwise(node: node_def_pb2.NodeDef, consumers: dict, ranges: _Ranges) -> bool:
+    """Whether ``node``'s only reader is a conv with a calibrated input range (the pointwise half of
+    a SeparableConv2D), so that ``node``'s output range is known without a bias add."""
+    readers = consumers.get(node.name, [])
+    return (len(readers) == 1 and readers[0].op in CONV_OPS and readers[0].name in ranges.ranges
+            and parse_input(readers[0].input[0]) == (False, node.name, 0) and not control_inputs(readers[0]))
+
+
 def _pad_amounts(pad: node_def_pb2.NodeDef, nodes: dict) -> tuple[list[int] | None, str]:
     """The padding_list of a zero Pad of an NHWC tensor in H and W only, or why it has none."""
     if attr_type(pad) != FLOAT or control_inputs(pad):
@@ -231,10 +239,12 @@ def _match(node, nodes: dict, consumers: dict, ranges: _Ranges, minimum_dim: int
     if min(channels_in, channels_out) < minimum_dim:
         return f"{channels_in} -> {channels_out} channels, under minimum_dim={minimum_dim}"
     adder, bias = _bias_after(node, nodes, consumers, channels_out)
-    if adder is None:
+    if adder is None and not (depthwise and _separable_pointwise(node, consumers, ranges)):
         return "no bias add after it (its output range is calibrated there)"
-    chain, bias = [adder], bias.astype(np.float64)
-    while True:
+    # A SeparableConv2D's depthwise half has no bias of its own: a zero bias, and its output range
+    # is the pointwise conv's calibrated input range.
+    chain, bias = ([adder], bias.astype(np.float64)) if adder is not None else ([], np.zeros(channels_out))
+    while chain:
         more, values_more = _bias_after(chain[-1], nodes, consumers, channels_out)
         if more is None:
             break
@@ -251,8 +261,9 @@ def _match(node, nodes: dict, consumers: dict, ranges: _Ranges, minimum_dim: int
         return "its input can be negative and SAME padding would shift the padded zeros"
     if input_range[0] < 0.0 and depthwise:
         return "its input can be negative (the depthwise kernel's bias cannot take the shift)"
-    layer = _Conv(node, chain[-1], [node.name] + [n.name for n in chain], values, bias, node.input[0],
-                  input_range, (0.0, 0.0), False)
+    end = chain[-1] if chain else node
+    layer = _Conv(node, end, [node.name] + [n.name for n in chain], values, bias, node.input[0], input_range,
+                  (0.0, 0.0), False)
 
     is_control, source, port = parse_input(node.input[0])
     pad = nodes.get(source) if not is_control and port == 0 else None
@@ -270,7 +281,7 @@ def _match(node, nodes: dict, consumers: dict, ranges: _Ranges, minimum_dim: int
         else:
             notes.append(f"keeps its Pad '{pad.name}' float: {why}")
 
-    last = chain[-1]
+    last = end
     residual = _only_reader(last.name, consumers, RESIDUAL_OPS) if allow_sum and not depthwise else None
     if residual is not None and len(residual.input) == 2:
         sides = [parse_input(i) for i in residual.input]

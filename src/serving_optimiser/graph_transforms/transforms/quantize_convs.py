@@ -155,7 +155,9 @@ def quantize_convs(graph_def: graph_pb2.GraphDef, context: TransformContext) -> 
     channel multiplier 1, no control inputs) of (any | Pad of any, Const filter, possibly behind
     Identity), read only by a chain of BiasAdd | Add | AddV2 of float Consts [] | [1] | [C] |
     [1, C], then optionally (Conv2D only) read only by Add | AddV2 of (that, any non-Const
-    summand), then optionally read only by Relu or Relu6.
+    summand), then optionally read only by Relu or Relu6. A DepthwiseConv2dNative read only by
+    a conv with a calibrated input range (SeparableConv2D's depthwise half) needs no bias add: its
+    bias is zero and its output range is that conv's input range.
     Produces, for a layer whose last node is ``<n>``: ``<n>/quantize_convs/conv``, one fused
     kernel: QuantizedConv2DWithBiasAndReluAndRequantize or
     QuantizedDepthwiseConv2DWithBiasAndReluAndRequantize, or with a residual add
