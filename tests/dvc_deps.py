@@ -130,7 +130,8 @@ def _scalar(value: str) -> str:
 
 def plots_section() -> str:
     """dvc.yaml's ``plots:`` section, from the package's list of charts."""
-    lines = ["plots:"]
+    lines = ["plots:", "  # Written by python tests/dvc_deps.py from serving_optimiser.pipeline.plots.DEFAULT_CHARTS:",
+             "  # edit the charts there, not here."]
     for entry in dvc_plots():
         (name, fields), = entry.items()
         lines.append(f"  - {name}:")

@@ -3,6 +3,7 @@ one HTML page with Vega, Vega-Lite and vega-embed inlined, static SVG/PNG images
 offline HTML template for `dvc plots show/diff`.
 
 Which charts to draw is the data structure `DEFAULT_CHARTS`: edit it when metric names change.
+dvc.yaml's `plots` section is written from it (`python tests/dvc_deps.py`, see :func:`dvc_plots`).
 """
 
 from __future__ import annotations
