@@ -281,8 +281,8 @@ def test_mtcnn_rnet(tmp_path, caplog):
     """mtcnn's RNet (published weights, PReLU after every layer): its convolutions and its 576 ->
     128 layer run in int8, each ending in one dequantize with the PReLU float as Maximum(y,
     alpha * y); the face probability agrees with float."""
+    from model_builders.int8_models import INT8_TRANSFORMS
     from published_models import load
-    from serving_optimiser.bench_models import INT8_TRANSFORMS
     from serving_optimiser.saved_model import optimise_saved_model
     from serving_optimiser.saved_model.onednn import SELF_CHECK_SCOPE
     from serving_optimiser.saved_model.reader import read_meta_graph

@@ -8,11 +8,11 @@ import re
 
 import numpy as np
 import pytest
-import sample_graphs
 import tensorflow as tf
 from graph_helpers import build, nodes_by_name, op_counts, run_graph
 from tensorflow.core.framework import types_pb2
 
+from model_builders import sample_graphs
 from serving_optimiser.graph_transforms import TransformError, TransformGraph
 from serving_optimiser.graph_transforms.transforms._int8 import int16_safe_levels
 from serving_optimiser.graph_transforms.transforms.quantize_matmuls import calibrate_ranges

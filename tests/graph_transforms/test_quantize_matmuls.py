@@ -7,11 +7,11 @@ import logging
 
 import numpy as np
 import pytest
-import sample_graphs
 import tensorflow as tf
 from graph_helpers import build, nodes_by_name, op_counts, ops_run, run_graph
 from tensorflow.core.framework import types_pb2
 
+from model_builders import sample_graphs
 from serving_optimiser.graph_transforms import TransformError, TransformGraph
 from serving_optimiser.graph_transforms.transforms._int8 import min_first_output_range
 from serving_optimiser.graph_transforms.transforms.quantize_matmuls import (
@@ -860,7 +860,7 @@ def test_einsum_kinds_match_float(equation, weights_shape, weights_first):
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
     """The zoo's trained transformer encoder block (4 heads of 8, FFN 64 -> 32, 3 topics)."""
-    from zoo.models import build_attention_encoder
+    from model_builders.zoo import build_attention_encoder
 
     directory = tmp_path_factory.mktemp("encoder") / "model"
     built = build_attention_encoder(str(directory))
@@ -870,8 +870,8 @@ def encoder(tmp_path_factory):
 @needs_kernels
 def test_calibrated_encoder_quantises_its_projections_and_keeps_the_classes(encoder, tmp_path, caplog):
     from saved_model.models import CALIBRATED_INT8
-    from zoo.models import topic_tokens
 
+    from model_builders.zoo import topic_tokens
     from serving_optimiser.saved_model import optimise_saved_model
 
     directory, built = encoder
