@@ -36,7 +36,8 @@ def _median_timings(entries: list[dict], ratio: bool) -> dict:
     def median(values):
         return statistics.median(values)
 
-    sizes = sorted(entries[0]["batches"], key=int)
+    # The sizes every stage timed: under load, one stage's time budget can drop a size another kept.
+    sizes = sorted(set.intersection(*(set(entry["batches"]) for entry in entries)), key=int)
     batches = {}
     for size in sizes:
         figures = [entry["batches"][size] for entry in entries]
