@@ -73,7 +73,7 @@ class EvaluateParams:
     sample_rows: int
     max_eval_rows_lost: int
     chunk_bytes: int = 16 * 2**20  # input bytes per model call (serving_optimiser.chunks)
-    max_batch_bytes: int = 256 * 2**20  # the batch holds at most batch_rows rows and this many input bytes
+    max_batch_bytes: int = 64 * 2**20  # the batch holds at most batch_rows rows and this many input bytes
     # Overrides of saved_model.output_kinds.DEFAULT_TOLERANCES (the one set the CLI uses too).
     tolerances: dict[str, float] = field(default_factory=dict)
     stop_on_gate_failure: str = "auto"  # auto: stop dvc repro for Iris, record the failure for a user's model
