@@ -241,6 +241,41 @@ def stale_stages(repo: Path) -> set[str]:
     return set(json.loads(run(repo, "dvc", "status", "--json").splitlines()[-1]))
 
 
+def stale_after_appending_a_comment(repo: Path, module: str) -> set[str]:
+    """The stages `dvc status` calls stale (none re-run) with a comment appended to ``module``,
+    beside those stale before; the module is put back after."""
+    path = repo / "src/serving_optimiser" / module
+    original = path.read_bytes()
+    before = stale_stages(repo)
+    try:
+        path.write_bytes(original + b"\n# an edit that changes nothing it computes\n")
+        return stale_stages(repo) - before
+    finally:
+        path.write_bytes(original)
+
+
+def test_editing_one_module_makes_only_the_stages_that_run_it_stale(repo):
+    """A stage reruns only when code it runs changed (dvc.yaml's deps, tests/dvc_deps.py): a
+    transform module makes stale the stages that apply transforms, and a peer runtime module only
+    that runtime's peers; neither touches model, freeze, reference, evaluate, latency or report."""
+    repo, _, _ = repo
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    variants = set(params["optimise"])
+    openvino = {name for name, entry in params["peers"]["variants"].items() if entry["format"] == "openvino"}
+    assert variants and openvino
+    # The machine stage is always stale (it describes this machine); anything else an earlier test
+    # left stale (an edited variant put back) is brought up to date first.
+    if stale_stages(repo) - {"machine"}:
+        run(repo, "dvc", "repro")
+    assert stale_stages(repo) <= {"machine"}
+    assert stale_after_appending_a_comment(repo, "graph_transforms/transforms/constants.py") == (
+        {f"optimise@{variant}" for variant in variants} | {"calibrate"})
+    assert stale_after_appending_a_comment(repo, "peers/openvino.py") == {
+        f"{stage}@{peer}" for stage in ("convert_peer", "evaluate_peer", "latency_peer") for peer in openvino}
+    # Put back, each module leaves nothing stale behind (dvc compares contents, not times).
+    assert stale_stages(repo) <= {"machine"}
+
+
 def test_another_machine_re_times_every_model_and_nothing_else(repo, tmp_path):
     """Emulated with TF_ENABLE_ONEDNN_OPTS=0 (a CPU whose oneDNN default is off): the machine file
     changes, so every latency stage is stale and no deterministic one; the int8 variant's stage
