@@ -148,3 +148,24 @@ def test_the_committed_params_have_an_auto_variant_and_the_gate_on():
     assert params.auto_objective("auto") == "size"
     assert params.evaluate().fallback is True
     assert np.isclose(params.evaluate().batch_rows, 100000)
+
+
+def test_the_judged_runs_use_the_batch_first_rows_up_to_fallback_batch_bytes(tmp_path, frozen_dir, tiny_samples):
+    from serving_optimiser.chunks import row_bytes
+    from serving_optimiser.pipeline.fallback import PipelineJudge
+    from serving_optimiser.pipeline.figures import evaluation_data
+    from serving_optimiser.pipeline.model import Samples
+    from serving_optimiser.saved_model import FrozenModel
+
+    samples = Samples.load(tiny_samples)
+    per_row = row_bytes(samples.evaluation)
+    params = params_with(tmp_path, {"lossless": LOSSLESS}, fallback_batch_bytes=100 * per_row + per_row // 2)
+    judge = PipelineJudge(FrozenModel.load(frozen_dir), samples, params, tmp_path / "judge")
+    whole = evaluation_data(samples, params.evaluate())["batch"]
+    assert {key: len(rows) for key, rows in judge.data["batch"].items()} == {key: 100 for key in whole}
+    for key, rows in judge.data["batch"].items():
+        np.testing.assert_array_equal(rows, whole[key][:100])
+    assert judge.figures(FrozenModel.load(frozen_dir).graph_def)["batch_rows"] == 100
+    # The committed default holds Iris's whole batch (1.6 MB).
+    committed = PipelineParams.load(ROOT / "params.yaml").evaluate()
+    assert committed.fallback_batch_bytes == 16 * 2**20 and 100000 * per_row < committed.fallback_batch_bytes

@@ -7,7 +7,8 @@ float fallback, the bound on model runs); what the pipeline adds is where its in
 * the fallback decisions (which weights and layers hurt most) are made on the **calibration
   split** of ``data/samples``;
 * the verdicts are given on the **evaluation batch** (the eval rows and the batch drawn around
-  them, :func:`serving_optimiser.pipeline.figures.evaluation_data`), each compared output judged
+  them, :func:`serving_optimiser.pipeline.figures.evaluation_data`; of the batch, its first rows
+  up to ``evaluate.fallback_batch_bytes`` of input: all of Iris's), each compared output judged
   by its kind against ``evaluate.tolerances`` and ``evaluate.max_eval_rows_lost``, through the
   same functions the evaluate stage calls. The reference is the frozen model itself, run with
   the same pinned kernels.
@@ -42,7 +43,14 @@ class PipelineJudge:
 
         self.frozen, self.samples, self.scratch = frozen, samples, scratch
         self.evaluate = params.evaluate()
-        self.data = evaluation_data(samples, self.evaluate)
+        data = evaluation_data(samples, self.evaluate)
+        # Up to evaluate.fallback_batch_bytes of the batch (its first rows): every judged run is a
+        # whole model run, and the evaluate stage judges the result on the whole batch anyway.
+        from ..chunks import capped_rows, row_bytes
+
+        rows = capped_rows(len(next(iter(data["batch"].values()))), row_bytes(data["batch"]),
+                           self.evaluate.fallback_batch_bytes)
+        self.data = {"eval": data["eval"], "batch": {key: values[:rows] for key, values in data["batch"].items()}}
         self.runs = 0
         self.reference = self._outputs(frozen.graph_def, "reference")
         self.reference_correct = self._eval_rows_correct(self.reference)

@@ -80,6 +80,10 @@ class EvaluateParams:
     # The optimise stage sends a lossy variant's most harmful weights and layers back to per-channel
     # ranges, then float, until it meets the tolerances (pipeline.fallback); False: lists as written.
     fallback: bool = True
+    # The fallback's judged runs use the first rows of the batch, at most this many input bytes
+    # (Iris's whole 1.6 MB batch; 95 of basic-pitch's 2 s windows): each is a full model run, up to
+    # ~20 per variant. The evaluate stage then judges the result on the whole batch.
+    fallback_batch_bytes: int = 16 * 2**20
 
     @classmethod
     def from_section(cls, section: dict, path: str | Path = DEFAULT_PARAMS_FILE) -> EvaluateParams:
@@ -87,7 +91,7 @@ class EvaluateParams:
         if rows_lost < 0:
             raise UserError(f"{path}: 'evaluate.max_eval_rows_lost' must be >= 0, got {rows_lost}")
         known = {"batch_rows", "seed", "sample_rows", "max_eval_rows_lost", "chunk_bytes", "max_batch_bytes",
-                 "tolerances", "stop_on_gate_failure", "fallback"}
+                 "tolerances", "stop_on_gate_failure", "fallback", "fallback_batch_bytes"}
         unknown = sorted(set(section) - known)
         if unknown:
             keys = ", ".join(f"evaluate.{key}" for key in unknown)
@@ -119,6 +123,8 @@ class EvaluateParams:
             tolerances={name: float(value) for name, value in tolerances.items()},
             stop_on_gate_failure=stop,
             fallback=fallback,
+            fallback_batch_bytes=(require_positive(section, "fallback_batch_bytes", int, "evaluate", path)
+                                  if "fallback_batch_bytes" in section else cls.fallback_batch_bytes),
         )
 
     def stops_on_gate_failure(self, source: str) -> bool:
