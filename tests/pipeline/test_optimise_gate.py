@@ -169,3 +169,42 @@ def test_the_judged_runs_use_the_batch_first_rows_up_to_fallback_batch_bytes(tmp
     # The committed default holds Iris's whole batch (1.6 MB).
     committed = PipelineParams.load(ROOT / "params.yaml").evaluate()
     assert committed.fallback_batch_bytes == 16 * 2**20 and 100000 * per_row < committed.fallback_batch_bytes
+
+
+@pytest.mark.onednn
+def test_an_int8_layer_of_the_ranges_file_goes_back_to_float_when_the_variant_misses(
+        tmp_path, frozen_dir, tiny_samples):
+    """The calibrate stage's file ranks the int8 layers by their measured error; a layer sent back
+    reaches the step through keep_float (a ranges_file wins over a calibration handed in)."""
+    from serving_optimiser.pipeline.calibrate import calibrate, calibration_plan
+    from serving_optimiser.pipeline.model import Samples
+
+    ranges = tmp_path / "ranges.json"
+    # The tiny model's hidden layers are 16 wide: under quantize_matmuls' default minimum_dim (32).
+    int8 = [*FOLDS, f"quantize_matmuls(ranges_file={ranges}, minimum_dim=16)", "strip_unused_nodes"]
+    lenient = params_with(tmp_path / "lenient", {"int8": int8})
+    calibration = calibrate(frozen_dir, Samples.load(tiny_samples).calibration,
+                            calibration_plan(lenient, str(ranges)), ranges)
+    layers = set(calibration.layer_errors)  # the 16 x 16 hidden layer (the others are under 16)
+    assert layers == {"dnn/hiddenlayer_1/MatMul"}
+    out, report, _ = run_stage(lenient, "int8", frozen_dir, tiny_samples, tmp_path / "lenient")
+    assert report["gate"]["verdict"] == "pass" and report["gate"]["sent_back"] == []
+    assert sum(node.op.startswith("QuantizedMatMul") for node in load_graph(out).node) == len(layers)
+
+    # Every class the same on the 20,000-row batch: int8 flips a few rows, so a layer goes back.
+    strict = params_with(tmp_path / "strict", {"int8": int8}, tolerances={"agreement": 1.0})
+    out, report, line = run_stage(strict, "int8", frozen_dir, tiny_samples, tmp_path / "strict")
+    assert "gate: pass after" in line and "unit(s) sent back" in line
+    gate = report["gate"]
+    sent = {unit["name"] for unit in gate["sent_back"]}
+    assert gate["verdict"] == "pass" and sent and sent <= layers
+    assert all(unit["to"] == "float" and unit["kind"] == "layer" for unit in gate["sent_back"])
+    int8_left = sum(node.op.startswith("QuantizedMatMul") for node in load_graph(out).node)
+    assert int8_left == len(layers) - len(sent) == 0
+    assert judged(strict, frozen_dir, tiny_samples, out, tmp_path / "strict") == []
+
+
+def load_graph(directory):
+    from serving_optimiser.saved_model import FrozenModel
+
+    return FrozenModel.load(directory).graph_def

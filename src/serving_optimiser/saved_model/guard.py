@@ -219,18 +219,17 @@ class TransformSteps:
             )
         return self.calibrations[index].with_keep_float(send_back.to_float & set(self.calibrations[index].layer_errors))
 
-    def _file_calibration(self, index: int, step: ParsedTransform, send_back: SendBack) -> Calibration | None:
+    def _file_calibration(self, index: int, step: ParsedTransform, send_back: SendBack) -> None:
         """A step's own ``ranges_file``, read once so its layers' int8 errors rank them (the
-        pipeline's calibrate stage writes them). Handed to the step only when one of its layers
-        goes back to float: otherwise the step reads its file itself, exactly as without the gate."""
+        pipeline's calibrate stage writes them). The step still reads its file itself (a
+        ranges_file wins over a calibration handed in), so a layer sent back goes to float through
+        the step's ``keep_float`` param, as for dynamic int8: returns None."""
         if index not in self.calibrations:
             try:
                 self.calibrations[index] = read_calibration_file(step.name, step.params["ranges_file"][0])
             except TransformError as error:
                 raise SavedModelError(str(error)) from None
-        calibration = self.calibrations[index]
-        names = send_back.to_float & set(calibration.layer_errors)
-        return calibration.with_keep_float(names) if names else None
+        return None
 
     def bound(self, index: int) -> float:
         values = self.parsed[index].params.get("max_layer_error")

@@ -172,7 +172,8 @@ def read_ranges_file(transform: str, path: str) -> dict[str, tuple[float, float]
 
 
 def calibration_of(transform: str, context: TransformContext) -> Calibration | None:
-    """The calibration handed in by the caller, else the ``ranges_file``'s, else None."""
+    """The ``ranges_file``'s calibration where the step names one, else the one handed in by the
+    caller (the guard's in-process calibration), else None."""
     path = context.get_string("ranges_file")
     if path:
         return read_calibration_file(transform, path)
