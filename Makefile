@@ -56,7 +56,7 @@ test-full: setup ## Lint and every test: make test plus the zoo's heavy models a
 	TF_ENABLE_ONEDNN_OPTS=1 SERVING_OPTIMISER_ZOO=full python -m pytest -q -n 2 --durations=15 -m onednn tests
 	SERVING_OPTIMISER_ZOO=full python -m pytest -q -n 2 --dist loadgroup --durations=15 -m "not onednn" tests
 
-test-real: setup ## The published models' tests only (src/published_models: fer, mtcnn, basic-pitch; also in make test)
+test-real: setup ## The published models' tests (fer, mtcnn, basic-pitch), the two default-params pipeline runs (~1 h) included
 	python -m pytest -q -n 2 --dist loadgroup --durations=15 -m real tests
 
 lint: setup ## Lint only

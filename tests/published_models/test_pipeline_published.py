@@ -21,7 +21,9 @@ from user_model import save_published_samples
 
 from published_models import load
 
-pytestmark = [pytest.mark.real, pytest.mark.slow]
+# Tens of minutes per model on 2 cores: make test-real and make test-full run them, make test does not
+# (it runs mtcnn RNet through the pipeline with tiny params: tests/pipeline/test_dvc_user_model.py).
+pytestmark = [pytest.mark.real, pytest.mark.slow, pytest.mark.full]
 
 # Each model its own xdist group: the two runs go to the two workers side by side.
 MODELS = [pytest.param(name, marks=pytest.mark.xdist_group(f"pipeline_{name}"))
