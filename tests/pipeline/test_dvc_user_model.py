@@ -104,14 +104,22 @@ def test_every_variant_and_peer_is_evaluated_and_each_output_gated_by_its_kind(u
     for name in ("lossless", *CONVERTIBLE):
         assert details(repo, name)["gate"]["verdict"] == "pass", name
         assert details(repo, name)["max_rel_diff"] < 1e-4, name
-    # int8 moves the box head a little (1-7 % of its range at most) and keeps the face class. Where the
-    # box misses the regression tolerances, that is a result marked failing, not a stopped run.
+    # int8 as written moves RNet's box head past its regression tolerances (1-7 % of its range): the
+    # optimise stage's gate sends the int8 layers that hurt most back to float, ranked by the
+    # calibrate stage's errors, until every output passes on the eval batch; the face class holds.
+    calibration = json.loads((repo / "models" / "calibration" / "ranges.json").read_text())
     int8 = details(repo, "int8")
-    assert 1e-4 < int8["max_rel_diff"] < 0.2 and int8["optimised_graph_nodes"] > 0
+    gate = json.loads((repo / "reports" / "optimise" / "int8.json").read_text())["gate"]
+    assert gate["verdict"] == "pass" and int8["gate"]["verdict"] == "pass"
+    assert gate["sent_back"] and all(unit["kind"] == "layer" and unit["to"] == "float" for unit in gate["sent_back"])
+    assert {unit["name"] for unit in gate["sent_back"]} <= set(calibration["layer_errors"])
+    assert gate["model_runs"]["judged"] <= gate["model_runs"]["max_judged"]
+    assert int8["max_rel_diff"] < 0.2 and int8["optimised_graph_nodes"] > 0
     assert int8["outputs"]["face_prob"]["verdict"] == "pass" and int8["outputs"]["face_prob"]["value"] >= 0.99
     summary = (repo / "reports" / "summary.md").read_text()
-    assert ("failing: int8" in summary) == (int8["gate"]["verdict"] == "fail")
-    calibration = json.loads((repo / "models" / "calibration" / "ranges.json").read_text())
+    assert "failing: int8" not in summary
+    row = next(line for line in summary.splitlines() if line.startswith("| int8 ") and "| pass |" in line)
+    assert f"{len(gate['sent_back'])} to float" in row, row
     assert calibration["format"] == "serving_optimiser.calibration" and calibration["rows"] > 0
     assert calibration["ranges"] and all(low <= high for low, high in calibration["ranges"].values())
     assert set(calibration["layer_errors"]) <= set(calibration["ranges"])

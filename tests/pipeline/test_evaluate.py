@@ -446,3 +446,15 @@ def test_the_verdicts_table_says_what_the_optimise_stage_gate_sent_back(tmp_path
     assert "| model | gate | fallback (optimise stage) | probabilities |" in table
     assert "| int8 | pass | 1 per channel, 2 to float; 12.5% of weight bytes float | class: " in table
     assert "| small | pass | lossless: no lossy step | class: " in table
+
+
+def test_the_summary_lists_as_failing_only_a_failing_verdict_not_a_variant_that_changed_nothing():
+    judged = {"kind": "class", "metric": "class_agreement", "value": 1.0, "tolerance": 0.99, "verdict": "pass",
+              "checks": [{"metric": "class_agreement", "op": ">=", "value": 1.0, "tolerance": 0.99, "passed": True}]}
+    record = {"size_bytes": 1024, "size_ratio": 1.0, "gzip_bytes": 512, "max_dp": 0.0, "sample_predictions": [],
+              "outputs": {"probabilities": judged}}
+    records = {"exported": dict(record),
+               "int8": {**record, "gate": {"verdict": "pass", "failures": []}, "no_change": "no change on this model"},
+               "broken": {**record, "gate": {"verdict": "fail", "failures": ["..."]}}}
+    summary = report.summary_markdown(records)
+    assert "never recommended (failing: broken)." in summary
