@@ -124,7 +124,7 @@ def _scalar(value: str) -> str:
         if yaml.safe_load(f"key: {plain}") == {"key": value}:
             return plain
     except yaml.YAMLError:
-        pass
+        pass  # not valid as a plain scalar: quoted below
     return json.dumps(value, ensure_ascii=False)
 
 
